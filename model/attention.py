@@ -1,0 +1,79 @@
+"""Rotary embeddings and the one causal self-attention behind MHA, GQA and MQA.
+
+Query head h reads KV head h // group_size (contiguous groups), the layout of HF's
+repeat_kv and SDPA's enable_gqa, and the one mean-pool conversion relies on.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, head_dim) in the half-split ("rotate_half") layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (L, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin (T, hd) for the positions x sits at."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def causal_mask(n_query: int, n_key: int, device: torch.device) -> torch.Tensor:
+    """Bottom-right causal mask (n_query, n_key): the queries are the last n_query keys,
+    so key j is visible to query i iff j <= (n_key - n_query) + i."""
+    offset = n_key - n_query
+    q_pos = torch.arange(n_query, device=device)[:, None] + offset
+    return torch.arange(n_key, device=device)[None, :] <= q_pos
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = self._attend_full(q, k, v)
+        else:
+            k, v = cache.update(self.layer, cache.pos, k, v)  # (B, n_kv, S, hd)
+            y = self._attend_grouped(q, k, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def _attend_full(self, q, k, v) -> torch.Tensor:
+        """Training path: K/V expanded per contiguous group only for the product, so the
+        fused causal SDPA kernel applies."""
+        group = self.n_head // self.n_kv_head
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+
+    def _attend_grouped(self, q, k, v) -> torch.Tensor:
+        """Cached path: fold each group's query heads into the query axis, so every query
+        reads its KV head in place and the cache is never copied or expanded."""
+        B, H, T, hd = q.shape
+        group, S = H // self.n_kv_head, k.shape[2]
+        q = q.reshape(B, self.n_kv_head, group * T, hd)  # rows ordered (head in group, t)
+        mask = None if T == 1 else causal_mask(T, S, q.device).repeat(group, 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_kv, G*T, hd)
+        return y.view(B, H, T, hd)

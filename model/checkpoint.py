@@ -1,0 +1,149 @@
+"""Checkpoint directories: model.safetensors + config.json (+ meta.json, tokenizer.model).
+
+Loading never executes code: tensors come from safetensors and the config from JSON.
+Saving writes a sibling temporary directory and renames it into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.config import ConfigError, ModelConfig
+from model.transformer import Transformer
+
+WEIGHTS, CONFIG, META, TOKENIZER = "model.safetensors", "config.json", "meta.json", "tokenizer.model"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the problem."""
+
+
+@dataclass
+class Checkpoint:
+    model: Transformer
+    config: ModelConfig
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        path = self.path / TOKENIZER
+        return path if path.is_file() else None
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Plain tensor names: no torch.compile/DDP wrapper prefixes, tied head dropped."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None = None,
+                    files: dict[str, str | Path] | None = None, overwrite: bool = False,
+                    extra: "callable | None" = None) -> Path:
+    """Write a checkpoint dir atomically. files: name -> source path copied in (e.g. the
+    tokenizer); extra(tmp_dir) may add more files before the rename."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists: choose another output or pass overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        unwrapped = model_state(model)
+        save_file({k: v.cpu() for k, v in unwrapped.items()}, tmp / WEIGHTS)
+        write_json(tmp / CONFIG, config_of(model).to_dict())
+        write_json(tmp / META, meta or {})
+        for name, src in (files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        if extra is not None:
+            extra(tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a complete directory into place; an old one is removed only afterwards."""
+    if dst.exists():
+        trash = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def config_of(model: torch.nn.Module) -> ModelConfig:
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model.config
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} not found: pass a directory holding "
+                              f"{WEIGHTS} and {CONFIG}")
+    try:
+        return ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {CONFIG}: not a gqalab checkpoint") from None
+    except (json.JSONDecodeError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path / CONFIG} is not a valid model config: {e}") from None
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    meta = Path(path) / META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS}: the checkpoint is incomplete")
+    try:
+        return load_file(path / WEIGHTS)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / WEIGHTS} is unreadable (truncated or corrupt): {e}") from None
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> Checkpoint:
+    path = Path(path)
+    cfg = read_config(path)
+    state = read_weights(path)
+    model = Transformer(cfg)
+    load_state(model, state, path)
+    model.to(device=device, dtype=dtype)
+    return Checkpoint(model.eval(), cfg, path, read_meta(path))
+
+
+def load_state(model: Transformer, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    expected = model_state(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match its config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, config "
+                                  f"expects {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()

@@ -1,0 +1,79 @@
+"""The model's shape. MHA, GQA and MQA are values of one field: n_kv_head."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot be built; the message names the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    n_layer: int = 6
+    n_head: int = 8
+    n_kv_head: int = 0  # 0 means n_head (MHA); 1 is MQA; anything between is GQA
+    d_model: int = 512
+    head_dim: int = 0  # 0 means d_model // n_head
+    ffn_hidden: int = 0  # 0 means SwiGLU's 8/3 · d_model rounded up to a multiple of 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.head_dim == 0 and self.n_head > 0:
+            self.head_dim = self.d_model // self.n_head
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = -(-8 * self.d_model // 3 // 64) * 64
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim",
+                     "ffn_hidden", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
+                f"pick n_kv_head among {divisors(self.n_head)}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ConfigError("rope_theta and norm_eps must be positive")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one KV head."""
+        return self.n_head // self.n_kv_head
+
+    @property
+    def attention_type(self) -> str:
+        if self.n_kv_head == self.n_head:
+            return "MHA"
+        return "MQA" if self.n_kv_head == 1 else f"GQA-{self.n_kv_head}"
+
+    def with_kv_heads(self, n_kv_head: int) -> "ModelConfig":
+        return dataclasses.replace(self, n_kv_head=n_kv_head)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}: this checkpoint was written "
+                              f"by an incompatible version; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+def divisors(n: int) -> list[int]:
+    return [g for g in range(1, n + 1) if n % g == 0]

@@ -1,0 +1,146 @@
+"""Generation: prefill, decode steps over a KVCache, and temperature/top-k/top-p sampling."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from model.kv_cache import KVCache
+from model.transformer import Transformer
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_k: int = 0  # 0 means no top-k filter
+    top_p: float = 1.0  # 1.0 means no nucleus filter
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value are kept)."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k:
+        logits = filter_top_k(logits, cfg.top_k)
+    if cfg.top_p < 1:
+        logits = filter_top_p(logits, cfg.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache,
+            chunk_size: int = 0) -> torch.Tensor:
+    """Run the prompt (B, T) through the model, filling the cache; logits of the last
+    position (B, V). chunk_size > 0 bounds activation memory for long prompts."""
+    chunks = tokens.split(chunk_size, dim=1) if chunk_size else (tokens,)
+    for chunk in chunks:
+        logits = model(chunk, cache, last_only=True)
+    return logits[:, -1]
+
+
+@torch.inference_mode()
+def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One new token per sequence (B,) -> next-token logits (B, V)."""
+    return model(token[:, None], cache)[:, -1]
+
+
+def check_length(model: Transformer, prompt_len: int, max_new_tokens: int) -> None:
+    limit = model.config.max_seq_len
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's context of {limit}: shorten the prompt or "
+                         f"lower max_new_tokens")
+
+
+def as_batch(prompt: torch.Tensor | list[int], num_samples: int, device) -> torch.Tensor:
+    prompt = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    if prompt.dim() == 1:
+        prompt = prompt[None].expand(num_samples, -1)
+    if prompt.shape[1] == 0:
+        raise ValueError("empty prompt: give at least one token (e.g. the BOS id)")
+    return prompt.contiguous()  # (B, T)
+
+
+@torch.inference_mode()
+def stream(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens: int,
+           sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1,
+           eos_id: int | None = None, generator: torch.Generator | None = None,
+           cache_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence (B,) as it is produced.
+
+    A 1-D prompt is repeated num_samples times; a 2-D prompt (B, T) is used as is.
+    Sequences that emitted eos_id keep yielding eos_id; the stream ends when all have.
+    """
+    tokens = as_batch(prompt, num_samples, model.device)
+    check_length(model, tokens.shape[1], max_new_tokens)
+    cache = KVCache.for_model(model.config, tokens.shape[0], tokens.shape[1] + max_new_tokens,
+                              cache_dtype or model.embed.weight.dtype, model.device)
+    logits = prefill(model, tokens, cache)
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=model.device)
+    for i in range(max_new_tokens):
+        token = sample(logits, sampling, generator)
+        if eos_id is not None:
+            token = token.masked_fill(done, eos_id)
+            done |= token == eos_id
+        yield token
+        if i + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
+            return
+        logits = decode_step(model, token, cache)
+
+
+def generate(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1,
+             eos_id: int | None = None, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Prompt plus continuations, (B, T + new). use_cache=False recomputes the whole
+    prefix every step (the baseline the KV cache is measured against)."""
+    tokens = as_batch(prompt, num_samples, model.device)
+    steps = stream if use_cache else stream_uncached
+    new = list(steps(model, tokens, max_new_tokens, sampling, num_samples, eos_id, generator))
+    return torch.cat([tokens, torch.stack(new, dim=1)], dim=1) if new else tokens
+
+
+@torch.inference_mode()
+def stream_uncached(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
+                    sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1,
+                    eos_id: int | None = None,
+                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    tokens = as_batch(prompt, num_samples, model.device)
+    check_length(model, tokens.shape[1], max_new_tokens)
+    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=model.device)
+    for _ in range(max_new_tokens):
+        token = sample(model(tokens, last_only=True)[:, -1], sampling, generator)
+        if eos_id is not None:
+            token = token.masked_fill(done, eos_id)
+            done |= token == eos_id
+        yield token
+        if eos_id is not None and bool(done.all()):
+            return
+        tokens = torch.cat([tokens, token[:, None]], dim=1)

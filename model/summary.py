@@ -1,0 +1,39 @@
+"""Parameter counts per component and KV-cache bytes per token, beside the MHA equivalent."""
+from __future__ import annotations
+
+import torch
+
+from model.config import ModelConfig
+from model.kv_cache import kv_bytes_per_token
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per component, computed from the config alone."""
+    d, L, hd = cfg.d_model, cfg.n_layer, cfg.head_dim
+    counts = {
+        "embeddings": cfg.vocab_size * d,
+        "q": L * d * cfg.n_head * hd,
+        "k": L * d * cfg.n_kv_head * hd,
+        "v": L * d * cfg.n_kv_head * hd,
+        "o": L * cfg.n_head * hd * d,
+        "mlp": L * 3 * d * cfg.ffn_hidden,
+        "norms": (2 * L + 1) * d,
+        "head": 0 if cfg.tie_embeddings else cfg.vocab_size * d,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def format_summary(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> str:
+    """A table of this config beside its MHA equivalent."""
+    mha = cfg.with_kv_heads(cfg.n_head)
+    ours, ref = param_counts(cfg), param_counts(mha)
+    header = f"{'component':<12}{cfg.attention_type:>14}{'MHA':>14}"
+    rows = [f"{name:<12}{ours[name]:>14,}{ref[name]:>14,}" for name in ours]
+    ours_kv, ref_kv = kv_bytes_per_token(cfg, dtype), kv_bytes_per_token(mha, dtype)
+    rows.append(f"{'KV B/token':<12}{ours_kv:>14,}{ref_kv:>14,}"
+                f"   ({ref_kv / ours_kv:.0f}x smaller, {str(dtype).removeprefix('torch.')})")
+    shape = (f"{cfg.attention_type}: {cfg.n_layer} layers, d_model {cfg.d_model}, "
+             f"{cfg.n_head} query heads, {cfg.n_kv_head} KV heads, head_dim {cfg.head_dim}")
+    return "\n".join([shape, header, *rows])
+
