@@ -88,6 +88,15 @@ def as_batch(prompt: torch.Tensor | list[int], num_samples: int, device) -> torc
     return prompt.contiguous()  # (B, T)
 
 
+def mark_finished(token: torch.Tensor, done: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """Sequences that already ended keep emitting eos_id; updates done in place."""
+    if eos_id is None:
+        return token
+    token = token.masked_fill(done, eos_id)
+    done |= token == eos_id
+    return token
+
+
 @torch.inference_mode()
 def stream(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens: int,
            sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1,
@@ -105,10 +114,7 @@ def stream(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens:
     logits = prefill(model, tokens, cache)
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=model.device)
     for i in range(max_new_tokens):
-        token = sample(logits, sampling, generator)
-        if eos_id is not None:
-            token = token.masked_fill(done, eos_id)
-            done |= token == eos_id
+        token = mark_finished(sample(logits, sampling, generator), done, eos_id)
         yield token
         if i + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
             return
@@ -137,9 +143,7 @@ def stream_uncached(model: Transformer, prompt: torch.Tensor, max_new_tokens: in
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=model.device)
     for _ in range(max_new_tokens):
         token = sample(model(tokens, last_only=True)[:, -1], sampling, generator)
-        if eos_id is not None:
-            token = token.masked_fill(done, eos_id)
-            done |= token == eos_id
+        token = mark_finished(token, done, eos_id)
         yield token
         if eos_id is not None and bool(done.all()):
             return

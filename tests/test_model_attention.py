@@ -1,0 +1,79 @@
+"""The one attention module against an independent einsum reference (MQA paper formulas)."""
+import pytest
+import torch
+
+from model.attention import CausalSelfAttention, rope_tables
+from model.config import ModelConfig
+
+torch.manual_seed(0)
+
+
+def rope_reference(x, positions, theta):
+    """Rotate each (i, i + hd/2) pair by position · theta^(-2i/hd), as complex numbers."""
+    hd = x.shape[-1]
+    freqs = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    rot = torch.polar(torch.ones(len(positions), hd // 2, dtype=torch.float64),
+                      positions[:, None].double() * freqs)  # (T, hd/2)
+    pairs = torch.complex(x[..., : hd // 2].double(), x[..., hd // 2:].double()) * rot
+    return torch.cat([pairs.real, pairs.imag], dim=-1).float()
+
+
+def attention_reference(x, attn: CausalSelfAttention, theta: float):
+    """Per-head projections, causal softmax over keys, weighted sum, output projection."""
+    B, T, d = x.shape
+    H, G, hd = attn.n_head, attn.n_kv_head, attn.head_dim
+    P_q = attn.q_proj.weight.view(H, hd, d)
+    P_k = attn.k_proj.weight.view(G, hd, d)
+    P_v = attn.v_proj.weight.view(G, hd, d)
+    P_o = attn.o_proj.weight.view(d, H, hd)
+    pos = torch.arange(T)
+    q = rope_reference(torch.einsum("btd,hkd->bhtk", x, P_q), pos, theta)
+    k = rope_reference(torch.einsum("btd,gkd->bgtk", x, P_k), pos, theta)
+    v = torch.einsum("btd,gkd->bgtk", x, P_v)
+    kv_of_head = torch.arange(H) // (H // G)  # contiguous groups
+    logits = torch.einsum("bhtk,bhsk->bhts", q, k[:, kv_of_head]) / hd ** 0.5
+    logits = logits.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    o = torch.einsum("bhts,bhsk->bhtk", logits.softmax(dim=-1), v[:, kv_of_head])
+    return torch.einsum("bhtk,ehk->bte", o, P_o)
+
+
+def build(n_head, n_kv_head, d_model=64, theta=10000.0):
+    cfg = ModelConfig(vocab_size=32, n_layer=1, n_head=n_head, n_kv_head=n_kv_head,
+                      d_model=d_model, max_seq_len=64, rope_theta=theta)
+    attn = CausalSelfAttention(cfg, layer=0)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, theta)
+    return cfg, attn, cos, sin
+
+
+@pytest.mark.parametrize("n_kv_head", [8, 4, 2, 1], ids=["MHA", "GQA-4", "GQA-2", "MQA"])
+def test_attention_equals_einsum_reference(n_kv_head):
+    cfg, attn, cos, sin = build(8, n_kv_head, theta=500.0)
+    x = torch.randn(2, 13, cfg.d_model)
+    ours = attn(x, cos[:13], sin[:13])
+    torch.testing.assert_close(ours, attention_reference(x, attn, 500.0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_gqa_equals_mha_with_kv_heads_repeated_per_group(n_kv_head):
+    cfg, gqa, cos, sin = build(8, n_kv_head)
+    _, mha, _, _ = build(8, 8)
+    group, hd = 8 // n_kv_head, cfg.head_dim
+    mha.load_state_dict({
+        "q_proj.weight": gqa.q_proj.weight, "o_proj.weight": gqa.o_proj.weight,
+        "k_proj.weight": gqa.k_proj.weight.view(n_kv_head, hd, -1)
+                             .repeat_interleave(group, 0).reshape(8 * hd, -1),
+        "v_proj.weight": gqa.v_proj.weight.view(n_kv_head, hd, -1)
+                             .repeat_interleave(group, 0).reshape(8 * hd, -1),
+    })
+    x = torch.randn(3, 10, cfg.d_model)
+    torch.testing.assert_close(gqa(x, cos[:10], sin[:10]), mha(x, cos[:10], sin[:10]),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_kv_projections_have_n_kv_head_rows():
+    cfg, attn, _, _ = build(8, 2)
+    assert attn.k_proj.weight.shape == (2 * cfg.head_dim, cfg.d_model)
+    assert attn.v_proj.weight.shape == (2 * cfg.head_dim, cfg.d_model)
+    assert attn.o_proj.weight.shape == (cfg.d_model, 8 * cfg.head_dim)

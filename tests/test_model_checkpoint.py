@@ -1,0 +1,79 @@
+"""Checkpoint directories: round trip, plain names, atomic writes, clear load errors."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import ModelConfig, Transformer
+from model.checkpoint import (CONFIG, WEIGHTS, CheckpointError, load_checkpoint,
+                              save_checkpoint)
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2,
+                                   d_model=32, max_seq_len=32, **kw)).eval()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_round_trip_gives_identical_logits(tmp_path, tie):
+    model = tiny_model(tie_embeddings=tie)
+    save_checkpoint(tmp_path / "ckpt", model, meta={"step": 12})
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    tokens = torch.randint(0, 40, (2, 9))
+    assert torch.equal(loaded.model(tokens), model(tokens))
+    assert loaded.config == model.config and loaded.meta == {"step": 12}
+    assert (loaded.model.lm_head.weight is loaded.model.embed.weight) == tie
+
+
+def test_weights_have_plain_names_even_from_wrappers(tmp_path):
+    model = tiny_model()
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # how DDP nests the real model
+    save_checkpoint(tmp_path / "ckpt", wrapped)
+    names = set(load_file(tmp_path / "ckpt" / WEIGHTS))
+    assert "embed.weight" in names and "lm_head.weight" not in names
+    assert not any(n.startswith(("module.", "_orig_mod.")) for n in names)
+
+
+def test_existing_checkpoint_is_not_overwritten(tmp_path):
+    save_checkpoint(tmp_path / "ckpt", tiny_model(), meta={"v": 1})
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_checkpoint(tmp_path / "ckpt", tiny_model(), meta={"v": 2})
+    save_checkpoint(tmp_path / "ckpt", tiny_model(), meta={"v": 3}, overwrite=True)
+    assert load_checkpoint(tmp_path / "ckpt").meta == {"v": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporaries left
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path):
+    def crash(tmp_dir):
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        save_checkpoint(tmp_path / "ckpt", tiny_model(), extra=crash)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_truncated_and_mismatched_checkpoints_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model())
+    data = (path / WEIGHTS).read_bytes()
+    (path / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+    path = save_checkpoint(tmp_path / "ckpt2", tiny_model())
+    cfg = json.loads((path / CONFIG).read_text())
+    (path / CONFIG).write_text(json.dumps({**cfg, "n_kv_head": 4}))
+    with pytest.raises(CheckpointError, match=r"k_proj.weight has shape \(16, 32\), config expects \(32, 32\)"):
+        load_checkpoint(path)
+    (path / CONFIG).unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(path)
+
+
+def test_loading_never_unpickles(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model())
+    (path / WEIGHTS).write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle, not safetensors
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)

@@ -1,0 +1,42 @@
+"""Config defaults and one clear message per invalid config."""
+import pytest
+
+from model.config import ConfigError, ModelConfig
+
+
+def test_attention_types_are_values_of_n_kv_head():
+    assert ModelConfig(n_head=8).n_kv_head == 8
+    assert ModelConfig(n_head=8).attention_type == "MHA"
+    assert ModelConfig(n_head=8, n_kv_head=2).attention_type == "GQA-2"
+    assert ModelConfig(n_head=8, n_kv_head=1).attention_type == "MQA"
+    assert ModelConfig(n_head=8, n_kv_head=2).group_size == 4
+
+
+def test_derived_sizes():
+    cfg = ModelConfig(d_model=384, n_head=6)
+    assert cfg.head_dim == 64
+    assert cfg.ffn_hidden % 64 == 0 and cfg.ffn_hidden >= 8 * 384 / 3
+
+
+def test_round_trip_through_dict():
+    cfg = ModelConfig(n_head=8, n_kv_head=2, tie_embeddings=False, rope_theta=5e5)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_head=8, n_kv_head=3), "n_head=8 is not divisible by n_kv_head=3: pick n_kv_head among [1, 2, 4, 8]"),
+    (dict(n_layer=0), "n_layer must be a positive integer, got 0"),
+    (dict(vocab_size=-5), "vocab_size must be a positive integer, got -5"),
+    (dict(n_head=8, n_kv_head=-1), "n_kv_head must be a positive integer, got -1"),
+    (dict(d_model=24, n_head=8), "head_dim=3 must be even"),
+    (dict(rope_theta=0.0), "rope_theta and norm_eps must be positive"),
+])
+def test_invalid_configs_raise_one_clear_message(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_keys_from_a_checkpoint_are_named():
+    with pytest.raises(ConfigError, match=r"unknown model config keys \['n_experts'\]"):
+        ModelConfig.from_dict({**ModelConfig().to_dict(), "n_experts": 4})

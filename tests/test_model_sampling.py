@@ -1,0 +1,97 @@
+"""Sampling rules: greedy, top-k, top-p, seeds, EOS, lengths."""
+import pytest
+import torch
+
+from model import ModelConfig, Transformer
+from model.sampling import SamplingConfig, filter_top_p, generate, sample, stream
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=61, n_layer=1, n_head=4, n_kv_head=2, d_model=32,
+                      max_seq_len=64, init_std=0.3)
+    return Transformer(cfg).eval()
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(16, 50)
+    assert torch.equal(sample(logits, SamplingConfig(temperature=0)), logits.argmax(-1))
+
+
+def test_top_k_never_leaves_the_k_best():
+    logits = torch.randn(4, 50)
+    best = logits.topk(5, dim=-1).indices
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        token = sample(logits, SamplingConfig(temperature=2.0, top_k=5), gen)
+        assert (best == token[:, None]).any(-1).all()
+
+
+def smallest_prefix_reaching(probs: torch.Tensor, p: float) -> set[int]:
+    """Reference: walk tokens from most to least likely until their mass reaches p."""
+    kept, mass = set(), 0.0
+    for token in sorted(range(len(probs)), key=lambda t: -probs[t].item()):
+        kept.add(token)
+        mass += probs[token].item()
+        if mass >= p:
+            return kept
+    return kept
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.999])
+def test_top_p_keeps_the_smallest_prefix_with_mass_p(p):
+    logits = torch.randn(8, 40, dtype=torch.float64) * 2
+    kept = filter_top_p(logits, p).isfinite()
+    for row in range(8):
+        expected = smallest_prefix_reaching(logits[row].softmax(-1), p)
+        assert set(kept[row].nonzero().flatten().tolist()) == expected
+
+
+def test_top_p_samples_only_from_the_nucleus():
+    logits = torch.tensor([[3.0, 2.0, 1.0, -5.0, -6.0]])
+    gen = torch.Generator().manual_seed(1)
+    seen = {sample(logits, SamplingConfig(top_p=0.8), gen).item() for _ in range(300)}
+    assert seen == smallest_prefix_reaching(logits[0].softmax(-1), 0.8)
+
+
+def test_same_seed_same_text_and_other_seed_other_text():
+    model = tiny_model()
+    cfg = SamplingConfig(temperature=1.0, top_k=20, top_p=0.95)
+    runs = [generate(model, [1, 2, 3], 30, cfg, num_samples=3,
+                     generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    assert runs[0].shape == (3, 33)
+    assert not torch.equal(runs[0][0], runs[0][1])  # samples in a batch differ
+
+
+def test_stops_when_every_sample_emitted_eos():
+    model = tiny_model()
+    greedy = SamplingConfig(temperature=0)
+    free = generate(model, [5, 6], 20, greedy)[0, 2:].tolist()
+    eos = free[3]
+    stopped = generate(model, [5, 6], 20, greedy, eos_id=eos)[0, 2:].tolist()
+    assert stopped == free[: free.index(eos) + 1]
+
+
+def test_finished_samples_keep_emitting_eos():
+    model = tiny_model()
+    steps = list(stream(model, [5, 6], 25, SamplingConfig(temperature=3.0), num_samples=4,
+                        eos_id=0, generator=torch.Generator().manual_seed(3)))
+    tokens = torch.stack(steps, dim=1)  # (B, new)
+    for row in tokens.tolist():
+        if 0 in row:
+            assert all(t == 0 for t in row[row.index(0):])
+
+
+def test_prompt_plus_new_tokens_beyond_context_is_refused():
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        generate(tiny_model(), list(range(60)), 5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k")])
+def test_invalid_sampling_values_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**bad)

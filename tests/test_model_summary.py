@@ -1,0 +1,38 @@
+"""Parameter counts per component match the built model; KV bytes per token."""
+import pytest
+import torch
+
+from model import ModelConfig, Transformer
+from model.summary import format_summary, param_counts
+
+
+def test_issue_worked_check_k_and_v_projections():
+    mha = param_counts(ModelConfig(d_model=1024, n_head=8, n_layer=1))
+    mqa = param_counts(ModelConfig(d_model=1024, n_head=8, n_kv_head=1, n_layer=1))
+    assert mha["k"] + mha["v"] == 2_097_152
+    assert mqa["k"] + mqa["v"] == 262_144
+
+
+@pytest.mark.parametrize("n_kv_head, tie", [(8, True), (2, False), (1, True)])
+def test_counts_match_the_modules(n_kv_head, tie):
+    cfg = ModelConfig(vocab_size=100, n_layer=3, n_head=8, n_kv_head=n_kv_head, d_model=64,
+                      tie_embeddings=tie)
+    model = Transformer(cfg)
+    counts = param_counts(cfg)
+
+    def numel(suffix):
+        return sum(p.numel() for n, p in model.named_parameters() if n.endswith(suffix))
+    assert counts["q"] == numel("q_proj.weight") and counts["k"] == numel("k_proj.weight")
+    assert counts["v"] == numel("v_proj.weight") and counts["o"] == numel("o_proj.weight")
+    assert counts["mlp"] == sum(numel(f"{m}_proj.weight") for m in ("gate", "up", "down"))
+    assert counts["norms"] == numel("norm.weight")
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_summary_shows_kv_bytes_beside_mha():
+    text = format_summary(ModelConfig(n_layer=2, n_head=8, n_kv_head=2, d_model=128),
+                          torch.bfloat16)
+    # 2 (K,V) · 2 layers · 2 heads · 16 dims · 2 bytes = 256; MHA: 1024
+    kv_line = next(line for line in text.splitlines() if line.startswith("KV B/token"))
+    assert kv_line.split()[2:6] == ["256", "1,024", "(4x", "smaller,"]
+    assert kv_line.endswith("bfloat16)")

@@ -1,0 +1,73 @@
+"""Cached decoding equals the full forward; the model is causal."""
+import pytest
+import torch
+
+from model import KVCache, ModelConfig, Transformer
+from model.sampling import SamplingConfig, generate
+
+KV_HEADS = pytest.mark.parametrize("n_kv_head", [8, 2, 1], ids=["MHA", "GQA-2", "MQA"])
+
+
+def tiny_model(n_kv_head, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{"vocab_size": 97, "n_layer": 2, "n_head": 8, "n_kv_head": n_kv_head,
+                         "d_model": 64, "max_seq_len": 96, "init_std": 0.1, **overrides})
+    return Transformer(cfg).eval()
+
+
+@KV_HEADS
+def test_token_by_token_decode_equals_full_forward(n_kv_head):
+    model = tiny_model(n_kv_head)
+    tokens = torch.randint(0, 97, (2, 40))
+    full = model(tokens)  # (B, T, V)
+    cache = KVCache.for_model(model.config, batch_size=2)
+    stepwise = torch.cat([model(tokens[:, t:t + 1], cache) for t in range(40)], dim=1)
+    torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-5)
+
+
+@KV_HEADS
+def test_chunked_prefill_then_decode_equals_full_forward(n_kv_head):
+    model = tiny_model(n_kv_head)
+    tokens = torch.randint(0, 97, (3, 50))
+    full = model(tokens)
+    cache = KVCache.for_model(model.config, batch_size=3, max_len=50)
+    chunks = [tokens[:, :17], tokens[:, 17:30], tokens[:, 30:44]]
+    decoded = [tokens[:, t:t + 1] for t in range(44, 50)]
+    pieces = [model(piece, cache) for piece in chunks + decoded]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.pos == 50
+
+
+@KV_HEADS
+def test_cached_greedy_generation_equals_uncached(n_kv_head):
+    model = tiny_model(n_kv_head)
+    prompt = torch.randint(0, 97, (4, 7))
+    greedy = SamplingConfig(temperature=0)
+    cached = generate(model, prompt, 40, greedy, use_cache=True)
+    uncached = generate(model, prompt, 40, greedy, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert cached.shape == (4, 47)
+
+
+@KV_HEADS
+def test_changing_a_token_never_changes_earlier_logits(n_kv_head):
+    model = tiny_model(n_kv_head)
+    tokens = torch.randint(0, 97, (1, 30))
+    for t in (0, 11, 29):
+        changed = tokens.clone()
+        changed[0, t] = (changed[0, t] + 1) % 97
+        before, after = model(tokens), model(changed)
+        assert torch.equal(before[:, :t], after[:, :t])
+        assert not torch.allclose(before[:, t:], after[:, t:])
+
+
+def test_tied_embeddings_share_one_tensor_and_untied_do_not():
+    tied, untied = tiny_model(8), tiny_model(8, tie_embeddings=False)
+    assert tied.lm_head.weight.data_ptr() == tied.embed.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.embed.weight.data_ptr()
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = tiny_model(8)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 97, dtype=torch.long))
