@@ -1,0 +1,138 @@
+"""HF Llama interop against transformers itself: logits after import and after export,
+a lossless round trip, refusal of unsafe or unsupported inputs, and the command."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from model.checkpoint import CheckpointError, load_checkpoint, model_state  # noqa: E402
+from model.hf import export_hf, import_hf, is_hf_llama, main  # noqa: E402
+
+CASES = {  # name: (num_key_value_heads, tie_word_embeddings)
+    "MHA-untied": (4, False),
+    "GQA-tied": (2, True),
+    "MQA-untied": (1, False),
+    "MQA-tied": (1, True),
+}
+
+
+def tiny_hf_llama(tmp_path, n_kv_head, tied, seed=0, rope_theta=500.0):
+    """A random tiny LlamaForCausalLM saved locally (no Hub)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=n_kv_head, head_dim=16,
+                      max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+                      rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                      attn_implementation="eager")
+    hf = LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():  # norms away from 1 so a swapped norm key would show
+        torch.nn.init.normal_(p, mean=0.0 if p.dim() > 1 else 1.0, std=0.2)
+    path = tmp_path / "hf"
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def hf_logits(hf, tokens):
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_import_matches_hf_logits_and_round_trips(tmp_path, case):
+    n_kv, tied = CASES[case]
+    hf, path = tiny_hf_llama(tmp_path, n_kv, tied)
+    assert is_hf_llama(path)
+    ours = import_hf(path)
+    assert ours.config.n_kv_head == n_kv and ours.config.tie_embeddings == tied
+    assert ours.config.rope_theta == 500.0
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf_logits(hf, tokens), atol=1e-4, rtol=1e-4)
+
+    # export -> transformers loads it with our n_kv_head and gives the same logits
+    out = export_hf(ours, tmp_path / "exported")
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["num_key_value_heads"] == n_kv and exported["tie_word_embeddings"] == tied
+    reloaded = LlamaForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert reloaded.config.num_key_value_heads == n_kv
+    torch.testing.assert_close(hf_logits(reloaded, tokens), hf_logits(hf, tokens),
+                               atol=1e-5, rtol=1e-5)
+
+    # import -> export -> import is bit-exact
+    again = import_hf(out)
+    assert again.config == ours.config
+    for name, tensor in model_state(ours).items():
+        assert torch.equal(model_state(again)[name], tensor), name
+
+
+def test_command_import_then_export_keeps_tokenizer(tmp_path):
+    hf, path = tiny_hf_llama(tmp_path, 2, False)
+    (path / "tokenizer.model").write_bytes(b"not read by import")
+    assert main(["import", f"hf={path}", f"out={tmp_path / 'ckpt'}"]) == 0
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.tokenizer_path is not None and ckpt.config.n_kv_head == 2
+    assert main(["import", f"hf={path}", f"out={tmp_path / 'ckpt'}"]) == 2  # exists: refused
+    # export of a checkpoint whose tokenizer is a real sentencepiece model is covered in
+    # test_generate; here the file only has to travel.
+    ckpt.path.joinpath("tokenizer.model").unlink()
+    assert main(["export", f"ckpt={tmp_path / 'ckpt'}", f"out={tmp_path / 'back'}"]) == 0
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    tokens = torch.arange(10)[None]
+    torch.testing.assert_close(hf_logits(reloaded, tokens), hf_logits(hf, tokens),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_pickle_bin_loads_weights_only_and_refuses_code(tmp_path):
+    hf, path = tiny_hf_llama(tmp_path, 4, True)
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    (path / "model.safetensors").unlink()
+    torch.save(state, path / "pytorch_model.bin")
+    ours = import_hf(path)
+    tokens = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf_logits(hf, tokens), atol=1e-4, rtol=1e-4)
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    torch.save({"x": RunsCode()}, path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        import_hf(path)
+
+
+def test_sharded_safetensors(tmp_path):
+    hf, path = tiny_hf_llama(tmp_path, 2, False)
+    (path / "model.safetensors").unlink()
+    hf.save_pretrained(path, max_shard_size="60KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    tokens = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(import_hf(path)(tokens), hf_logits(hf, tokens),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope scaling"),
+    ({"num_key_value_heads": 3}, "not divisible"),
+])
+def test_unsupported_configs_are_refused(tmp_path, change, message):
+    _, path = tiny_hf_llama(tmp_path, 4, False)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(CheckpointError, match=message):
+        import_hf(path)
+
+
+def test_missing_dir_and_bad_args(tmp_path, capsys):
+    assert main(["import", f"hf={tmp_path / 'nope'}", f"out={tmp_path / 'x'}"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert main(["export", "ckpt=a"]) == 2
+    assert "missing out=" in capsys.readouterr().err
+    assert main(["export", "ckpt=a", "out=b", "colour=red"]) == 2
+    assert not (tmp_path / "x").exists()
