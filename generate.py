@@ -1,0 +1,306 @@
+"""Generate text from a gqalab checkpoint, a train.py run dir, or an HF Llama dir.
+
+    python generate.py ckpt=runs/x/checkpoints/step_1000 prompt="def fib(n):"
+    python generate.py ckpt=runs/x prompt_file=- num_samples=3 temperature=0.9 < prompt.py
+    python generate.py ckpt=hf_llama_dir prompt_ids=[1,532,99] temperature=0
+    python generate.py --help
+
+Text streams to stdout as it is produced; timing and memory go to stderr. The prompt is
+taken verbatim (no Hydra quoting needed). Errors: one line `error: ...`, exit status 2.
+"""
+from __future__ import annotations
+
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from model.checkpoint import CONFIG, TOKENIZER, CheckpointError, load_checkpoint
+from model.config import ConfigError
+from model.hf import import_hf, is_hf_llama
+from model.kv_cache import kv_bytes_per_token
+from model.sampling import SamplingConfig, stream
+from model.transformer import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SEPARATOR = "\n" + "-" * 40 + "\n"
+
+
+@dataclass
+class GenerateConfig:
+    ckpt: str = ""  # checkpoint dir, train.py run dir (uses checkpoints/latest) or HF Llama dir
+    prompt: str = ""  # prompt text, verbatim
+    prompt_file: str = ""  # read the prompt from this file; "-" reads stdin
+    prompt_ids: list[int] = field(default_factory=list)  # token ids instead of text
+    bos: bool = False  # prepend the tokenizer's BOS id to a text prompt
+    num_samples: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 200  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    stop_at_eos: bool = True  # end a sample at the tokenizer's EOS id
+    seed: int = 1337
+    device: str = "auto"  # auto = cuda > mps > cpu
+    dtype: str = "auto"  # auto = bfloat16 on cuda, float32 elsewhere; or float32/bfloat16/float16
+    compile: bool = False  # torch.compile the decode step (pays a one-off compile)
+    stream: bool = True  # print tokens as they come (num_samples == 1 only)
+
+
+ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
+
+
+class UsageError(ValueError):
+    """Bad input from the user; printed as one line."""
+
+
+# ---------------------------------------------------------------- loading
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"device={name!r} is not a torch device: use auto, cpu, cuda, "
+                             f"cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("device=cuda but CUDA is not available: use device=auto or cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 on a CPU without bf16 matmul units is several times slower than fp32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"dtype={name!r} is unknown: use auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint or HF dir as is; a train.py run dir -> its checkpoints/latest."""
+    if not path:
+        raise UsageError("no checkpoint given: pass ckpt=<checkpoint dir | run dir | HF Llama dir>")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UsageError(f"checkpoint {p} not found: pass an existing directory as ckpt=")
+    if (p / CONFIG).is_file():
+        return p
+    latest = p / "checkpoints" / "latest"
+    if latest.is_dir():  # a directory or a symlink to one
+        return latest.resolve()
+    if latest.is_file():  # a text file naming the step dir
+        target = p / "checkpoints" / latest.read_text().strip()
+        if target.is_dir():
+            return target
+    raise UsageError(f"{p} holds no {CONFIG} and no checkpoints/latest: pass a checkpoint dir, "
+                     f"a train.py run dir or an HF Llama dir")
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype):
+    """-> (model, tokenizer path or None)."""
+    if is_hf_llama(path):
+        model = import_hf(path).to(device=device, dtype=dtype)
+    else:
+        model = load_checkpoint(path, device, dtype).model
+    tokenizer = path / TOKENIZER
+    return model, (tokenizer if tokenizer.is_file() else None)
+
+
+def load_tokenizer(path: Path | None):
+    if path is None:
+        return None
+    from data.tokenizer import Tokenizer
+    try:
+        return Tokenizer.load(path)
+    except (OSError, RuntimeError) as e:
+        raise UsageError(f"{path} is not a readable sentencepiece model: {e}") from None
+
+
+def read_prompt(cfg: GenerateConfig) -> str:
+    if cfg.prompt and cfg.prompt_file:
+        raise UsageError("give prompt= or prompt_file=, not both")
+    if cfg.prompt_file == "-":
+        return sys.stdin.read()
+    if cfg.prompt_file:
+        try:
+            return Path(cfg.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read prompt_file {cfg.prompt_file}: {e}") from None
+    return cfg.prompt
+
+
+def prompt_tokens(cfg: GenerateConfig, tokenizer, model: Transformer) -> list[int]:
+    text = read_prompt(cfg)
+    if cfg.prompt_ids:
+        if text:
+            raise UsageError("give a text prompt or prompt_ids=, not both")
+        ids = list(cfg.prompt_ids)
+    elif tokenizer is None:
+        raise UsageError(f"this checkpoint has no {TOKENIZER} beside it: give the prompt as "
+                         f"token ids, e.g. prompt_ids=[1,450,3681]")
+    else:
+        ids = ([tokenizer.bos_id] if cfg.bos and tokenizer.bos_id >= 0 else []) + tokenizer.encode(text)
+    if not ids:
+        raise UsageError("the prompt is empty: pass prompt=..., prompt_file=... or prompt_ids=[...]"
+                         " (bos=true starts from the BOS token alone)")
+    vocab = model.config.vocab_size
+    if not all(0 <= i < vocab for i in ids):
+        raise UsageError(f"prompt_ids must lie in [0, {vocab}): the model's vocabulary size")
+    context = model.config.max_seq_len
+    if len(ids) + cfg.max_new_tokens > context:
+        raise UsageError(f"prompt ({len(ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
+                         f"exceeds the model's context of {context}: shorten the prompt or "
+                         f"lower max_new_tokens")
+    return ids
+
+
+def sampling_config(cfg: GenerateConfig) -> SamplingConfig:
+    if cfg.num_samples < 1:
+        raise UsageError(f"num_samples must be >= 1, got {cfg.num_samples}")
+    if cfg.max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    try:
+        return SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+# ---------------------------------------------------------------- output
+
+class TextSink:
+    """Turns new token ids into printable text: exact incremental sentencepiece decoding,
+    or the ids themselves when there is no tokenizer."""
+
+    def __init__(self, tokenizer) -> None:
+        if tokenizer is None:
+            self.decoder = None
+        else:
+            from data.tokenizer import IncrementalDecoder
+            self.decoder = IncrementalDecoder(tokenizer)
+
+    def push(self, token: int) -> str:
+        return f" {token}" if self.decoder is None else self.decoder.push(token)
+
+    def flush(self) -> str:
+        return "" if self.decoder is None else self.decoder.flush()
+
+
+def prompt_text(tokenizer, ids: list[int]) -> str:
+    return " ".join(map(str, ids)) if tokenizer is None else tokenizer.decode(ids)
+
+
+def memory_report(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:,.1f} MiB"
+    # ru_maxrss is KiB on Linux
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.1f} MiB"
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+# ---------------------------------------------------------------- main
+
+def run(cfg: GenerateConfig) -> None:
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    sampling = sampling_config(cfg)
+    path = resolve_checkpoint(cfg.ckpt)
+    model, tokenizer_path = load_model(path, device, dtype)
+    tokenizer = load_tokenizer(tokenizer_path)
+    ids = prompt_tokens(cfg, tokenizer, model)
+    if cfg.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    eos_id = tokenizer.eos_id if tokenizer is not None and cfg.stop_at_eos else None
+    eos_id = eos_id if eos_id is not None and eos_id >= 0 else None
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    live = cfg.stream and cfg.num_samples == 1
+    sinks = [TextSink(tokenizer) for _ in range(cfg.num_samples)]
+    texts = [prompt_text(tokenizer, ids) for _ in range(cfg.num_samples)]
+    done = [False] * cfg.num_samples
+    if live:
+        print(texts[0], end="", flush=True)
+
+    t0 = time.perf_counter()
+    t_first = None
+    steps = 0
+    for token in stream(model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, eos_id,
+                        generator):
+        token = token.tolist()  # the one host sync per step
+        if t_first is None:
+            t_first = time.perf_counter()
+        steps += 1
+        for b, t in enumerate(token):
+            if done[b] or t == eos_id:
+                done[b] = True
+                continue
+            new = sinks[b].push(t)
+            texts[b] += new
+            if live and new:
+                print(new, end="", flush=True)
+    t_end = time.perf_counter()
+    for b, sink in enumerate(sinks):
+        tail = sink.flush()
+        texts[b] += tail
+        if live:
+            print(tail, flush=True)
+    if not live:
+        print(SEPARATOR.join(texts), flush=True)
+
+    cfg_m = model.config
+    kv = kv_bytes_per_token(cfg_m, dtype) * cfg.num_samples * (len(ids) + steps)
+    kv_mha = kv_bytes_per_token(cfg_m.with_kv_heads(cfg_m.n_head), dtype) * cfg.num_samples * (
+        len(ids) + steps)
+    prefill_s = t_first - t0
+    decode_s = t_end - t_first
+    decode_tps = cfg.num_samples * (steps - 1) / decode_s if steps > 1 and decode_s > 0 else 0.0
+    print(f"[{path}] {cfg_m.attention_type}, {device.type} {str(dtype).removeprefix('torch.')}"
+          f"{', compiled' if cfg.compile else ''}\n"
+          f"prefill: {len(ids)} tokens x {cfg.num_samples} in {prefill_s:.3f} s "
+          f"({cfg.num_samples * len(ids) / prefill_s:,.1f} tok/s)\n"
+          f"decode: {steps} steps x {cfg.num_samples} in {decode_s:.3f} s "
+          f"({decode_tps:,.1f} tok/s)\n"
+          f"KV cache: {mib(kv)} ({cfg_m.attention_type}; MHA equivalent {mib(kv_mha)}, "
+          f"{kv_mha / kv:.0f}x more) | {memory_report(device)}", file=sys.stderr)
+
+
+def quote_prompt_args(argv: list[str]) -> list[str]:
+    """prompt=<text> -> prompt='<escaped text>', so any text (parentheses, colons, quotes,
+    ${...}) reaches the config verbatim instead of tripping Hydra's override grammar."""
+    def quote(text: str) -> str:
+        # Hydra unescapes backslashes only before a quote, the end, or an interpolation.
+        text = re.sub(r"(\\+)(?='|$|\$\{)", lambda m: m.group(1) * 2, text)
+        return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
+    return [f"prompt={quote(a[len('prompt='):])}" if a.startswith("prompt=") else a
+            for a in argv]
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="generate")
+def main(dcfg) -> None:
+    cfg: GenerateConfig = OmegaConf.to_object(dcfg)
+    try:
+        run(cfg)
+    except (UsageError, CheckpointError, ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = quote_prompt_args(sys.argv[1:])
+    main()

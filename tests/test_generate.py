@@ -1,0 +1,184 @@
+"""generate.py: greedy output equals transformers' generate, streamed text equals the
+decode of the same ids, run-dir/HF-dir resolution, and one-line errors with exit 2."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from data.tokenizer import IncrementalDecoder, Tokenizer, train_tokenizer
+from generate import GenerateConfig, UsageError, quote_prompt_args, run
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import ModelConfig
+from model.hf import export_hf
+from model.sampling import SamplingConfig, generate
+from model.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+TRICKY = "def f(x):\n\tif x:\n        return  'héllo wörld ✓ 日本語 🚀'\n\n\nprint(f(1))  # done\n"
+CORPUS = [TRICKY, "import os\nimport sys\n\nclass A:\n    pass\n" * 3,
+          "for i in range(10):\n    print(i, 'ok')\n" * 4]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    return train_tokenizer(CORPUS, 300, path, hard_vocab_limit=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tokenizer):
+    """A tiny GQA checkpoint with its tokenizer, weights scaled so greedy picks are clear."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                      d_model=64, max_seq_len=128, init_std=0.3)
+    model = Transformer(cfg).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("run") / "step_1", model,
+                           files={"tokenizer.model": tokenizer.path})
+
+
+def run_cli(capsys, **kw):
+    run(GenerateConfig(**{"max_new_tokens": 24, "device": "cpu", **kw}))
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def test_stream_equals_nonstreamed_decode(tokenizer):
+    """Incremental decoding, one id at a time, reproduces the text exactly."""
+    text = TRICKY + "s = '🦀 Ωμέγα'\n"  # characters unseen in training: byte fallback
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    # byte-fallback pieces must occur, or the multi-byte hold-back is not exercised
+    assert any(tokenizer.sp.is_byte(i) for i in ids)
+    dec = IncrementalDecoder(tokenizer)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cli_stream_matches_generate(ckpt, tokenizer, capsys, temperature):
+    """Streamed stdout == non-streamed stdout == decode(generate(...)) with the same seed."""
+    prompt = "def f(x):\n\t"
+    streamed, err = run_cli(capsys, ckpt=str(ckpt), prompt=prompt, temperature=temperature,
+                            top_k=0, seed=7, stop_at_eos=False)
+    whole, _ = run_cli(capsys, ckpt=str(ckpt), prompt=prompt, temperature=temperature,
+                       top_k=0, seed=7, stop_at_eos=False, stream=False)
+    model = load_checkpoint(ckpt).model
+    ids = generate(model, tokenizer.encode(prompt), 24, SamplingConfig(temperature, 0, 1.0),
+                   generator=torch.Generator().manual_seed(7))[0].tolist()
+    assert streamed == whole == tokenizer.decode(ids) + "\n"
+    assert "decode:" in err and "KV cache:" in err and "MHA equivalent" in err
+
+
+def test_num_samples_prints_each_sample(ckpt, tokenizer, capsys):
+    out, _ = run_cli(capsys, ckpt=str(ckpt), prompt="import", num_samples=3, seed=3,
+                     stop_at_eos=False)
+    ids = generate(load_checkpoint(ckpt).model, tokenizer.encode("import"), 24, SamplingConfig(0.8, 200, 1.0), num_samples=3,
+                   generator=torch.Generator().manual_seed(3))
+    expected = [tokenizer.decode(row) for row in ids.tolist()]
+    assert out.rstrip("\n").split("\n" + "-" * 40 + "\n") == expected
+    assert len(set(expected)) > 1  # the samples differ, so the split really is per sample
+
+
+def test_cli_greedy_equals_transformers(tmp_path, ckpt, tokenizer, capsys):
+    """Same weights: our CLI on our checkpoint and on its HF export, vs HF's greedy generate."""
+    transformers = pytest.importorskip("transformers")
+    hf_dir = export_hf(ckpt, tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    prompt = "for i in"
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert len(set(ref)) > 3  # a model stuck on one token would prove little
+    ours, _ = run_cli(capsys, ckpt=str(ckpt), prompt=prompt, temperature=0, stop_at_eos=False)
+    assert ours == tokenizer.decode(ids + ref) + "\n"
+    # the HF dir without a tokenizer: ids in, ids out
+    (hf_dir / "tokenizer.model").unlink()
+    as_ids, _ = run_cli(capsys, ckpt=str(hf_dir), prompt_ids=ids, temperature=0,
+                        stop_at_eos=False)
+    assert [int(t) for t in as_ids.split()] == ids + ref
+
+
+def test_run_dir_uses_latest(tmp_path, ckpt, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").symlink_to(ckpt)
+    a, _ = run_cli(capsys, ckpt=str(run_dir), prompt="x", temperature=0)
+    b, _ = run_cli(capsys, ckpt=str(ckpt), prompt="x", temperature=0)
+    assert a == b
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"ckpt": "/nonexistent/ckpt"}, "not found"),
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": "x " * 200}, "exceeds the model's context"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+    ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+    ({"temperature": -1.0}, "temperature must be >= 0"),
+    ({"top_k": -2}, "top_k must be >= 0"),
+    ({"num_samples": 0}, "num_samples must be >= 1"),
+    ({"dtype": "fp8"}, "dtype='fp8' is unknown"),
+    ({"prompt_ids": [1, 99999], "prompt": ""}, "prompt_ids must lie in"),
+    ({"prompt_file": "/nonexistent.txt", "prompt": ""}, "cannot read prompt_file"),
+])
+def test_bad_input_is_one_clear_error(ckpt, kw, message):
+    with pytest.raises(UsageError) as e:
+        run(GenerateConfig(**{"ckpt": str(ckpt), "prompt": "x", "device": "cpu", **kw}))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hf_dir_without_tokenizer_asks_for_ids(tmp_path, ckpt):
+    hf_dir = export_hf(ckpt, tmp_path / "hf")
+    (hf_dir / "tokenizer.model").unlink()
+    with pytest.raises(UsageError, match=r"prompt_ids=\["):
+        run(GenerateConfig(ckpt=str(hf_dir), prompt="x", device="cpu"))
+
+
+def test_compose_rejects_typos_and_wrong_types():
+    GlobalHydra.instance().clear()
+    import generate  # noqa: F401  (registers the schema)
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = OmegaConf.to_object(compose("generate", ["temperature=0", "prompt_ids=[1,2]"]))
+        assert cfg.temperature == 0 and cfg.prompt_ids == [1, 2]
+        with pytest.raises(ConfigCompositionException):
+            compose("generate", ["tempreature=0"])
+        with pytest.raises(ConfigCompositionException):
+            compose("generate", ["num_samples=abc"])
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("text", ["def fib(n):", "it's a\\b\\", "${oops} 'q' \"d\"", "a=1, b=[2]"])
+def test_prompt_is_taken_verbatim(text):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose("generate", quote_prompt_args([f"prompt={text}"]))
+        assert cfg.prompt == text
+    GlobalHydra.instance().clear()
+
+
+def cli(*args, stdin=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], input=stdin,
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_end_to_end_process(ckpt, tmp_path):
+    """The real entry point: stdin prompt, stdout text, no files left in the cwd, and a
+    bad value is one line on stderr with exit status 2."""
+    before = set(os.listdir(ROOT))
+    ok = cli(f"ckpt={ckpt}", "prompt_file=-", "max_new_tokens=8", "temperature=0",
+             stdin="def f(x):")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("def f(x):") and "tok/s" in ok.stderr
+    bad = cli(f"ckpt={ckpt}", "prompt=def fib(n):", "top_p=1.5")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: top_p must be in (0, 1] (1 = off), got 1.5"]
+    assert set(os.listdir(ROOT)) == before
