@@ -1,0 +1,311 @@
+"""The GQA paper's ablations at small scale (Ainslie et al. 2023, §2.1, Figs. 4 and 5).
+
+    python -m experiments.gqa_ablation preset=quick              # a few minutes
+    python -m experiments.gqa_ablation preset=default            # <= 45 min on 2 cores
+    python -m experiments.gqa_ablation preset=default base_steps=1000 alphas=[0.05]
+
+1. train an MHA model (n_head = 8) for base_steps with train.py;
+2. convert it to each of kv_heads with each of methods (model.convert);
+3. val loss at alpha = 0, then uptrain each conversion with train.py for alpha x
+   base_steps (uptrain.alpha) and measure again;
+4. train scratch_kv_heads from scratch for base_steps, as the reference;
+5. KV-cache bytes per token and decode tokens/s at batch 8 with a long context.
+
+Training runs are train.py subprocesses (the Accelerator is process-wide state); each
+run lives under <out>/runs/ and is reused when rerun with the same command, so an
+interrupted or extended experiment never retrains the MHA base. Outputs in <out>:
+results.csv, results.md, fig4_conversion_methods.png, fig5_alpha.png.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from experiments.report import variant_name, write_atomic, write_report
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.convert import METHODS, ConvertError, check_target, convert_checkpoint
+from model.kv_cache import KVCache, kv_bytes_per_token
+from model.sampling import decode_step, prefill
+from model.transformer import Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = REPO / "experiments" / "configs"
+
+
+class ExperimentError(ValueError):
+    """A setting the experiment cannot run with; the message names the fix."""
+
+
+# ---- settings ---------------------------------------------------------------------------
+
+@dataclass
+class EvalSettings:
+    windows: int = 64  # fixed val windows of the model's context, the same for every model
+    batch_size: int = 16
+
+
+@dataclass
+class DecodeSettings:
+    batch_size: int = 8
+    context: int = 192  # prompt tokens before timing: the KV cache is this long
+    new_tokens: int = 64
+    repeats: int = 3  # best of: the CPU is shared
+
+
+@dataclass
+class Settings:
+    """The schema of experiments/configs/*.yaml: typos and wrong types fail on load."""
+    preset: str = "quick"
+    out: str = "experiments/results/quick"
+    seed: int = 0  # for method=random
+    n_head: int = 8
+    base_steps: int = 100
+    kv_heads: list[int] = field(default_factory=lambda: [4, 2, 1])
+    methods: list[str] = field(default_factory=lambda: ["mean", "first", "random"])
+    alphas: list[float] = field(default_factory=lambda: [0.05, 0.1])
+    scratch_kv_heads: list[int] = field(default_factory=lambda: [2, 1])
+    train_args: list[str] = field(default_factory=list)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    command: list[str] = field(default_factory=list)  # filled in: the invocation, for the report
+
+
+def load_settings(argv: list[str]) -> DictConfig:
+    """preset=<name> (experiments/configs/<name>.yaml) plus key=value overrides of it."""
+    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), "quick")
+    path = PRESETS / f"{preset}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise ExperimentError(f"unknown preset {preset!r}: use one of {names}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Settings), OmegaConf.load(path),
+                              OmegaConf.from_dotlist([a for a in argv if not a.startswith("preset=")]),
+                              {"command": list(argv)})
+    except OmegaConfBaseException as e:
+        raise ExperimentError(f"bad setting: {str(e).splitlines()[0]} (the keys and types "
+                              f"are in {path})") from None
+    check_settings(cfg)
+    return cfg
+
+
+def check_settings(cfg: DictConfig) -> None:
+    if cfg.n_head <= 0 or cfg.base_steps <= 0:
+        raise ExperimentError("n_head and base_steps must be positive integers")
+    for g in [*cfg.kv_heads, *cfg.scratch_kv_heads]:
+        try:
+            check_target(cfg.n_head, g, "mean")
+        except ConvertError as e:
+            raise ExperimentError(f"kv_heads/scratch_kv_heads: {e}") from None
+    for method in cfg.methods:
+        if method not in METHODS:
+            raise ExperimentError(f"methods: unknown {method!r}, use some of {list(METHODS)}")
+    for alpha in cfg.alphas:
+        if not 0 < alpha <= 1:
+            raise ExperimentError(f"alphas must lie in (0, 1], got {alpha} (0 is always measured)")
+        if round(alpha * cfg.base_steps) < 1:
+            raise ExperimentError(f"alpha={alpha} of base_steps={cfg.base_steps} is no step: "
+                                  f"raise base_steps or alpha")
+
+
+# ---- training runs (train.py subprocesses) ----------------------------------------------
+
+def run_key(args: list[str]) -> str:
+    return hashlib.sha256("\n".join(args).encode()).hexdigest()[:10]
+
+
+def train_run(name: str, args: list[str], runs: Path) -> tuple[Path, float]:
+    """Run `train.py args` in <runs>/<name>-<hash of args>; return its final checkpoint
+    and training seconds. A finished run with the same args is reused."""
+    run_dir = runs / f"{name}-{run_key(args)}"
+    done = run_dir / "experiment_done.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        return Path(record["checkpoint"]), record["seconds"]
+    cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}",
+           "overwrite=true"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "experiment.log"
+    started = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env())
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise ExperimentError(f"training run {name} failed ({tail[0]}); full log: {log}")
+    ckpt = final_checkpoint(run_dir)
+    write_atomic(done, json.dumps({"checkpoint": str(ckpt), "seconds": seconds, "cmd": cmd},
+                                  indent=1))
+    return ckpt, seconds
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("WANDB_SILENT", "true")
+    return env
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    latest = (run_dir / "checkpoints" / "latest").resolve()
+    if not (latest / "model.safetensors").is_file():
+        raise ExperimentError(f"{run_dir} finished without a checkpoint at checkpoints/latest")
+    return latest
+
+
+# ---- measurements -----------------------------------------------------------------------
+
+def val_windows(data_cfg: dict, seq_len: int, n_windows: int) -> torch.Tensor:
+    """The same n_windows evenly spaced (seq_len + 1)-token windows of the val split for
+    every model, so losses differ only by the model."""
+    from data.prepare import prepare_data  # the data stack is only needed here
+    import numpy as np
+
+    prepared = prepare_data(data_cfg, progress=False)
+    tokens = np.memmap(prepared.val_bin, dtype=prepared.dtype, mode="r")
+    if len(tokens) < seq_len + 1:
+        raise ExperimentError(f"val split has {len(tokens)} tokens, fewer than one window "
+                              f"of {seq_len + 1}: use more data or a larger val_fraction")
+    starts = np.linspace(0, len(tokens) - seq_len - 1, n_windows).astype(np.int64)
+    return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+
+
+@torch.no_grad()
+def val_loss(model: Transformer, windows: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    total = 0.0
+    for batch in windows.split(batch_size):
+        logits = model(batch[:, :-1])  # (B, T, V)
+        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(),
+                                 reduction="sum").item()
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+@torch.inference_mode()
+def decode_tok_s(model: Transformer, batch_size: int, context: int, new_tokens: int,
+                 repeats: int) -> float:
+    """Decode throughput after a context-long prefill: the regime where the KV cache's
+    size matters. Best of repeats, as the CPU is shared."""
+    cfg = model.config
+    prompt = torch.randint(0, cfg.vocab_size, (batch_size, context),
+                           generator=torch.Generator().manual_seed(0))
+    cache = KVCache.for_model(cfg, batch_size, context + new_tokens)
+    best = math.inf
+    for _ in range(repeats):
+        cache.reset()
+        token = prefill(model.eval(), prompt, cache).argmax(-1)  # (B,)
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            token = decode_step(model, token, cache).argmax(-1)
+        best = min(best, time.perf_counter() - started)
+    return batch_size * new_tokens / best
+
+
+# ---- the experiment ---------------------------------------------------------------------
+
+def run(cfg: DictConfig, out: Path) -> dict:
+    started = time.perf_counter()
+    runs, converted = out / "runs", out / "converted"
+    common = list(cfg.train_args)
+    alphas = list(cfg.alphas)
+    jobs = (1 + len(cfg.kv_heads) * len(cfg.methods) * len(alphas) + len(cfg.scratch_kv_heads))
+    bar = tqdm(total=jobs, desc="training runs", unit="run")
+
+    def step(label: str, name: str, args: list[str]) -> tuple[Path, float]:
+        bar.set_postfix_str(label)
+        result = train_run(name, args, runs)
+        bar.update()
+        return result
+
+    base_args = [*common, "attention=mha", f"max_steps={cfg.base_steps}"]
+    base_ckpt, base_s = step("MHA base", "mha", base_args)
+    base = load_checkpoint(base_ckpt)
+    if base.config.n_head != cfg.n_head:
+        raise ExperimentError(f"the base model has {base.config.n_head} heads, the settings "
+                              f"say n_head={cfg.n_head}: make train_args and n_head agree")
+    windows = val_windows(train_data_config(base_ckpt), base.config.max_seq_len,
+                          cfg.eval.windows)
+    dc = cfg.decode
+    speed: dict[int, float] = {}
+
+    def row(model: Transformer, method: str, alpha, steps: int, seconds: float) -> dict:
+        g = model.config.n_kv_head
+        if g not in speed:  # speed depends on the shape only: once per variant
+            speed[g] = decode_tok_s(model, dc.batch_size, dc.context, dc.new_tokens, dc.repeats)
+        return {"variant": variant_name(g, model.config.n_head), "n_kv_head": g,
+                "method": method, "alpha": alpha, "steps": steps,
+                "val_loss": round(val_loss(model, windows, cfg.eval.batch_size), 4),
+                "kv_bytes_per_token": kv_bytes_per_token(model.config),
+                "decode_tok_s": round(speed[g], 1), "train_s": round(seconds, 1)}
+
+    rows = [row(base.model, "base", None, cfg.base_steps, base_s)]
+    for g in cfg.kv_heads:
+        for method in cfg.methods:
+            ckpt = converted / f"gqa{g}-{method}"
+            if not ckpt.is_dir():  # conversion is deterministic (seed fixed)
+                convert_checkpoint(base_ckpt, ckpt, g, method, seed=cfg.seed)
+            rows.append(row(load_checkpoint(ckpt).model, method, 0.0, 0, 0.0))
+            for alpha in alphas:
+                up_ckpt, up_s = step(f"{variant_name(g, cfg.n_head)} {method} α={alpha:g}",
+                                     f"gqa{g}-{method}-a{alpha:g}",
+                                     [*common, f"init_from={ckpt}", f"attention.n_kv_head={g}",
+                                      f"uptrain.alpha={alpha}"])
+                up = load_checkpoint(up_ckpt)
+                rows.append(row(up.model, method, alpha, up.meta.get("step", -1), up_s))
+    for g in cfg.scratch_kv_heads:
+        ckpt, seconds = step(f"{variant_name(g, cfg.n_head)} scratch", f"scratch-gqa{g}",
+                             [*common, f"attention.n_kv_head={g}", f"max_steps={cfg.base_steps}"])
+        rows.append(row(load_checkpoint(ckpt).model, "scratch", None, cfg.base_steps, seconds))
+    bar.close()
+    minutes = (time.perf_counter() - started) / 60
+    notes = [f"Command: `python -m experiments.gqa_ablation {' '.join(cfg.command)}`  ",
+             f"Model: {base.config.n_layer} layers, d_model {base.config.d_model}, "
+             f"{base.config.n_head} heads of {base.config.head_dim}, vocab "
+             f"{base.config.vocab_size}, context {base.config.max_seq_len}; train args "
+             f"`{' '.join(common)}`.  ",
+             f"Val loss over {cfg.eval.windows} fixed windows of {base.config.max_seq_len} "
+             f"tokens. Decode: batch {dc.batch_size}, {dc.new_tokens} new tokens after a "
+             f"{dc.context}-token context, fp32, best of {dc.repeats}.  ",
+             f"Wall time {minutes:.1f} min on {torch.get_num_threads()} threads "
+             f"(training runs reused from earlier invocations count as 0)."]
+    return write_report(rows, out, f"GQA uptraining ablation ({cfg.preset})", notes)
+
+
+def train_data_config(ckpt: Path) -> dict:
+    """The data settings the base run trained on, from its saved train config."""
+    path = ckpt / "train_config.yaml"
+    if not path.is_file():
+        raise ExperimentError(f"{ckpt} has no train_config.yaml: cannot find its val split")
+    return OmegaConf.to_container(OmegaConf.load(path).data, resolve=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = load_settings(argv)
+        out = Path(cfg.out)
+        paths = run(cfg, out)
+    except (ExperimentError, ConvertError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((out / "results.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

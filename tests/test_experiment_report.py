@@ -1,0 +1,138 @@
+"""The ablation's writers and measurements, without training: CSV round trip, the table
+read back against the rows, valid PNGs, val loss against a per-token reference, and the
+settings' one-line refusals."""
+import math
+import re
+
+import pytest
+import torch
+
+from experiments.gqa_ablation import ExperimentError, decode_tok_s, load_settings, val_loss
+from experiments.report import read_csv, write_report
+from model import ModelConfig, Transformer
+from model.kv_cache import kv_bytes_per_token
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_rows(alphas=(0.0, 0.05, 0.1), kv_heads=(4, 2, 1), scratch=(2, 1)):
+    names = {4: "GQA-4", 2: "GQA-2", 1: "MQA"}
+    rows = [dict(variant="MHA", n_kv_head=8, method="base", alpha=None, steps=200,
+                 val_loss=3.25, kv_bytes_per_token=8192, decode_tok_s=400.0, train_s=50.0)]
+    for i, g in enumerate(kv_heads):
+        for j, method in enumerate(("mean", "first", "random")):
+            for k, alpha in enumerate(alphas):
+                rows.append(dict(variant=names[g], n_kv_head=g, method=method, alpha=alpha,
+                                 steps=round(alpha * 200), val_loss=4 + i + j / 10 + k / 100,
+                                 kv_bytes_per_token=1024 * g, decode_tok_s=400.0 + 100 / g,
+                                 train_s=1.5))
+    for g in scratch:
+        rows.append(dict(variant=names[g], n_kv_head=g, method="scratch", alpha=None, steps=200,
+                         val_loss=3.5 + g / 10, kv_bytes_per_token=1024 * g,
+                         decode_tok_s=400.0 + 100 / g, train_s=40.0))
+    return rows
+
+
+def table_cells(md: str, first_header: str) -> list[list[str]]:
+    """The body rows of the markdown table whose header starts with first_header."""
+    lines = md.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first_header}"))
+    body = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        body.append([c.strip() for c in line.strip("|").split("|")])
+    return body
+
+
+def test_report_files_and_round_trip(tmp_path):
+    rows = fake_rows()
+    paths = write_report(rows, tmp_path, "test", ["a note"])
+    assert read_csv(paths["csv"]) == rows
+    for kind in ("fig4", "fig5"):
+        data = paths[kind].read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_loss_table_puts_every_value_in_its_row_and_column(tmp_path):
+    rows = fake_rows()
+    md = write_report(rows, tmp_path)["md"].read_text()
+    body = table_cells(md, "model | KV heads | method")
+    alphas = [0.0, 0.05, 0.1]
+    assert len(body) == 1 + 3 * 3 + 2
+    for cells in body:
+        name, g, method = cells[0], int(cells[1]), cells[2]
+        if method in ("base", "scratch"):
+            expected = next(r for r in rows if r["n_kv_head"] == g and r["method"] == method)
+            assert cells[3:6] == ["—"] * 3 and float(cells[6]) == expected["val_loss"]
+            continue
+        for alpha, cell in zip(alphas, cells[3:6]):
+            expected = next(r for r in rows if (r["n_kv_head"], r["method"], r["alpha"])
+                            == (g, method, alpha))
+            assert name == expected["variant"] and float(cell) == pytest.approx(
+                expected["val_loss"], abs=5e-4)
+        assert cells[6] == "—"
+
+
+def test_cost_table_relates_every_variant_to_mha(tmp_path):
+    md = write_report(fake_rows(), tmp_path)["md"].read_text()
+    body = table_cells(md, "model | KV heads | KV bytes/token")
+    assert [c[0] for c in body] == ["MHA", "GQA-4", "GQA-2", "MQA"]
+    for name, g, kv_bytes, rel_kv, tok_s, rel_tok in body:
+        g = int(g)
+        assert int(kv_bytes.replace(",", "")) == (8192 if g == 8 else 1024 * g)
+        assert float(rel_kv.rstrip("×")) == pytest.approx(int(kv_bytes.replace(",", "")) / 8192,
+                                                          rel=1e-3)
+        assert float(rel_tok.rstrip("×")) == pytest.approx(float(tok_s) / 400, abs=0.01)
+
+
+def test_report_with_one_alpha_and_no_scratch(tmp_path):
+    paths = write_report(fake_rows(alphas=(0.0, 0.25), kv_heads=(2,), scratch=()), tmp_path)
+    assert len(table_cells(paths["md"].read_text(), "model | KV heads | method")) == 1 + 3
+    assert paths["fig4"].read_bytes().startswith(PNG)
+
+
+def test_val_loss_equals_per_token_negative_log_likelihood():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, n_layer=1, n_head=8, d_model=32,
+                                    max_seq_len=16))
+    windows = torch.randint(0, 50, (5, 17))
+    nll = []
+    with torch.no_grad():
+        for w in windows:
+            logp = model(w[None, :-1])[0].log_softmax(-1)  # (T, V)
+            nll += [-logp[t, w[t + 1]].item() for t in range(16)]
+    assert val_loss(model, windows, batch_size=2) == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+
+
+def test_decode_speed_is_measured_and_kv_bytes_follow_the_heads():
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=8, n_kv_head=2, d_model=32,
+                      max_seq_len=32)
+    tok_s = decode_tok_s(Transformer(cfg), batch_size=8, context=16, new_tokens=4, repeats=1)
+    assert math.isfinite(tok_s) and tok_s > 0
+    assert kv_bytes_per_token(cfg) * 4 == kv_bytes_per_token(cfg.with_kv_heads(8))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["preset=huge"], "unknown preset 'huge'"),
+    (["steps=5"], "Key 'steps' not in 'Settings'"),
+    (["base_steps=many"], "could not be converted to Integer"),
+    (["kv_heads=[3]"], "does not divide the source's 8 KV heads"),
+    (["methods=[median]"], "unknown 'median'"),
+    (["alphas=[0]"], "alphas must lie in (0, 1]"),
+    (["base_steps=10", "alphas=[0.01]"], "is no step"),
+])
+def test_bad_settings_fail_with_one_line(argv, message):
+    with pytest.raises(ExperimentError, match=re.escape(message)) as e:
+        load_settings(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_presets_load():
+    for name in ("quick", "default"):
+        cfg = load_settings([f"preset={name}"])
+        assert cfg.preset == name and cfg.n_head == 8
+    default = load_settings(["preset=default"])
+    assert set(default.kv_heads) == {4, 2, 1} and set(default.methods) == {"mean", "first", "random"}
+    assert min(default.alphas) * default.base_steps >= 50  # alpha = 0.05 must mean real steps
