@@ -1,0 +1,285 @@
+"""train.py: compose -> train -> checkpoint -> load -> generate, exact resume after SIGKILL,
+two CPU processes vs one, config errors, wandb offline files, uptraining."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import train as train_mod  # noqa: E402  (registers the schema)
+from data.loader import eval_batches  # noqa: E402
+from data.tokenizer import Tokenizer  # noqa: E402
+from model.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
+from model.config import ConfigError, ModelConfig  # noqa: E402
+from model.sampling import SamplingConfig, generate  # noqa: E402
+from model.transformer import Transformer  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true",
+       "PYTHONPATH": str(ROOT)}
+
+
+def write_corpus(folder: Path) -> None:
+    """A learnable pattern: `def fN(x):\\n    return x + N\\n`, N random."""
+    g = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True)
+    for d in range(40):
+        nums = torch.randint(0, 30, (40,), generator=g).tolist()
+        (folder / f"doc{d}.py").write_text("".join(f"def f{n}(x):\n    return x + {n}\n"
+                                                   for n in nums))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> list[str]:
+    """Overrides shared by every run: tiny model, the corpus, a data cache in tmp."""
+    tmp = tmp_path_factory.mktemp("train")
+    write_corpus(tmp / "corpus")
+    return ["model=tiny", "data=text_files", f"data.files=[{tmp / 'corpus'}]",
+            "data.vocab_size=320", f"data.cache_dir={tmp / 'cache'}", "data.num_proc=1",
+            "logger=none", "batch_size=8", "seq_len=64", "eval_batches=2"]
+
+
+def compose_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run(overrides: list[str]) -> train_mod.TrainResult:
+    return train_mod.train(compose_cfg(overrides), overrides)
+
+
+def records(run_dir: Path, key: str) -> dict[int, float]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+def cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=kw.pop("cwd"),
+                            env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """A 40-step MHA run with wandb offline, kept for the tests that need a checkpoint."""
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    overrides = [*base, f"run_dir={run_dir}", "max_steps=40", "eval_every=20", "log_every=1",
+                 "optim.lr=3e-3", "logger=wandb", "logger.wandb.mode=offline"]
+    return run(overrides), overrides
+
+
+def test_end_to_end_learns_and_checkpoint_generates(trained):
+    result, overrides = trained
+    run_dir = result.run_dir
+    assert result.step == 40
+    # metrics.jsonl has every logged step and both evals; the loss went down to a bound
+    train_loss = records(run_dir, "train_loss")
+    assert sorted(train_loss) == list(range(1, 41))
+    val = records(run_dir, "val_loss")
+    assert sorted(val) == [20, 40] and val[40] == pytest.approx(result.val_loss)
+    assert train_loss[1] > math.log(320) - 0.5  # starts near uniform
+    assert result.val_loss < 2.0, result.val_loss  # from ~5.8 (uniform over 320)
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # wandb offline: a run directory with its log, no network needed
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
+
+    # checkpoint layout, `latest` -> the newest, keep_last=2
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").resolve() == result.checkpoint == ckpts / "step_40"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_20", "step_40"]
+    for name in ("model.safetensors", "config.json", "meta.json", "tokenizer.model",
+                 "train_config.yaml", "trainer_state.json", "accelerate/optimizer.bin"):
+        assert (result.checkpoint / name).is_file(), name
+    meta = read_meta(result.checkpoint)
+    assert meta["step"] == meta["max_steps"] == 40 and meta["tokens_seen"] == 40 * 8 * 64
+    assert meta["val_loss"] == pytest.approx(result.val_loss)
+    saved_cfg = OmegaConf.load(result.checkpoint / "train_config.yaml")
+    assert saved_cfg.max_steps == 40 and saved_cfg.model.d_model == 64
+
+    # load -> val loss recomputed independently -> greedy generation follows the pattern
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.config == ModelConfig(vocab_size=ckpt.config.vocab_size, n_layer=2, n_head=8,
+                                      d_model=64, ffn_hidden=128, max_seq_len=64)
+    tok = Tokenizer.load(ckpt.tokenizer_path)
+    prepared = train_mod.prepare_data(train_mod.as_data_config(compose_cfg(overrides).data),
+                                      progress=False)
+    with torch.no_grad():
+        losses = [F.cross_entropy(ckpt.model(x).flatten(0, 1), y.flatten(), reduction="sum")
+                  for x, y in eval_batches(prepared.val_bin, prepared.dtype, 64, 8, 2)]
+    n_tokens = sum(y.numel() for _, y in eval_batches(prepared.val_bin, prepared.dtype, 64, 8, 2))
+    assert sum(losses).item() / n_tokens == pytest.approx(result.val_loss, rel=1e-5)
+    out = generate(ckpt.model, tok.encode("def f7(x):\n"), 8, SamplingConfig(temperature=0))
+    assert tok.decode(out[0].tolist()).startswith("def f7(x):\n    return x + ")
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    optim = OmegaConf.create({"lr": 1.0, "min_lr_ratio": 0.1, "warmup_frac": 0.1})
+    lrs = [train_mod.lr_at(s, 100, optim) for s in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert train_mod.lr_at(100, 100, optim) == pytest.approx(0.1)
+
+
+def test_optimizer_never_decays_norms():
+    model = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_head=2, d_model=16))
+    opt = train_mod.build_optimizer(model, OmegaConf.create(
+        {"lr": 1e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}))
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0
+    assert sum(map(len, (decay["params"], no_decay["params"]))) == len(list(model.parameters()))
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(base, tmp_path):
+    common = [*base, "max_steps=60", "eval_every=30", "ckpt_every=3", "log_every=1",
+              "keep_last=2"]
+    killed_dir = tmp_path / "killed"
+    proc = cli([*common, f"run_dir={killed_dir}"], cwd=tmp_path)
+    latest = killed_dir / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # land the kill anywhere: mid-step or mid-checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = json.loads((latest / "trainer_state.json").read_text())["step"]
+    assert killed_at < 60
+
+    reference = run([*common, f"run_dir={tmp_path / 'reference'}"])
+    resumed = run([*common, f"run_dir={killed_dir}", "resume=true"])
+    assert resumed.step == reference.step == 60
+    ref_loss, res_loss = records(reference.run_dir, "train_loss"), records(killed_dir, "train_loss")
+    assert sorted(res_loss) == list(range(1, 61))  # the killed run's extra records were trimmed
+    for step in range(1, 61):
+        assert res_loss[step] == pytest.approx(ref_loss[step], abs=1e-6), step
+    assert resumed.val_loss == pytest.approx(reference.val_loss, abs=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_match_one(base, tmp_path):
+    """Sequential windows: 2 processes x batch 4 see exactly 1 process x batch 8's batches."""
+    common = [*base, "max_steps=6", "eval_every=6", "log_every=1", "batch_mode=sequential"]
+    env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    two_dir = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(ROOT / "train.py"), *common,
+                           "batch_size=4", f"hydra.run.dir={two_dir}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = run([*common, f"run_dir={tmp_path / 'one'}"])
+    two_loss, one_loss = records(two_dir, "train_loss"), records(one.run_dir, "train_loss")
+    assert sorted(two_loss) == sorted(one_loss) == list(range(1, 7))  # no duplicate records
+    for step in one_loss:
+        assert two_loss[step] == pytest.approx(one_loss[step], rel=1e-4), step
+    assert records(two_dir, "val_loss")[6] == pytest.approx(one.val_loss, rel=1e-4)
+    # rank 1 wrote nothing but its own RNG state inside rank 0's checkpoint
+    files = lambda d: {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+    extra = files(two_dir) - files(one.run_dir)
+    assert extra - {p for p in extra if p.startswith(".hydra/")} == {
+        "checkpoints/step_6/accelerate/random_states_1.pkl"}
+    assert files(one.run_dir) <= files(two_dir)
+    assert len(proc.stdout.split("done: 6 steps")) == 2  # one summary, from rank 0
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.n_layr=3", "n_layr"),
+    ("model.n_layer=abc", "n_layer"),
+    ("attention=foo", "attention"),
+])
+def test_compose_rejects_typos_and_types(base, override, expected):
+    with pytest.raises(Exception, match=expected):
+        compose_cfg([*base, override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("attention.n_kv_head=3", "n_head=8 is not divisible by n_kv_head=3"),
+    ("seq_len=128", "seq_len=128 exceeds model.max_seq_len=64"),
+    ("batch_mode=shuffled", "batch_mode='shuffled' is not one of"),
+    ("uptrain.alpha=0.05", "uptrain.alpha needs init_from"),
+])
+def test_invalid_combinations_fail_before_any_work(base, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        train_mod.check_config(compose_cfg([*base, f"run_dir={tmp_path}", override]))
+
+
+def test_cli_errors_are_one_line_and_nonzero(base, tmp_path):
+    taken = tmp_path / "taken"
+    (taken / "checkpoints" / "step_5").mkdir(parents=True)
+    cases = {  # override -> what the single error line must say
+        "attention.n_kv_head=3": "error: n_head=8 is not divisible by n_kv_head=3",
+        f"run_dir={taken}": f"error: {taken} already has checkpoints",
+        f"init_from={tmp_path / 'nowhere'}": "error: checkpoint",
+        "resume=true": "error: resume=true but",
+    }
+    procs = {o: cli([*base, f"run_dir={tmp_path / 'r'}", o] if "run_dir" not in o else [*base, o],
+                    cwd=tmp_path) for o in cases}
+    typo = cli([*base, "model.n_layr=3"], cwd=tmp_path)
+    for override, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (override, err)
+        assert err.strip().splitlines() == [err.strip()] and err.startswith(cases[override]), err
+    _, err = typo.communicate(timeout=120)
+    assert typo.returncode != 0 and "n_layr" in err and "Traceback" not in err
+
+
+def test_uptrain_converted_checkpoint_runs_alpha_steps_and_improves(base, trained, tmp_path):
+    from model.convert import convert_checkpoint
+
+    source, overrides = trained
+    converted = convert_checkpoint(source.checkpoint, tmp_path / "gqa2", n_kv_head=2)
+    result = run([*base, f"run_dir={tmp_path / 'up'}", f"init_from={converted}",
+                  "uptrain.alpha=0.25", "attention=gqa"])
+    assert result.step == round(0.25 * 40)
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.config.n_kv_head == 2 and ckpt.config.d_model == 64
+    meta = read_meta(result.checkpoint)
+    assert meta["source_step"] == 40 and meta["uptrain_alpha"] == 0.25
+    assert meta["converted_from"]["path"] == str(source.checkpoint.resolve())
+    assert meta["max_steps"] == 10 and meta["init_from"] == str(converted.resolve())
+    # recipe from the source: its lr (3e-3), not this config's default
+    assert OmegaConf.load(result.checkpoint / "train_config.yaml").optim.lr == 3e-3
+    # the uptrained model beats the converted one on the same val windows
+    prepared = train_mod.prepare_data(train_mod.as_data_config(compose_cfg(overrides).data),
+                                      progress=False)
+    before = load_checkpoint(converted).model
+    with torch.no_grad():
+        loss_before = sum(F.cross_entropy(before(x).flatten(0, 1), y.flatten()).item()
+                          for x, y in eval_batches(prepared.val_bin, prepared.dtype, 64, 8, 2)) / 2
+    assert result.val_loss < loss_before
+
+    # converting on load: straight from the MHA checkpoint to MQA
+    mqa = run([*base, f"run_dir={tmp_path / 'mqa'}", f"init_from={source.checkpoint}",
+               "attention=mqa", "uptrain.alpha=0.05"])
+    assert mqa.step == 2 and load_checkpoint(mqa.checkpoint).config.n_kv_head == 1
+
+
+def test_uptrain_needs_source_steps(base, tmp_path):
+    model = Transformer(ModelConfig(vocab_size=320, n_layer=2, n_head=8, d_model=64,
+                                    max_seq_len=64))
+    bare = save_checkpoint(tmp_path / "bare", model, meta={})
+    with pytest.raises(train_mod.TrainError, match="records no training step"):
+        run([*base, f"run_dir={tmp_path / 'r'}", f"init_from={bare}", "uptrain.alpha=0.05"])

@@ -1,0 +1,505 @@
+"""Train a GPT-style model: Hydra config -> Accelerate loop -> checkpoints that resume exactly.
+
+    python train.py model=small attention=gqa max_steps=500
+    python train.py -m attention=mha,gqa,mqa                  # a sweep, one dir per job
+    python train.py run_dir=runs/x resume=true                # continue runs/x
+    python train.py init_from=ckpt attention=gqa uptrain.alpha=0.05   # GQA uptraining
+    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
+        train.py hydra.run.dir=runs/ddp                       # two CPU processes
+
+In-process: `train(cfg, overrides)` with a config composed from configs/train.yaml.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import hydra
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from data.config import DataError
+from data.loader import TokenStream, eval_batches
+from data.prepare import as_data_config, prepare_data
+from data.tokenizer import Tokenizer
+from model.checkpoint import (TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint,
+                              read_config, read_meta, save_checkpoint, write_json)
+from model.config import ConfigError
+from model.sampling import SamplingConfig, generate
+from model.summary import format_summary
+from model.transformer import Transformer
+from train_config import check_config, model_config
+
+TRAIN_CONFIG, TRAINER_STATE, ACCEL_STATE = "train_config.yaml", "trainer_state.json", "accelerate"
+METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
+# The parts of a source run's config that uptraining reuses unless overridden (§2.1: same
+# recipe, alpha of the steps).
+RECIPE = ("optim", "batch_size", "grad_accum", "seq_len", "batch_mode", "data")
+
+
+class TrainError(ValueError):
+    """A problem the user can fix (paths, run dirs, resume/uptrain inputs); one line."""
+
+
+USER_ERRORS = (TrainError, ConfigError, CheckpointError, DataError)
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps completed
+    val_loss: float | None  # at the final evaluation
+    checkpoint: Path | None  # the last checkpoint written
+    run_dir: Path
+    sample: str = ""  # generated from cfg.sample_prompt at the end
+
+
+# ---------------------------------------------------------------- schedule and optimizer
+
+def lr_at(step: int, max_steps: int, optim: Any) -> float:
+    """Linear warmup to optim.lr, then cosine to lr · min_lr_ratio at max_steps. A plain
+    function of the step: nothing to save, nothing that steps once per process."""
+    warmup = int(optim.warmup_frac * max_steps)
+    if step < warmup:
+        return optim.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    min_lr = optim.lr * optim.min_lr_ratio
+    return min_lr + 0.5 * (optim.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.AdamW:
+    """Decay matrices (projections, embedding); never norms' gains."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+
+
+# ---------------------------------------------------------------- run dirs and checkpoints
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint dir, or a run dir / checkpoints dir whose `latest` names one."""
+    for candidate in (path, path / "latest", path / "checkpoints" / "latest"):
+        if (candidate / WEIGHTS).is_file() and (candidate / TRAINER_STATE).is_file():
+            return candidate.resolve()
+    raise TrainError(f"no resumable checkpoint at {path}: pass a run dir or a "
+                     f"checkpoints/step_N dir written by train.py")
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Swap the `latest` symlink in one rename: it always names a complete checkpoint."""
+    tmp = root / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(name, tmp)
+    os.replace(tmp, root / "latest")
+
+
+def step_dirs(root: Path) -> list[Path]:
+    dirs = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(root: Path, keep_last: int, newer_than: int | None = None) -> None:
+    """Keep the newest keep_last; with newer_than, first drop the abandoned future of a
+    run killed after that step. Leftovers of interrupted writes go too."""
+    latest = (root / "latest").resolve()
+    dirs = step_dirs(root)
+    if newer_than is not None:
+        for future in [d for d in dirs if int(d.name[5:]) > newer_than]:
+            shutil.rmtree(future)
+        dirs = [d for d in dirs if int(d.name[5:]) <= newer_than]
+    for old in dirs[:-keep_last]:
+        if old.resolve() != latest:
+            shutil.rmtree(old, ignore_errors=True)
+    for junk in root.glob(".*"):
+        shutil.rmtree(junk, ignore_errors=True) if junk.is_dir() else junk.unlink()
+
+
+def prepare_run_dir(run_dir: Path, cfg: Any, resume_step: int | None) -> None:
+    """Main process, before training: refuse to clobber, or trim a resumed run's logs."""
+    ckpts = run_dir / "checkpoints"
+    if resume_step is None and ckpts.exists() and (step_dirs(ckpts) or (ckpts / "latest").exists()):
+        if not cfg.overwrite:
+            raise TrainError(f"{run_dir} already has checkpoints: resume=true continues it, "
+                             f"overwrite=true starts over, or choose another run_dir")
+        shutil.rmtree(ckpts)
+        (run_dir / METRICS).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None:
+        prune_checkpoints(ckpts, cfg.keep_last, newer_than=resume_step)
+        trim_metrics(run_dir / METRICS, resume_step)
+
+
+# ---------------------------------------------------------------- metrics
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Drop records a killed run wrote after the checkpoint being resumed (atomically)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(run_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("train_loss", "val_loss"):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "val_loss" else None,
+                    label=key.replace("_", " "))
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=run_dir.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    tmp = run_dir / f".{LOSS_PLOT}"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, run_dir / LOSS_PLOT)
+
+
+# ---------------------------------------------------------------- init_from / uptraining
+
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+
+
+def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> DictConfig:
+    """Uptraining reuses the source run's recipe except what the user set explicitly, and
+    runs round(alpha · source steps) steps."""
+    source_cfg = read_config(source)  # a missing or foreign checkpoint fails here, early
+    meta = read_meta(source)
+    source_step = meta.get("source_step", meta.get("step"))
+    if cfg.uptrain.alpha is not None and not source_step:
+        raise TrainError(f"{source}/meta.json records no training step: uptrain.alpha needs "
+                         f"it; set max_steps=N instead")
+    cfg = cfg.copy()
+    user = override_keys(overrides)
+    overridden = lambda key: any(k == key or k.startswith(key + ".") for k in user)
+    if not overridden("attention"):  # keep the source's KV heads unless asked to convert
+        cfg.attention.n_kv_head = source_cfg.n_kv_head
+    if cfg.uptrain.alpha is not None and (source / TRAIN_CONFIG).is_file():
+        recipe = OmegaConf.load(source / TRAIN_CONFIG)
+        for key in RECIPE:
+            if key in recipe and not overridden(key):
+                OmegaConf.update(cfg, key, recipe[key], merge=True)
+    if cfg.uptrain.alpha is not None and not overridden("max_steps"):
+        cfg.max_steps = max(1, round(cfg.uptrain.alpha * source_step))
+    return cfg
+
+
+def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
+    """A fresh model, or init_from's weights converted to the configured KV heads."""
+    if not cfg.init_from:
+        return Transformer(model_config(cfg, vocab_size)), {}
+    source = Path(cfg.init_from)
+    ckpt = load_checkpoint(source)
+    if ckpt.config.vocab_size != vocab_size:
+        raise TrainError(f"{source} has vocab_size {ckpt.config.vocab_size} but the tokenizer has "
+                         f"{vocab_size}: use the source's data config")
+    model, n_kv = ckpt.model, cfg.attention.n_kv_head or ckpt.config.n_head
+    if n_kv != ckpt.config.n_kv_head:
+        from model.convert import ConvertError, convert_model
+        try:
+            model = convert_model(model, n_kv, cfg.uptrain.method, cfg.uptrain.seed)
+        except ConvertError as e:
+            raise TrainError(str(e)) from None
+    meta = read_meta(source)
+    provenance = {"init_from": str(source.resolve()), "source_n_kv_head": ckpt.config.n_kv_head,
+                  "source_step": meta.get("source_step", meta.get("step")),
+                  "uptrain_alpha": cfg.uptrain.alpha, "uptrain_method": cfg.uptrain.method}
+    if "converted_from" in meta:  # written by model.convert
+        provenance["converted_from"] = meta["converted_from"]
+    return model.train(), provenance
+
+
+def check_tokenizer(prepared_tokenizer: Path, source: Path) -> Path:
+    """Uptraining must see the source's token ids: the data prepared from the recipe has
+    to come with a byte-identical tokenizer."""
+    src = source / TOKENIZER
+    if not src.is_file():
+        raise TrainError(f"{source} has no {TOKENIZER}: init_from needs the source's tokenizer")
+    if src.read_bytes() != Path(prepared_tokenizer).read_bytes():
+        raise TrainError(f"the tokenizer prepared from data.* differs from {src}: uptrain with "
+                         f"the source's data config (drop data.* overrides)")
+    return src
+
+
+# ---------------------------------------------------------------- the loop
+
+def make_accelerator(cfg: Any, run_dir: Path) -> Accelerator:
+    precision = cfg.mixed_precision
+    if precision == "auto":  # bf16 autocast on a CPU without AMX is ~7x slower than fp32
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
+                              log_with="wandb" if cfg.logger.backend == "wandb" else None,
+                              project_dir=str(run_dir))
+    # model.safetensors is the checkpoint's weights: keep them out of Accelerate's state.
+    accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
+    return accelerator
+
+
+def raw_model(model: torch.nn.Module) -> Transformer:
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def start_trackers(accelerator: Accelerator, cfg: DictConfig, run_dir: Path) -> None:
+    if cfg.logger.backend != "wandb":
+        return
+    w = cfg.logger.wandb
+    mode = w.mode or os.environ.get("WANDB_MODE") or "offline"
+    accelerator.init_trackers(w.project, config=OmegaConf.to_container(cfg, resolve=True),
+                              init_kwargs={"wandb": {"mode": mode, "dir": str(run_dir),
+                                                     "name": w.name or run_dir.name,
+                                                     "entity": w.entity, "tags": list(w.tags)}})
+
+
+@torch.no_grad()
+def evaluate(model, accelerator: Accelerator, prepared, cfg: Any) -> float:
+    """Mean val loss per token over eval_batches per process, all processes pooled."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # (loss sum, tokens)
+    for x, y in eval_batches(prepared.val_bin, prepared.dtype, cfg.seq_len, cfg.batch_size,
+                             cfg.eval_batches, accelerator.process_index, accelerator.num_processes):
+        logits = model(x.to(accelerator.device))
+        y = y.to(accelerator.device)
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        total[1] += y.numel()
+    model.train()
+    total = accelerator.gather_for_metrics(total[None]).sum(0)  # (2,)
+    if total[1] == 0:
+        raise TrainError(f"the validation split has no window of seq_len={cfg.seq_len} tokens: "
+                         f"lower seq_len or raise data.val_fraction")
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def sample_text(model, accelerator: Accelerator, tokenizer: Tokenizer, cfg: Any) -> str:
+    """A continuation of the fixed prompt, from its own generator (training RNG untouched)."""
+    model = raw_model(model)
+    prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.bos_id]
+    new = min(cfg.sample_tokens, model.config.max_seq_len - len(prompt))
+    if new <= 0:
+        return ""
+    was_training = model.training
+    model.eval()
+    with accelerator.autocast():
+        out = generate(model, prompt, new, SamplingConfig(temperature=0.8, top_k=50),
+                       generator=torch.Generator(model.device).manual_seed(cfg.seed))
+    model.train(was_training)
+    return tokenizer.decode(out[0].tolist())
+
+
+def save_training_checkpoint(accelerator: Accelerator, model, run_dir: Path, step: int,
+                             meta: dict, trainer_state: dict, cfg_yaml: str,
+                             tokenizer_path: Path, keep_last: int) -> Path:
+    """Every rank writes its part of Accelerate's state (optimizer, RNG) into a staging dir;
+    the main process moves it into the checkpoint's temp dir, renames the whole checkpoint
+    into place, then swaps `latest`. A kill at any moment leaves `latest` readable."""
+    root = run_dir / "checkpoints"
+    path, staging = root / f"step_{step}", root / f".staging-step_{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    loaders = gather_object([trainer_state.pop("loader")])  # every rank's data position
+    if accelerator.is_main_process:
+        def extra(tmp: Path) -> None:
+            os.replace(staging, tmp / ACCEL_STATE)
+            (tmp / TRAIN_CONFIG).write_text(cfg_yaml)
+            write_json(tmp / TRAINER_STATE, {**trainer_state, "loaders": loaders})
+
+        save_checkpoint(path, model, meta, files={TOKENIZER: tokenizer_path}, overwrite=True,
+                        extra=extra)
+        point_latest(root, path.name)
+        prune_checkpoints(root, keep_last)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def resume_point(cfg: Any, run_dir: Path) -> Path | None:
+    if cfg.resume in (False, None) or str(cfg.resume).lower() == "false":
+        return None
+    if cfg.resume is True or str(cfg.resume).lower() == "true":
+        if not (run_dir / "checkpoints" / "latest").exists():
+            raise TrainError(f"resume=true but {run_dir} has no checkpoint: pass "
+                             f"resume=<run or checkpoint dir>, or run_dir=<the run to continue>")
+        return find_checkpoint(run_dir)
+    return find_checkpoint(Path(str(cfg.resume)))
+
+
+def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
+    """Train per cfg (composed from configs/train.yaml). overrides: the user's Hydra
+    overrides, which uptraining keeps over the source's recipe."""
+    check_config(cfg)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # no per-save INFO lines
+    if cfg.init_from:
+        cfg = uptrain_config(cfg, Path(cfg.init_from), overrides)
+    run_dir = Path(cfg.run_dir).resolve()
+    accelerator = make_accelerator(cfg, run_dir)
+    main = accelerator.is_main_process
+    # Each rank's Hydra picked its own timestamped dir; rank 0's is the run's.
+    own_dir, run_dir = run_dir, Path(broadcast_object_list([str(run_dir)])[0])
+    if own_dir != run_dir and own_dir.is_dir() and not any(own_dir.iterdir()):
+        own_dir.rmdir()
+    resume_from = resume_point(cfg, run_dir)
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent  # continue the run that owns the checkpoint
+        state = json.loads((resume_from / TRAINER_STATE).read_text())
+        if len(state["loaders"]) != accelerator.num_processes:
+            raise TrainError(f"{resume_from} was written by {len(state['loaders'])} processes; "
+                             f"resume it with as many (this run has {accelerator.num_processes})")
+    if main:
+        prepare_run_dir(run_dir, cfg, state["step"] if resume_from else None)
+    accelerator.wait_for_everyone()
+
+    with accelerator.main_process_first():  # one process tokenizes, the others hit the cache
+        prepared = prepare_data(as_data_config(cfg.data), progress=main)
+    tokenizer_path = Path(prepared.tokenizer_path)
+    if cfg.init_from:
+        tokenizer_path = check_tokenizer(tokenizer_path, Path(cfg.init_from))
+    tokenizer = Tokenizer.load(tokenizer_path)
+
+    set_seed(cfg.seed)  # identical init on every rank
+    if resume_from is not None:
+        model = load_checkpoint(resume_from).model.train()
+        provenance = {k: v for k, v in read_meta(resume_from).items()
+                      if k.startswith(("init_from", "source_", "uptrain_", "converted_from"))}
+    else:
+        model, provenance = init_model(cfg, tokenizer.vocab_size)
+    model_cfg = model.config
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise TrainError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len "
+                         f"{model_cfg.max_seq_len}")
+    if main:
+        print(format_summary(model_cfg))
+    optimizer = build_optimizer(model, cfg.optim)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    stream = TokenStream(prepared.train_bin, prepared.dtype, cfg.seq_len, cfg.batch_size,
+                         seed=cfg.seed, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, mode=cfg.batch_mode)
+    step, tokens_seen = 0, 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / ACCEL_STATE))
+        stream.load_state_dict(state["loaders"][accelerator.process_index])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+    start_trackers(accelerator, cfg, run_dir)
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
+    eval_every = cfg.eval_every or cfg.max_steps
+    ckpt_every = cfg.ckpt_every or eval_every
+    val_loss, checkpoint, sample = None, None, ""
+    train_loss, tok_s, grad_norm = math.nan, 0.0, math.nan
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, dynamic_ncols=True,
+               desc=f"train {model_cfg.attention_type}")
+    t_last, step_last = time.perf_counter(), step
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg.max_steps, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for _ in range(cfg.grad_accum):
+            x, y = stream.next_batch()
+            with accelerator.accumulate(model):
+                logits = model(x.to(accelerator.device))  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1),
+                                       y.to(accelerator.device).flatten())
+                accelerator.backward(loss)  # scales by 1/grad_accum itself
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                            cfg.optim.grad_clip or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        step += 1
+        tokens_seen += tokens_per_step
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            train_loss = accelerator.reduce(loss_sum / cfg.grad_accum, "mean").item()
+            now = time.perf_counter()
+            tok_s = tokens_per_step * (step - step_last) / (now - t_last)
+            t_last, step_last = now, step
+            record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
+                      "grad_norm": float(grad_norm), "tokens_seen": tokens_seen}
+            if main:
+                append_metrics(run_dir / METRICS, record)
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+
+        if step % eval_every == 0 or step == cfg.max_steps:
+            val_loss = evaluate(model, accelerator, prepared, cfg)
+            if main:
+                sample = sample_text(model, accelerator, tokenizer, cfg)
+                append_metrics(run_dir / METRICS, {"step": step, "val_loss": val_loss})
+                bar.write(f"step {step}/{cfg.max_steps}: train {train_loss:.4f}  val {val_loss:.4f}  "
+                          f"lr {lr:.2e}  {tok_s:,.0f} tok/s")
+                accelerator.log({"val/loss": val_loss}, step=step)
+                if cfg.logger.backend == "wandb":
+                    accelerator.get_tracker("wandb").log_table(
+                        "samples", columns=["step", "prompt", "sample"],
+                        data=[[step, cfg.sample_prompt, sample]], step=step)
+            t_last = time.perf_counter()  # evaluation time is not training throughput
+
+        if step % ckpt_every == 0 or step == cfg.max_steps:
+            meta = {"step": step, "tokens_seen": tokens_seen, "max_steps": cfg.max_steps,
+                    "val_loss": val_loss, "train_loss": train_loss,
+                    "attention": model_cfg.attention_type, "n_kv_head": model_cfg.n_kv_head,
+                    "seed": cfg.seed, "num_processes": accelerator.num_processes, **provenance}
+            trainer_state = {"step": step, "tokens_seen": tokens_seen, "loader": stream.state_dict()}
+            checkpoint = save_training_checkpoint(accelerator, model, run_dir, step, meta,
+                                                  trainer_state, cfg_yaml, tokenizer_path,
+                                                  cfg.keep_last)
+            t_last = time.perf_counter()
+    bar.close()
+
+    if main:
+        plot_losses(run_dir)
+        print(f"done: {step} steps, val loss {val_loss}, checkpoint {checkpoint}")
+        print(f"sample ({cfg.sample_prompt!r}):\n{sample}")
+    accelerator.end_training()
+    return TrainResult(step, val_loss, checkpoint, run_dir, sample)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    try:
+        train(cfg, HydraConfig.get().overrides.task)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

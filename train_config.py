@@ -1,0 +1,164 @@
+"""Typed schema of train.py's Hydra config.
+
+configs/train.yaml composes the groups model/, attention/, data/, optim/, logger/ onto
+`TrainConfig`, so a misspelt key (`model.n_layr=3`) or a wrong type (`model.n_layer=abc`)
+fails when the config is composed, before anything runs. Combinations the types cannot
+express (n_head not divisible by n_kv_head, seq_len above max_seq_len) are checked by
+`check_config`, which raises one-line errors.
+"""
+from __future__ import annotations
+
+import os
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from data.config import DataConfig
+from model.config import ConfigError, ModelConfig
+
+
+@dataclass
+class ModelSizeConfig:
+    """Everything of ModelConfig except vocab_size (from the tokenizer) and n_kv_head
+    (from the attention group)."""
+    n_layer: int = 6
+    n_head: int = 8
+    d_model: int = 256
+    head_dim: int = 0  # 0 means d_model // n_head
+    ffn_hidden: int = 0  # 0 means 8/3 · d_model rounded up to a multiple of 64
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class AttentionConfig:
+    n_kv_head: int = 0  # 0 = n_head (MHA), 1 = MQA, between = GQA
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak, reached after warmup
+    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio at max_steps
+    warmup_frac: float = 0.05  # of max_steps; a fraction so uptraining keeps the shape
+    weight_decay: float = 0.1  # on matrices only; norms are never decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class WandbConfig:
+    project: str = "gqalab"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    mode: Optional[str] = None  # offline | online | disabled; None: $WANDB_MODE or offline
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class UptrainConfig:
+    alpha: Optional[float] = None  # max_steps = round(alpha · source steps); recipe from source
+    method: str = "mean"  # K/V head pooling when init_from has other n_kv_head: mean|first|random
+    seed: int = 0  # for method=random
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSizeConfig = field(default_factory=ModelSizeConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    uptrain: UptrainConfig = field(default_factory=UptrainConfig)
+
+    run_dir: str = "${hydra:runtime.output_dir}"
+    seed: int = 1337
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per process per micro step
+    grad_accum: int = 1  # micro steps per optimizer step
+    seq_len: int = 256
+    batch_mode: str = "random"  # random windows (per-process seeds) | sequential
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
+    compile: bool = False
+
+    log_every: int = 10  # steps between train-loss records (metrics.jsonl, tracker, bar)
+    eval_every: int = 100  # steps between validations (and checkpoints); 0: only at the end
+    eval_batches: int = 20  # per process
+    ckpt_every: int = 0  # 0: checkpoint at every eval
+    keep_last: int = 2  # checkpoints kept on disk
+    sample_prompt: str = "def "  # generated from at each eval (tracker table, end of run)
+    sample_tokens: int = 64
+
+    resume: Any = False  # true: <run_dir>/checkpoints/latest; or a run/checkpoint dir
+    init_from: Optional[str] = None  # a checkpoint dir to start from (uptraining)
+    overwrite: bool = False  # allow a new run in a run dir that already has checkpoints
+
+
+CHOICES = {
+    "batch_mode": ("random", "sequential"),
+    "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "logger.backend": ("wandb", "none"),
+    "uptrain.method": ("mean", "first", "random"),
+}
+POSITIVE = ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches",
+            "keep_last")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    # Under `accelerate launch` every rank runs Hydra: only rank 0 keeps its .hydra/ copy.
+    OmegaConf.register_new_resolver(
+        "rank0_only", lambda value: value if os.environ.get("RANK", "0") == "0" else None,
+        replace=True)
+
+
+def select(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def model_config(cfg: Any, vocab_size: int) -> ModelConfig:
+    """The model's dataclass from the composed sizes + attention group + tokenizer."""
+    sizes = {k: select(cfg.model, k) for k in ModelSizeConfig.__dataclass_fields__}
+    return ModelConfig(vocab_size=vocab_size, n_kv_head=cfg.attention.n_kv_head, **sizes)
+
+
+def check_config(cfg: Any) -> None:
+    """Combinations the schema's types cannot catch; raises ConfigError (one line)."""
+    for key, allowed in CHOICES.items():
+        if select(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={select(cfg, key)!r} is not one of {list(allowed)}")
+    for key in POSITIVE:
+        if select(cfg, key) <= 0:
+            raise ConfigError(f"{key}={select(cfg, key)} must be a positive integer")
+    if cfg.eval_every < 0 or cfg.ckpt_every < 0:
+        raise ConfigError("eval_every and ckpt_every must be >= 0 (0 means: only at the end)")
+    if cfg.uptrain.alpha is not None and not cfg.init_from:
+        raise ConfigError("uptrain.alpha needs init_from=<checkpoint dir> to uptrain from")
+    if cfg.uptrain.alpha is not None and cfg.uptrain.alpha <= 0:
+        raise ConfigError(f"uptrain.alpha={cfg.uptrain.alpha} must be positive (the paper: 0.05)")
+    if cfg.resume not in (False, None) and cfg.init_from:
+        raise ConfigError("pass either resume or init_from, not both: resume continues a run, "
+                          "init_from starts a new one from a checkpoint")
+    if not cfg.init_from:  # with init_from the sizes come from the source checkpoint
+        model_config(cfg, vocab_size=cfg.data.vocab_size or 1)
+        if cfg.seq_len > cfg.model.max_seq_len:
+            raise ConfigError(f"seq_len={cfg.seq_len} exceeds model.max_seq_len="
+                              f"{cfg.model.max_seq_len}: lower seq_len or raise max_seq_len")
+
+
+register_configs()
