@@ -1,0 +1,84 @@
+"""The ablation end to end at its `quick` setting: real train.py runs, real conversions,
+the CSV, the markdown table and both PNGs; a second invocation reuses every run."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from experiments.report import read_csv
+from model.checkpoint import read_meta
+
+REPO = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_quick(out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "experiments.gqa_ablation", "preset=quick",
+                           f"out={out}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    proc = run_quick(out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    settings = OmegaConf.load(REPO / "experiments" / "configs" / "quick.yaml")
+    return out, settings, read_csv(out / "results.csv")
+
+
+def test_every_variant_method_and_alpha_has_a_row(quick):
+    out, s, rows = quick
+    expected = ({("base", None)} | {(m, a) for m in s.methods for a in [0.0, *s.alphas]}
+                | {("scratch", None)})
+    for g in {*s.kv_heads, *s.scratch_kv_heads}:
+        got = {(r["method"], r["alpha"]) for r in rows if r["n_kv_head"] == g}
+        want = {e for e in expected if e[0] != "base"}
+        if g not in s.scratch_kv_heads:
+            want = {e for e in want if e[0] != "scratch"}
+        if g not in s.kv_heads:
+            want = {("scratch", None)}
+        assert got == want, g
+    assert len(rows) == (1 + len(s.kv_heads) * len(s.methods) * (1 + len(s.alphas))
+                         + len(s.scratch_kv_heads))
+
+
+def test_rows_agree_with_the_runs_they_came_from(quick):
+    out, s, rows = quick
+    mha = next(r for r in rows if r["method"] == "base")
+    for r in rows:
+        # KV bytes scale exactly with the KV heads; uptraining ran round(alpha x base) steps
+        assert r["kv_bytes_per_token"] * mha["n_kv_head"] == mha["kv_bytes_per_token"] * r["n_kv_head"]
+        if r["alpha"]:
+            assert r["steps"] == round(r["alpha"] * s.base_steps)
+    for done in (out / "runs").glob("gqa*-a*/checkpoints/latest"):
+        meta = read_meta(done)
+        assert meta["step"] == round(meta["uptrain_alpha"] * s.base_steps)
+        assert meta["converted_from"]["method"] in s.methods
+
+
+def test_uptraining_lowers_the_converted_models_val_loss(quick):
+    _, s, rows = quick
+    for g in s.kv_heads:
+        for m in s.methods:
+            loss = {r["alpha"]: r["val_loss"] for r in rows if r["n_kv_head"] == g and r["method"] == m}
+            assert loss[max(s.alphas)] < loss[0.0], (g, m, loss)
+
+
+def test_report_files_and_a_rerun_reuses_every_run(quick):
+    out, s, rows = quick
+    md = (out / "results.md").read_text()
+    assert "| model | KV heads | method |" in md and "KV bytes/token" in md
+    for png in ("fig4_conversion_methods.png", "fig5_alpha.png"):
+        assert (out / png).read_bytes().startswith(PNG)
+    started = time.perf_counter()
+    again = run_quick(out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert time.perf_counter() - started < 60  # no training: only loads and measurements
+    rerun = read_csv(out / "results.csv")
+    assert [r["val_loss"] for r in rerun] == [r["val_loss"] for r in rows]
