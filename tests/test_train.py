@@ -70,6 +70,15 @@ def records(run_dir: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
 
 
+@torch.no_grad()
+def val_loss_of(model, prepared) -> float:
+    """Per-token val loss over train.py's eval windows (the last batch may be smaller)."""
+    batches = list(eval_batches(prepared.val_bin, prepared.dtype, 64, 8, 2))
+    total = sum(F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
+                for x, y in batches)
+    return total.item() / sum(y.numel() for _, y in batches)
+
+
 def cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=kw.pop("cwd"),
                             env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -121,11 +130,7 @@ def test_end_to_end_learns_and_checkpoint_generates(trained):
     tok = Tokenizer.load(ckpt.tokenizer_path)
     prepared = train_mod.prepare_data(train_mod.as_data_config(compose_cfg(overrides).data),
                                       progress=False)
-    with torch.no_grad():
-        losses = [F.cross_entropy(ckpt.model(x).flatten(0, 1), y.flatten(), reduction="sum")
-                  for x, y in eval_batches(prepared.val_bin, prepared.dtype, 64, 8, 2)]
-    n_tokens = sum(y.numel() for _, y in eval_batches(prepared.val_bin, prepared.dtype, 64, 8, 2))
-    assert sum(losses).item() / n_tokens == pytest.approx(result.val_loss, rel=1e-5)
+    assert val_loss_of(ckpt.model, prepared) == pytest.approx(result.val_loss, rel=1e-5)
     out = generate(ckpt.model, tok.encode("def f7(x):\n"), 8, SamplingConfig(temperature=0))
     assert tok.decode(out[0].tolist()).startswith("def f7(x):\n    return x + ")
 
@@ -265,11 +270,7 @@ def test_uptrain_converted_checkpoint_runs_alpha_steps_and_improves(base, traine
     # the uptrained model beats the converted one on the same val windows
     prepared = train_mod.prepare_data(train_mod.as_data_config(compose_cfg(overrides).data),
                                       progress=False)
-    before = load_checkpoint(converted).model
-    with torch.no_grad():
-        loss_before = sum(F.cross_entropy(before(x).flatten(0, 1), y.flatten()).item()
-                          for x, y in eval_batches(prepared.val_bin, prepared.dtype, 64, 8, 2)) / 2
-    assert result.val_loss < loss_before
+    assert result.val_loss < val_loss_of(load_checkpoint(converted).model, prepared)
 
     # converting on load: straight from the MHA checkpoint to MQA
     mqa = run([*base, f"run_dir={tmp_path / 'mqa'}", f"init_from={source.checkpoint}",
