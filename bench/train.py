@@ -139,7 +139,7 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     if bad := [m for m in modes if m not in ("eager", "compiled")]:
         sys.exit(f"error: unknown mode {bad[0]!r}: use --modes eager,compiled")
-    timed = args.steps or (3 if args.quick else 10)
+    timed = args.steps if args.steps is not None else (3 if args.quick else 10)
     if timed <= 0:
         sys.exit("error: --steps must be a positive integer")
     warmup = 2  # first steps allocate AdamW state, and under compile trace and compile
