@@ -14,18 +14,20 @@ from model.kv_cache import KVCache
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_len, head_dim) in the half-split ("rotate_half") layout."""
+    """cos, signed sin of shape (max_len, head_dim) in the half-split ("rotate_half") layout.
+
+    The sin table carries rotate_half's sign (-sin on the first half), so apply_rope is a
+    roll and two multiply-adds: the fewest kernels per decode step."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (L, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
-    return angles.cos().float(), angles.sin().float()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos().float(), torch.cat([-sin, sin], dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); cos/sin (T, hd) for the positions x sits at."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """x (..., hd); cos/sin from rope_tables for the positions x sits at, broadcastable.
+    rotate_half(x) * sin == roll(x, hd/2) * signed_sin."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 def causal_mask(n_query: int, n_key: int, device: torch.device) -> torch.Tensor:
@@ -48,17 +50,21 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, d); cos/sin (T, hd) for the positions of x."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, G, hd = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q_proj(x).view(B, T, H, hd)
+        k = self.k_proj(x).view(B, T, G, hd)
+        v = self.v_proj(x).view(B, T, G, hd).transpose(1, 2)  # (B, G, T, hd)
+        cos, sin = cos[:, None], sin[:, None]  # (T, 1, hd): broadcast over heads
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, hd)
+        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, G, T, hd)
         if cache is None:
             y = self._attend_full(q, k, v)
         else:
-            k, v = cache.update(self.layer, cache.pos, k, v)  # (B, n_kv, S, hd)
+            k, v = cache.update(self.layer, cache.pos, k, v)  # (B, G, S, hd)
             y = self._attend_grouped(q, k, v)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
     def _attend_full(self, q, k, v) -> torch.Tensor:
         """Training path: K/V expanded per contiguous group only for the product, so the

@@ -20,7 +20,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: bf16 sums of squares lose too much precision.
-        norm = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        norm = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return norm.type_as(x) * self.weight
 
 
