@@ -70,7 +70,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=480, help="MHA training steps")
+    parser.add_argument("--steps", type=int, default=400, help="MHA training steps")
     parser.add_argument("--alpha", type=float, default=0.05, help="uptraining fraction")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo" /
                         time.strftime("%Y-%m-%d_%H-%M-%S"))
