@@ -187,7 +187,10 @@ def free_port() -> int:
 
 def test_two_cpu_processes_match_one(base, tmp_path):
     """Sequential windows: 2 processes x batch 4 see exactly 1 process x batch 8's batches."""
-    common = [*base, "max_steps=6", "eval_every=6", "log_every=1", "batch_mode=sequential"]
+    # eval_batches=1: both evaluate the same 8 windows (with the val split's window count not
+    # a multiple of 2, an uncapped 2-process eval drops one window to keep ranks in step)
+    common = [*base, "max_steps=6", "eval_every=6", "log_every=1", "batch_mode=sequential",
+              "eval_batches=1"]
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     two_dir = tmp_path / "two"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
