@@ -154,6 +154,12 @@ def build(cfg: DataConfig, source: Source, key: str, out_dir: Path, progress: bo
         cumulative = np.cumsum(column(tokens, "n_tokens"))
         n_docs = int(np.searchsorted(cumulative, cfg.max_tokens, side="right"))
         tokens = tokens.select(range(max(n_docs, 1)))
+        if len(set(column(tokens, "is_val").tolist())) < 2:
+            # the cap kept only one side of the hash split: split_assignment's fallback
+            # moves one kept document across, deterministically
+            is_val = split_assignment(tokens.with_format("arrow")["id"].to_pylist(),
+                                      cfg.val_fraction, cfg.seed)
+            tokens = tokens.remove_columns("is_val").add_column("is_val", is_val)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     counts = {}
     for split, want_val in (("train", False), ("val", True)):
