@@ -1,6 +1,6 @@
 """Decode-speed benchmarks; every figure is a ratio against a peer timed in the same run.
 
-    python bench/decode.py                 # all sections (~8 min on 2 CPU cores)
+    python bench/decode.py                 # all sections (~20 min on 2 CPU cores)
     python bench/decode.py --section a     # cached vs uncached, 512 new tokens (issue 2)
     python bench/decode.py --section b     # ours vs transformers generate, greedy 256 tokens
     python bench/decode.py --section c     # long context: roofline MHA vs GQA vs MQA
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import ModelConfig  # noqa: E402
 from model.kv_cache import kv_bytes_per_token  # noqa: E402
-from model.sampling import SamplingConfig, generate  # noqa: E402
+from model.sampling import SamplingConfig, compile_decode, generate, stream  # noqa: E402
 from model.summary import param_counts  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 
@@ -69,13 +69,16 @@ def verdict(ok: bool) -> str:
 
 # ---------------------------------------------------------------- (a)
 
-def section_a(quick: bool) -> None:
+def section_a(quick: bool, compiled: bool) -> None:
     new = 128 if quick else 512
     print(f"\n(a) cached vs uncached generation, {new} new tokens from a 1-token prompt "
           f"(small model: {SMALL['n_layer']} layers, d={SMALL['d_model']}, fp32)")
     print(f"{'type':<7}{'b':>3}{'cached tok/s':>14}{'uncached tok/s':>16}{'ratio':>8}"
-          f"{'KV bytes':>12}{'KV/token':>10}  target >= 10x")
+          + (f"{'compiled':>10}{'ratio':>8}" if compiled else "")
+          + f"{'KV bytes':>12}{'KV/token':>10}  target >= 10x (eager"
+          + (" / compiled)" if compiled else ")"))
     for name, n_kv in KV_HEADS.items():
+        torch._dynamo.reset()
         model = build(SMALL, n_kv)
         for b in (1, 8):
             prompt = prompt_batch(b, 1, SMALL["vocab_size"])
@@ -83,10 +86,18 @@ def section_a(quick: bool) -> None:
             t_c, ours = timed(lambda: generate(model, prompt, new, GREEDY), repeats=2)
             t_u, base = timed(lambda: generate(model, prompt, new, GREEDY, use_cache=False))
             same = torch.equal(ours, base)
+            ratios = [t_u / t_c]
+            row = f"{name:<7}{b:>3}{b * new / t_c:>14,.1f}{b * new / t_u:>16,.1f}{t_u / t_c:>7.1f}x"
+            if compiled:
+                compile_decode(model, b, 1 + new)
+                t_f, fast = timed(lambda: generate(model, prompt, new, GREEDY, compile=True),
+                                  repeats=2)
+                ratios.append(t_u / t_f)
+                row += f"{b * new / t_f:>10,.1f}{t_u / t_f:>7.1f}x"
+                same = same and torch.equal(fast, base)
             kv = kv_bytes_per_token(model.config) * b * (1 + new)
-            ratio = t_u / t_c
-            print(f"{name:<7}{b:>3}{b * new / t_c:>14,.1f}{b * new / t_u:>16,.1f}{ratio:>7.1f}x"
-                  f"{mib(kv):>12}{kv_bytes_per_token(model.config):>10,}  {verdict(ratio >= 10)}"
+            print(row + f"{mib(kv):>12}{kv_bytes_per_token(model.config):>10,}  "
+                  f"{' / '.join(verdict(r >= 10) for r in ratios)}"
                   f"{'' if same else '  (token mismatch!)'}")
 
 
@@ -112,32 +123,33 @@ def section_b(quick: bool, compiled: bool) -> None:
     print(f"\n(b) ours vs transformers generate, greedy, {new} new tokens, prompt {plen}, "
           f"same weights (bench model: {BENCH['n_layer']} layers, d={BENCH['d_model']}, fp32)")
     print(f"{'type':<7}{'b':>3}{'HF tok/s':>10}{'ours tok/s':>12}{'ours/HF':>9}"
-          + (f"{'compiled':>10}{'comp/HF':>9}" if compiled else "") + "  target b1 >= 2x, b8 >= 1.3x")
+          + (f"{'comp s':>8}{'compiled':>10}{'comp/HF':>9}" if compiled else "")
+          + "  target b1 >= 2x, b8 >= 1.3x (eager" + (" / compiled)" if compiled else ")"))
     import transformers
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         for name, n_kv in KV_HEADS.items():
+            torch._dynamo.reset()  # one model's compiled graphs at a time
             model = build(BENCH, n_kv)
             hf = to_hf(model, tmp)
-            fast = None
-            if compiled:
-                fast = build(BENCH, n_kv)
-                fast.forward = torch.compile(fast.forward, dynamic=True)
             for b in (1, 8):
                 prompt = prompt_batch(b, plen, BENCH["vocab_size"])
                 hf_generate(hf, prompt, 4), generate(model, prompt, 4, GREEDY)  # warm-up
-                t_hf, theirs = timed(lambda: hf_generate(hf, prompt, new), repeats=2)
-                t_us, ours = timed(lambda: generate(model, prompt, new, GREEDY), repeats=2)
-                ratio = t_hf / t_us
+                t_hf, theirs = timed(lambda: hf_generate(hf, prompt, new), repeats=3)
+                t_us, ours = timed(lambda: generate(model, prompt, new, GREEDY), repeats=3)
+                ratio, same = t_hf / t_us, torch.equal(ours, theirs)
                 row = (f"{name:<7}{b:>3}{b * new / t_hf:>10,.1f}{b * new / t_us:>12,.1f}"
                        f"{ratio:>8.2f}x")
-                if fast is not None:
-                    generate(fast, prompt, new, GREEDY)  # compiles (both shapes of T)
-                    t_c, _ = timed(lambda: generate(fast, prompt, new, GREEDY), repeats=2)
-                    row += f"{b * new / t_c:>10,.1f}{t_hf / t_c:>8.2f}x"
                 target = 2.0 if b == 1 else 1.3
-                same = torch.equal(ours, theirs)
-                print(row + f"  {verdict(ratio >= target)}"
+                verdicts = [verdict(ratio >= target)]
+                if compiled:
+                    t_compile, _ = timed(lambda: compile_decode(model, b, plen + new))
+                    t_c, fast = timed(lambda: generate(model, prompt, new, GREEDY, compile=True),
+                                      repeats=3)
+                    row += f"{t_compile:>8.0f}{b * new / t_c:>10,.1f}{t_hf / t_c:>8.2f}x"
+                    verdicts.append(verdict(t_hf / t_c >= target))
+                    same = same and torch.equal(fast, theirs)
+                print(row + f"  {' / '.join(verdicts)}"
                       f"{'' if same else '  (tokens differ from HF!)'}")
 
 
@@ -150,51 +162,66 @@ def decode_bytes(cfg: ModelConfig, batch: int, context: int) -> int:
     return weights + kv_bytes_per_token(cfg) * batch * context
 
 
-def section_c(quick: bool) -> None:
+def decode_rate(model: Transformer, prompt: torch.Tensor, new: int,
+                compile: bool) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of one greedy generation; decode excludes the
+    prefill and the first token."""
+    if compile:
+        compile_decode(model, prompt.shape[0], prompt.shape[1] + new)
+    steps = stream(model, prompt, new, GREEDY, compile=compile)
+    t0 = time.perf_counter()
+    next(steps)  # prefill + first token
+    t1 = time.perf_counter()
+    n = sum(1 for _ in steps)
+    return t1 - t0, prompt.shape[0] * n / (time.perf_counter() - t1)
+
+
+def section_c(quick: bool, compiled: bool) -> None:
     plen, new, b = (1024 if quick else 2048), (32 if quick else 64), 8
+    modes = ["eager"] + (["compiled"] if compiled else [])
     print(f"\n(c) long context: prompt {plen}, b={b}, {new} new tokens, greedy "
           f"(bench model, fp32); decode only, prefill excluded")
-    print(f"{'type':<7}{'prefill s':>10}{'decode tok/s':>14}{'KV cache':>12}{'B/step':>12}"
-          f"{'speed-up':>10}{'predicted':>11}{'achieved/pred':>15}")
+    print(f"{'type':<7}{'prefill s':>10}{'KV cache':>12}{'B/step':>12}{'predicted':>10}"
+          + "".join(f"{m + ' tok/s':>16}{'speed-up':>10}{'ach/pred':>10}" for m in modes))
     rows = {}
-    from model.sampling import stream
     for name, n_kv in KV_HEADS.items():
+        torch._dynamo.reset()
         model = build(BENCH, n_kv)
         prompt = prompt_batch(b, plen, BENCH["vocab_size"])
-        steps = stream(model, prompt, new, GREEDY)
-        t0 = time.perf_counter()
-        next(steps)  # prefill + first token
-        t1 = time.perf_counter()
-        n = sum(1 for _ in steps)
-        t2 = time.perf_counter()
-        tps = b * n / (t2 - t1)
+        rates = [decode_rate(model, prompt, new, m == "compiled") for m in modes]
         kv = kv_bytes_per_token(model.config) * b * (plen + new)
-        step_bytes = decode_bytes(model.config, b, plen + new // 2)
-        rows[name] = (t1 - t0, tps, kv, step_bytes)
+        rows[name] = (rates[0][0], [tps for _, tps in rates], kv,
+                      decode_bytes(model.config, b, plen + new // 2))
     mha_tps, mha_bytes = rows["MHA"][1], rows["MHA"][3]
     for name, (prefill_s, tps, kv, step_bytes) in rows.items():
-        speedup, predicted = tps / mha_tps, mha_bytes / step_bytes
-        print(f"{name:<7}{prefill_s:>10.2f}{tps:>14,.1f}{mib(kv):>12}{mib(step_bytes):>12}"
-              f"{speedup:>9.2f}x{predicted:>10.2f}x{speedup / predicted:>14.0%}"
-              + (f"  {verdict(speedup / predicted >= 0.75)} (target >= 75%)" if name == "MQA" else ""))
+        predicted = mha_bytes / step_bytes
+        line = f"{name:<7}{prefill_s:>10.2f}{mib(kv):>12}{mib(step_bytes):>12}{predicted:>9.2f}x"
+        verdicts = []
+        for rate, mha_rate in zip(tps, mha_tps):
+            speedup = rate / mha_rate
+            line += f"{rate:>16,.1f}{speedup:>9.2f}x{speedup / predicted:>10.0%}"
+            verdicts.append(verdict(speedup / predicted >= 0.75))
+        if name == "MQA":
+            line += f"  {' / '.join(verdicts)} (target >= 75%)"
+        print(line)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", choices=["a", "b", "c", "all"], default="all")
     ap.add_argument("--quick", action="store_true", help="shorter runs, same tables")
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled column in (b)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled columns")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     if args.section in ("a", "all"):
-        section_a(args.quick)
+        section_a(args.quick, compiled=not args.no_compile)
     if args.section in ("b", "all"):
         section_b(args.quick, compiled=not args.no_compile)
     if args.section in ("c", "all"):
-        section_c(args.quick)
+        section_c(args.quick, compiled=not args.no_compile)
 
 
 if __name__ == "__main__":

@@ -206,11 +206,10 @@ def decode_tok_s(model: Transformer, batch_size: int, context: int, new_tokens: 
     cache = KVCache.for_model(cfg, batch_size, context + new_tokens)
     best = math.inf
     for _ in range(repeats):
-        cache.reset()
         token = prefill(model.eval(), prompt, cache).argmax(-1)  # (B,)
         started = time.perf_counter()
-        for _ in range(new_tokens):
-            token = decode_step(model, token, cache).argmax(-1)
+        for pos in range(context, context + new_tokens):
+            token = decode_step(model, token, torch.tensor([pos]), cache).argmax(-1)
         best = min(best, time.perf_counter() - started)
     return batch_size * new_tokens / best
 

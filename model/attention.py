@@ -30,12 +30,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
-def causal_mask(n_query: int, n_key: int, device: torch.device) -> torch.Tensor:
-    """Bottom-right causal mask (n_query, n_key): the queries are the last n_query keys,
-    so key j is visible to query i iff j <= (n_key - n_query) + i."""
-    offset = n_key - n_query
-    q_pos = torch.arange(n_query, device=device)[:, None] + offset
-    return torch.arange(n_key, device=device)[None, :] <= q_pos
+def cache_mask(input_pos: torch.Tensor, cache_len: int, group: int) -> torch.Tensor:
+    """Which cache slots each query sees, (1, 1, group*T, cache_len) for the folded query
+    layout of _attend_grouped: the query at position p sees slots 0..p, so slots not yet
+    written never count and the cache keeps one static shape. 4-D on purpose: SDPA's CPU
+    kernel takes a much slower path for a 3-D mask."""
+    slots = torch.arange(cache_len, device=input_pos.device)
+    visible = slots[None, :] <= input_pos[:, None]  # (T, S)
+    return visible.repeat(group, 1)[None, None]  # rows ordered (head in group, t)
 
 
 class CausalSelfAttention(nn.Module):
@@ -49,8 +51,10 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, d); cos/sin (T, hd) for the positions of x."""
+                cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d); cos/sin (T, hd) for the positions of x. With a cache, x sits at
+        input_pos (T,) and mask comes from cache_mask."""
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, hd)
@@ -62,8 +66,8 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = self._attend_full(q, k, v)
         else:
-            k, v = cache.update(self.layer, cache.pos, k, v)  # (B, G, S, hd)
-            y = self._attend_grouped(q, k, v)
+            k, v = cache.update(self.layer, input_pos, k, v)  # (B, G, S, hd)
+            y = self._attend_grouped(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
     def _attend_full(self, q, k, v) -> torch.Tensor:
@@ -74,12 +78,10 @@ class CausalSelfAttention(nn.Module):
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
 
-    def _attend_grouped(self, q, k, v) -> torch.Tensor:
+    def _attend_grouped(self, q, k, v, mask) -> torch.Tensor:
         """Cached path: fold each group's query heads into the query axis, so every query
         reads its KV head in place and the cache is never copied or expanded."""
         B, H, T, hd = q.shape
-        group, S = H // self.n_kv_head, k.shape[2]
-        q = q.reshape(B, self.n_kv_head, group * T, hd)  # rows ordered (head in group, t)
-        mask = None if T == 1 else causal_mask(T, S, q.device).repeat(group, 1)
+        q = q.reshape(B, self.n_kv_head, H // self.n_kv_head * T, hd)  # (B, n_kv, G*T, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_kv, G*T, hd)
         return y.view(B, H, T, hd)

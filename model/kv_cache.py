@@ -9,8 +9,10 @@ from model.config import ModelConfig
 class KVCache:
     """K and V buffers of shape (B, n_kv_head, max_len, head_dim) for every layer.
 
-    Writes go in place at a position; nothing is concatenated or expanded, so memory is
-    fixed at creation and GQA/MQA save exactly n_head / n_kv_head of MHA's bytes.
+    Writes go in place at a position tensor; nothing is concatenated or expanded, so
+    memory is fixed at creation and GQA/MQA save exactly n_head / n_kv_head of MHA's
+    bytes. The cache keeps no position of its own: the caller owns input_pos, so a
+    compiled decode step sees the same shapes and no Python state at every step.
     """
 
     def __init__(self, n_layer: int, batch_size: int, max_len: int, n_kv_head: int,
@@ -20,7 +22,6 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.max_len = max_len
-        self.pos = 0  # positions already filled; the next write starts here
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
@@ -32,17 +33,12 @@ class KVCache:
                              f"{cfg.max_seq_len}: shorten the prompt or max_new_tokens")
         return cls(cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim, dtype, device)
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, n_kv, T, hd) at [start, start+T); return the filled prefix."""
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: position {end} > max_len {self.max_len}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, n_kv, end, hd)
-
-    def reset(self) -> None:
-        self.pos = 0
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv, T, hd) at positions input_pos (T,); return the whole
+        buffers (B, n_kv, max_len, hd), to be read through cache_mask."""
+        self.k[layer].index_copy_(2, input_pos, k)
+        self.v[layer].index_copy_(2, input_pos, v)
+        return self.k[layer], self.v[layer]
 
     @property
     def nbytes(self) -> int:

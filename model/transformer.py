@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import CausalSelfAttention, rope_tables
+from model.attention import CausalSelfAttention, cache_mask, rope_tables
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 
@@ -43,8 +43,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, input_pos=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, input_pos, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -77,23 +77,29 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
 
-        With a cache the tokens sit at positions cache.pos .. cache.pos+T-1, and the cache
-        advances by T; without one they start at position 0.
+        Without a cache the tokens sit at positions 0..T-1. With one, they sit at
+        input_pos (T,), a long tensor the caller owns (model.sampling does): their K/V
+        are written there and each token attends to the cache up to its own position.
         """
         T = tokens.shape[1]
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
-                             f"{self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds max_seq_len "
+                                 f"{self.config.max_seq_len}")
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+        elif input_pos is None:
+            raise ValueError("a KV cache needs input_pos, the positions (T,) of the tokens: "
+                             "use model.sampling.prefill/decode_step, which track them")
+        else:
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hd)
+            group = self.config.n_head // self.config.n_kv_head
+            mask = cache_mask(input_pos, cache.max_len, group)
         x = self.embed(tokens)  # (B, T, d)
         for block in self.blocks:
-            x = block(x, cos, sin, cache)
-        if cache is not None:
-            cache.pos += T
+            x = block(x, cos, sin, cache, input_pos, mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # (B, T, V)

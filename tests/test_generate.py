@@ -77,6 +77,14 @@ def test_cli_stream_matches_generate(ckpt, tokenizer, capsys, temperature):
     assert "decode:" in err and "KV cache:" in err and "MHA equivalent" in err
 
 
+def test_cli_compiled_decode_prints_the_same_text(ckpt, capsys):
+    args = dict(ckpt=str(ckpt), prompt="class A:\n", temperature=0.0, stop_at_eos=False)
+    eager, _ = run_cli(capsys, **args)
+    compiled, err = run_cli(capsys, compile=True, **args)
+    assert compiled == eager
+    assert "decode step compiled in" in err
+
+
 def test_num_samples_prints_each_sample(ckpt, tokenizer, capsys):
     out, _ = run_cli(capsys, ckpt=str(ckpt), prompt="import", num_samples=3, seed=3,
                      stop_at_eos=False)

@@ -4,6 +4,7 @@ import torch
 
 from model import KVCache, ModelConfig, Transformer
 from model.kv_cache import kv_bytes_per_token
+from model.sampling import prefill
 
 
 def config(n_kv_head, **kw):
@@ -35,12 +36,25 @@ def test_decoding_writes_in_place_without_growing():
     buffers = [t.data_ptr() for t in cache.k + cache.v]
     with torch.inference_mode():
         for t in range(10):
-            model(torch.tensor([[t]]), cache)
+            model(torch.tensor([[t]]), cache, torch.tensor([t]))
     assert [t.data_ptr() for t in cache.k + cache.v] == buffers
     assert cache.k[0].shape == (1, 2, 10, cfg.head_dim)
     assert cache.k[0].abs().sum(dim=(0, 1, 3)).ne(0).all()  # every position written
-    with pytest.raises(ValueError, match="KV cache full"), torch.inference_mode():
-        model(torch.tensor([[0]]), cache)
+    with pytest.raises(ValueError, match="KV cache full"):
+        prefill(model, torch.tensor([[1, 2, 3]]), cache, start=8)
+
+
+def test_slots_not_yet_written_are_never_read():
+    """The cache is read whole through a mask: stale entries beyond the current position
+    (left by a longer earlier sequence) must not change the logits. (Finite ones: 0 * NaN
+    is NaN in the attention product, which is why buffers start as zeros.)"""
+    cfg = config(2)
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(0, 50, (2, 12))
+    clean, dirty = (KVCache.for_model(cfg, batch_size=2, max_len=20) for _ in "ab")
+    for t in dirty.k + dirty.v:
+        t[:, :, 12:] = 1e3 * torch.randn_like(t[:, :, 12:])
+    torch.testing.assert_close(prefill(model, tokens, dirty), prefill(model, tokens, clean))
 
 
 def test_cache_longer_than_context_is_refused():

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from model import ModelConfig, Transformer
-from model.sampling import SamplingConfig, filter_top_p, generate, sample, stream
+from model import KVCache, ModelConfig, Transformer
+from model.sampling import (SamplingConfig, compiled_decode_step, decode_step, filter_top_p,
+                            generate, prefill, sample, stream)
 
 
 def tiny_model(seed=0):
@@ -95,3 +96,23 @@ def test_prompt_plus_new_tokens_beyond_context_is_refused():
 def test_invalid_sampling_values_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize("n_kv_head", [8, 2, 1], ids=["MHA", "GQA-2", "MQA"])
+def test_compiled_decode_equals_eager(n_kv_head):
+    """The compiled step (frozen weights, autotuned GEMMs, static cache) must produce the
+    eager step's logits, and so the same greedy tokens."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, n_layer=2, n_head=8, n_kv_head=n_kv_head,
+                                    d_model=64, max_seq_len=64, init_std=0.1)).eval()
+    prompt = torch.randint(0, 97, (3, 5))
+    greedy = SamplingConfig(temperature=0)
+    eager = generate(model, prompt, 20, greedy)
+    assert torch.equal(generate(model, prompt, 20, greedy, compile=True), eager)
+    with torch.inference_mode():
+        cache = KVCache.for_model(model.config, batch_size=3, max_len=25)
+        token = prefill(model, prompt, cache).argmax(-1)
+        pos = torch.tensor([5])
+        compiled = compiled_decode_step()(model, token, pos, cache)
+        torch.testing.assert_close(compiled, decode_step(model, token, pos, cache),
+                                   atol=1e-4, rtol=1e-4)

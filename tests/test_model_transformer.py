@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import KVCache, ModelConfig, Transformer
-from model.sampling import SamplingConfig, generate
+from model.sampling import SamplingConfig, generate, prefill
 
 KV_HEADS = pytest.mark.parametrize("n_kv_head", [8, 2, 1], ids=["MHA", "GQA-2", "MQA"])
 
@@ -21,7 +21,8 @@ def test_token_by_token_decode_equals_full_forward(n_kv_head):
     tokens = torch.randint(0, 97, (2, 40))
     full = model(tokens)  # (B, T, V)
     cache = KVCache.for_model(model.config, batch_size=2)
-    stepwise = torch.cat([model(tokens[:, t:t + 1], cache) for t in range(40)], dim=1)
+    stepwise = torch.cat([model(tokens[:, t:t + 1], cache, torch.tensor([t]))
+                          for t in range(40)], dim=1)
     torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-5)
 
 
@@ -31,11 +32,21 @@ def test_chunked_prefill_then_decode_equals_full_forward(n_kv_head):
     tokens = torch.randint(0, 97, (3, 50))
     full = model(tokens)
     cache = KVCache.for_model(model.config, batch_size=3, max_len=50)
-    chunks = [tokens[:, :17], tokens[:, 17:30], tokens[:, 30:44]]
-    decoded = [tokens[:, t:t + 1] for t in range(44, 50)]
-    pieces = [model(piece, cache) for piece in chunks + decoded]
+    bounds = [(0, 17), (17, 30), (30, 44)] + [(t, t + 1) for t in range(44, 50)]
+    pieces = [model(tokens[:, a:b], cache, torch.arange(a, b)) for a, b in bounds]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
-    assert cache.pos == 50
+
+
+@KV_HEADS
+def test_prefill_in_chunks_equals_one_prefill(n_kv_head):
+    model = tiny_model(n_kv_head)
+    tokens = torch.randint(0, 97, (2, 45))
+    one, chunked = (KVCache.for_model(model.config, batch_size=2, max_len=60) for _ in "ab")
+    whole = prefill(model, tokens, one)
+    torch.testing.assert_close(prefill(model, tokens, chunked, chunk_size=16), whole,
+                               atol=1e-5, rtol=1e-5)
+    for a, b in zip(one.k + one.v, chunked.k + chunked.v):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @KV_HEADS
