@@ -188,9 +188,12 @@ def free_port() -> int:
 def test_two_cpu_processes_match_one(base, tmp_path):
     """Sequential windows: 2 processes x batch 4 see exactly 1 process x batch 8's batches."""
     # eval_batches=1: both evaluate the same 8 windows (with the val split's window count not
-    # a multiple of 2, an uncapped 2-process eval drops one window to keep ranks in step)
+    # a multiple of 2, an uncapped 2-process eval drops one window to keep ranks in step).
+    # val_fraction 0.25: the split is by a hash of each file's path, which changes with
+    # tmp_path; at 5% it sometimes held fewer than 8 windows, and the two runs then
+    # evaluated 7 vs 6 of them.
     common = [*base, "max_steps=6", "eval_every=6", "log_every=1", "batch_mode=sequential",
-              "eval_batches=1"]
+              "eval_batches=1", "data.val_fraction=0.25"]
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     two_dir = tmp_path / "two"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
