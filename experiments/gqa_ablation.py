@@ -209,7 +209,7 @@ def decode_tok_s(model: Transformer, batch_size: int, context: int, new_tokens: 
         token = prefill(model.eval(), prompt, cache).argmax(-1)  # (B,)
         started = time.perf_counter()
         for pos in range(context, context + new_tokens):
-            token = decode_step(model, token, torch.tensor([pos]), cache).argmax(-1)
+            token = decode_step(model, token, torch.tensor([pos]), cache, pos + 1).argmax(-1)
         best = min(best, time.perf_counter() - started)
     return batch_size * new_tokens / best
 

@@ -52,9 +52,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
         """x (B, T, d); cos/sin (T, hd) for the positions of x. With a cache, x sits at
-        input_pos (T,) and mask comes from cache_mask."""
+        input_pos (T,), attends to the first kv_len slots (None: all), and mask comes
+        from cache_mask for that many slots."""
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, hd)
@@ -66,8 +67,8 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = self._attend_full(q, k, v)
         else:
-            k, v = cache.update(self.layer, input_pos, k, v)  # (B, G, S, hd)
-            y = self._attend_grouped(q, k, v, mask)
+            k, v = cache.update(self.layer, input_pos, k, v)  # (B, G, max_len, hd)
+            y = self._attend_grouped(q, k[:, :, :kv_len], v[:, :, :kv_len], mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
     def _attend_full(self, q, k, v) -> torch.Tensor:

@@ -65,16 +65,18 @@ def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache,
         raise ValueError(f"KV cache full: {start + tokens.shape[1]} positions > max_len "
                          f"{cache.max_len}")
     for chunk in tokens.split(chunk_size, dim=1) if chunk_size else (tokens,):
-        input_pos = torch.arange(start, start + chunk.shape[1], device=tokens.device)
-        logits = model(chunk, cache, input_pos, last_only=True)
-        start += chunk.shape[1]
+        end = start + chunk.shape[1]
+        input_pos = torch.arange(start, end, device=tokens.device)
+        logits = model(chunk, cache, input_pos, last_only=True, kv_len=end)
+        start = end
     return logits[:, -1]
 
 
 def _decode(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
-            cache: KVCache) -> torch.Tensor:
-    """One new token per sequence (B,) at position input_pos (1,) -> next logits (B, V)."""
-    return model(token[:, None], cache, input_pos)[:, -1]
+            cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
+    """One new token per sequence (B,) at position input_pos (1,) -> next logits (B, V).
+    Eager callers pass kv_len = position + 1 to read only the filled slots."""
+    return model(token[:, None], cache, input_pos, kv_len=kv_len)[:, -1]
 
 
 decode_step = torch.inference_mode()(_decode)
@@ -160,16 +162,21 @@ def stream(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens:
     check_length(model, tokens.shape[1], max_new_tokens)
     cache = new_cache(model, tokens.shape[0], tokens.shape[1] + max_new_tokens, cache_dtype)
     logits = prefill(model, tokens, cache)
-    step = compiled_decode_step() if compile else _decode
-    input_pos = torch.tensor([tokens.shape[1]], device=model.device)  # advanced in place
+    compiled = compiled_decode_step() if compile else None
+    pos = tokens.shape[1]
+    input_pos = torch.tensor([pos], device=model.device)  # advanced in place
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=model.device)
     for i in range(max_new_tokens):
         token = mark_finished(sample(logits, sampling, generator), done, eos_id)
         yield token
         if i + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
             return
-        logits = step(model, token, input_pos, cache)
+        if compiled is not None:
+            logits = compiled(model, token, input_pos, cache)
+        else:
+            logits = _decode(model, token, input_pos, cache, kv_len=pos + 1)
         input_pos += 1
+        pos += 1
 
 
 def generate(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens: int,

@@ -43,8 +43,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, cache=None, input_pos=None, mask=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, input_pos, mask)
+    def forward(self, x, cos, sin, cache=None, input_pos=None, mask=None,
+                kv_len=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, input_pos, mask, kv_len)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -77,12 +78,16 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, last_only: bool = False,
+                kv_len: int | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
 
         Without a cache the tokens sit at positions 0..T-1. With one, they sit at
         input_pos (T,), a long tensor the caller owns (model.sampling does): their K/V
         are written there and each token attends to the cache up to its own position.
+        kv_len: how many cache slots are filled after this write, when the caller knows it
+        as an int (eager decoding reads only those); None reads the whole cache, the one
+        static shape a compiled step needs.
         """
         T = tokens.shape[1]
         if cache is None:
@@ -96,10 +101,10 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hd)
             group = self.config.n_head // self.config.n_kv_head
-            mask = cache_mask(input_pos, cache.max_len, group)
+            mask = cache_mask(input_pos, kv_len or cache.max_len, group)
         x = self.embed(tokens)  # (B, T, d)
         for block in self.blocks:
-            x = block(x, cos, sin, cache, input_pos, mask)
+            x = block(x, cos, sin, cache, input_pos, mask, kv_len)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # (B, T, V)

@@ -54,7 +54,10 @@ def test_slots_not_yet_written_are_never_read():
     clean, dirty = (KVCache.for_model(cfg, batch_size=2, max_len=20) for _ in "ab")
     for t in dirty.k + dirty.v:
         t[:, :, 12:] = 1e3 * torch.randn_like(t[:, :, 12:])
-    torch.testing.assert_close(prefill(model, tokens, dirty), prefill(model, tokens, clean))
+    with torch.inference_mode():  # kv_len=None: the whole cache, through the mask
+        whole = [model(tokens, cache, torch.arange(12)) for cache in (dirty, clean)]
+    torch.testing.assert_close(*whole)
+    torch.testing.assert_close(whole[0][:, -1], prefill(model, tokens, clean))  # kv_len=12
 
 
 def test_cache_longer_than_context_is_refused():
