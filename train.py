@@ -423,11 +423,11 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, dynamic_ncols=True,
                desc=f"train {model_cfg.attention_type}")
     t_last, step_last = time.perf_counter(), step
+    loss_sum = torch.zeros((), device=accelerator.device)  # since the last train_loss record
     while step < cfg.max_steps:
         lr = lr_at(step, cfg.max_steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=accelerator.device)
         for _ in range(cfg.grad_accum):
             x, y = stream.next_batch()
             with accelerator.accumulate(model):
@@ -446,7 +446,10 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            train_loss = accelerator.reduce(loss_sum / cfg.grad_accum, "mean").item()
+            # the mean over every micro-batch since the last record, not the last step's
+            micro_batches = cfg.grad_accum * (step - step_last)
+            train_loss = accelerator.reduce(loss_sum / micro_batches, "mean").item()
+            loss_sum.zero_()
             now = time.perf_counter()
             tok_s = tokens_per_step * (step - step_last) / (now - t_last)
             t_last, step_last = now, step

@@ -94,7 +94,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
     compile: bool = False
 
-    log_every: int = 10  # steps between train-loss records (metrics.jsonl, tracker, bar)
+    log_every: int = 10  # steps between train-loss records (each the mean since the last)
     eval_every: int = 100  # steps between validations (and checkpoints); 0: only at the end
     eval_batches: int = 20  # per process
     ckpt_every: int = 0  # 0: checkpoint at every eval

@@ -153,6 +153,18 @@ def test_optimizer_never_decays_norms():
     assert sum(map(len, (decay["params"], no_decay["params"]))) == len(list(model.parameters()))
 
 
+def test_train_loss_record_is_the_mean_since_the_last_record(base, tmp_path):
+    common = [*base, "max_steps=7", "eval_every=7", "grad_accum=2"]
+    every = records(run([*common, "log_every=1", f"run_dir={tmp_path / 'a'}"]).run_dir,
+                    "train_loss")
+    sparse = records(run([*common, "log_every=3", f"run_dir={tmp_path / 'b'}"]).run_dir,
+                     "train_loss")
+    assert sorted(sparse) == [3, 6, 7]  # and the last step, a shorter interval
+    for end, start in ((3, 1), (6, 4), (7, 7)):
+        mean = sum(every[s] for s in range(start, end + 1)) / (end - start + 1)
+        assert sparse[end] == pytest.approx(mean, rel=1e-5), end
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(base, tmp_path):
     common = [*base, "max_steps=60", "eval_every=30", "ckpt_every=3", "log_every=1",
               "keep_last=2"]
