@@ -19,6 +19,7 @@ import torch
 from model.checkpoint import (TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint,
                               load_state, model_state, read_config, read_meta,
                               save_checkpoint)
+from model.cli_args import ArgError, as_bool, as_int, parse_key_values
 from model.config import ConfigError, divisors
 from model.summary import format_summary
 from model.transformer import Transformer
@@ -145,24 +146,10 @@ USAGE = ("usage: python -m model.convert ckpt=<checkpoint dir> n_kv_head=<G> "
 
 
 def parse_args(argv: list[str]) -> dict:
-    args = {"method": "mean", "seed": "0", "overwrite": "false"}
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if not eq or key not in ("ckpt", "n_kv_head", "method", "out", "seed", "overwrite"):
-            raise ConvertError(f"unexpected argument {arg!r}; {USAGE}")
-        args[key] = value
-    missing = [k for k in ("ckpt", "n_kv_head", "out") if not args.get(k)]
-    if missing:
-        raise ConvertError(f"missing {', '.join(missing)}; {USAGE}")
-    for key in ("n_kv_head", "seed"):
-        try:
-            args[key] = int(args[key])
-        except ValueError:
-            raise ConvertError(f"{key} must be an integer, got {args[key]!r}") from None
-    if args["overwrite"].lower() not in ("true", "false"):
-        raise ConvertError(f"overwrite must be true or false, got {args['overwrite']!r}")
-    args["overwrite"] = args["overwrite"].lower() == "true"
-    return args
+    args = parse_key_values(argv, ("ckpt", "n_kv_head", "out"),
+                            {"method": "mean", "seed": "0", "overwrite": "false"}, USAGE)
+    return {**args, "n_kv_head": as_int(args, "n_kv_head"), "seed": as_int(args, "seed"),
+            "overwrite": as_bool(args, "overwrite")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         out = convert_checkpoint(args["ckpt"], args["out"], args["n_kv_head"], args["method"],
                                  args["seed"], args["overwrite"])
-    except (ConvertError, CheckpointError) as e:
+    except (ArgError, ConvertError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = read_config(out)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from model.checkpoint import (CONFIG, TOKENIZER, WEIGHTS, CheckpointError, config_of,
                               load_checkpoint, load_state, model_state, replace_dir,
                               save_checkpoint, write_json)
+from model.cli_args import ArgError, as_bool, parse_key_values
 from model.config import ConfigError, ModelConfig
 from model.transformer import Transformer
 
@@ -231,24 +232,15 @@ USAGE = """usage:
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
     if not argv or argv[0] not in ("import", "export") or "-h" in argv or "--help" in argv:
         raise SystemExit(USAGE if argv and argv[0] in ("-h", "--help") else 2)
-    command, args = argv[0], {}
-    allowed = {"import": {"hf", "out", "overwrite"}, "export": {"ckpt", "out", "overwrite"}}[command]
-    for arg in argv[1:]:
-        key, eq, value = arg.partition("=")
-        if not eq or key not in allowed:
-            raise CheckpointError(f"bad argument {arg!r}: expected key=value with key in "
-                                  f"{sorted(allowed)}")
-        args[key] = value
-    required = allowed - {"overwrite"}
-    if missing := sorted(required - set(args)):
-        raise CheckpointError(f"missing {', '.join(f'{k}=...' for k in missing)}\n{USAGE}")
-    return command, args
+    source = "hf" if argv[0] == "import" else "ckpt"
+    return argv[0], parse_key_values(argv[1:], (source, "out"), {"overwrite": "false"},
+                                     "see python -m model.hf --help")
 
 
 def main(argv: list[str]) -> int:
     try:
         command, args = parse_args(argv)
-        overwrite = args.get("overwrite", "false").lower() in ("1", "true", "yes")
+        overwrite = as_bool(args, "overwrite")
         if command == "import":
             model = import_hf(args["hf"])
             tok = Path(args["hf"]) / TOKENIZER
@@ -263,7 +255,7 @@ def main(argv: list[str]) -> int:
             return 2
         print(e.code)
         return 0
-    except (CheckpointError, ConfigError, OSError) as e:
+    except (ArgError, CheckpointError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
