@@ -37,8 +37,8 @@ from tqdm import tqdm
 from experiments.report import variant_name, write_atomic, write_report
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.convert import METHODS, ConvertError, check_target, convert_checkpoint
-from model.kv_cache import KVCache, kv_bytes_per_token
-from model.sampling import decode_step, prefill
+from model.kv_cache import kv_bytes_per_token
+from model.sampling import SamplingConfig, stream
 from model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,23 +195,21 @@ def val_loss(model: Transformer, windows: torch.Tensor, batch_size: int) -> floa
     return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
-@torch.inference_mode()
 def decode_tok_s(model: Transformer, batch_size: int, context: int, new_tokens: int,
                  repeats: int) -> float:
-    """Decode throughput after a context-long prefill: the regime where the KV cache's
-    size matters. Best of repeats, as the CPU is shared."""
-    cfg = model.config
-    prompt = torch.randint(0, cfg.vocab_size, (batch_size, context),
+    """Greedy decode throughput after a context-long prefill (timed from the first token,
+    which the prefill yields): the regime where the KV cache's size matters. Best of
+    repeats, as the CPU is shared."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch_size, context),
                            generator=torch.Generator().manual_seed(0))
-    cache = KVCache.for_model(cfg, batch_size, context + new_tokens)
     best = math.inf
     for _ in range(repeats):
-        token = prefill(model.eval(), prompt, cache).argmax(-1)  # (B,)
+        steps = stream(model.eval(), prompt, new_tokens, SamplingConfig(temperature=0))
+        next(steps)  # prefill
         started = time.perf_counter()
-        for pos in range(context, context + new_tokens):
-            token = decode_step(model, token, torch.tensor([pos]), cache, pos + 1).argmax(-1)
+        decoded = sum(1 for _ in steps)
         best = min(best, time.perf_counter() - started)
-    return batch_size * new_tokens / best
+    return batch_size * decoded / best
 
 
 # ---- the experiment ---------------------------------------------------------------------
