@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,16 +127,38 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None) -> Checkpoint:
+    """dtype None keeps the stored dtype (a bf16 checkpoint loads as bf16)."""
     path = Path(path)
     cfg = read_config(path)
-    state = read_weights(path)
-    model = Transformer(cfg)
-    load_state(model, state, path)
-    model.to(device=device, dtype=dtype)
+    model = model_from_state(cfg, read_weights(path), path, dtype).to(device)
     return Checkpoint(model.eval(), cfg, path, read_meta(path))
 
 
-def load_state(model: Transformer, state: dict[str, torch.Tensor], source: Path | str) -> None:
+def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype most weights are stored in (an HF file may keep a few norms in fp32)."""
+    elements = Counter()
+    for tensor in state.values():
+        elements[tensor.dtype] += tensor.numel()
+    return elements.most_common(1)[0][0]
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path | str,
+                     dtype: torch.dtype | None = None) -> Transformer:
+    """A Transformer that holds state's tensors themselves, cast to dtype (None: the stored
+    one). Built on the meta device, so there is no random init and no second copy: tensors
+    from read_weights stay mapped from the file until something writes to them."""
+    dtype = dtype or stored_dtype(state)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    load_state(model, {k: v.to(dtype) for k, v in state.items()}, source, assign=True)
+    model.init_rope()  # its buffers were built on meta too
+    return model.to(dtype=dtype)  # rope tables in the weights' dtype, as .to(dtype) gives
+
+
+def load_state(model: Transformer, state: dict[str, torch.Tensor], source: Path | str,
+               assign: bool = False) -> None:
+    """Load state into model after checking names and shapes. assign: the model takes the
+    tensors themselves (dtype included) instead of copying them into its own."""
     expected = model_state(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -145,5 +168,5 @@ def load_state(model: Transformer, state: dict[str, torch.Tensor], source: Path 
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, config "
                                   f"expects {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
+    model.load_state_dict(state, strict=False, assign=assign)
+    model.tie_weights()  # assign replaced the embedding the head pointed to

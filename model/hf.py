@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.checkpoint import (CONFIG, TOKENIZER, WEIGHTS, CheckpointError, config_of,
-                              load_checkpoint, load_state, model_state, replace_dir,
+                              load_checkpoint, model_from_state, model_state, replace_dir,
                               save_checkpoint, write_json)
 from model.cli_args import ArgError, as_bool, parse_key_values
 from model.config import ConfigError, ModelConfig
@@ -30,6 +30,7 @@ from model.transformer import Transformer
 
 HF_INDEX = "model.safetensors.index.json"
 HF_PICKLE = "pytorch_model.bin"
+HF_PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 # Our block-level names -> HF Llama's, for layer i.
 LAYER_KEYS = {
@@ -142,33 +143,45 @@ def tokenizer_special_ids(tokenizer: Path | None) -> dict[str, int]:
 
 # ---------------------------------------------------------------- weights
 
+def hf_weight_files(path: Path) -> list[Path]:
+    """The files holding an HF dir's weights: one file or the shards its index names,
+    safetensors before pickled .bin when a dir ships both."""
+    for single, index in ((WEIGHTS, HF_INDEX), (HF_PICKLE, HF_PICKLE_INDEX)):
+        if (path / single).is_file():
+            return [path / single]
+        if (path / index).is_file():
+            shards = json.loads((path / index).read_text())["weight_map"].values()
+            return [path / shard for shard in sorted(set(shards))]
+    raise CheckpointError(f"{path} has no {WEIGHTS}, {HF_INDEX}, {HF_PICKLE} or "
+                          f"{HF_PICKLE_INDEX}: not an HF model directory")
+
+
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF dir: model.safetensors, a sharded index, or (weights_only) .bin."""
+    """All tensors of an HF dir (hf_weight_files), in their stored dtype. Each file is
+    memory-mapped, shard by shard: nothing is read into memory until used, so the whole
+    model is never held twice."""
+    state, file = {}, path
     try:
-        if (path / WEIGHTS).is_file():
-            return load_file(path / WEIGHTS)
-        if (path / HF_INDEX).is_file():
-            shards = sorted(set(json.loads((path / HF_INDEX).read_text())["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                state.update(load_file(path / shard))
-            return state
-        if (path / HF_PICKLE).is_file():
-            # weights_only refuses any pickle that would run code.
-            return torch.load(path / HF_PICKLE, map_location="cpu", weights_only=True)
+        for file in hf_weight_files(path):
+            if file.suffix == ".safetensors":
+                state.update(load_file(file))
+            else:  # weights_only refuses any pickle that would run code
+                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{path / HF_PICKLE} is unreadable as plain weights (it holds "
-                              f"objects that would run code): convert it to safetensors from "
-                              f"a trusted environment") from None
+        raise CheckpointError(f"{file} is unreadable as plain weights (it holds objects that "
+                              f"would run code): convert it to safetensors from a trusted "
+                              f"environment") from None
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError,
             RuntimeError) as e:
         raise CheckpointError(f"{path}: weights are unreadable ({type(e).__name__}: {e})") from None
-    raise CheckpointError(f"{path} has no {WEIGHTS}, {HF_INDEX} or {HF_PICKLE}: "
-                          f"not an HF model directory")
+    return state
 
 
-def import_hf(path: str | Path) -> Transformer:
-    """An HF LlamaForCausalLM directory -> our Transformer (fp32, cpu, eval mode)."""
+def import_hf(path: str | Path, dtype: torch.dtype | None = None) -> Transformer:
+    """An HF LlamaForCausalLM directory -> our Transformer (cpu, eval mode) in dtype, by
+    default the stored one: a bf16 model stays bf16 and is not copied (model_from_state)."""
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise CheckpointError(f"{path} has no {CONFIG}: pass an HF Llama model directory")
@@ -186,9 +199,7 @@ def import_hf(path: str | Path) -> Transformer:
     unknown = sorted(k for k in theirs if k not in to_ours)
     if unknown:
         raise CheckpointError(f"{path}: unexpected tensors {unknown[:3]}: not a plain Llama model")
-    model = Transformer(cfg)
-    load_state(model, {to_ours[k]: v.float() for k, v in theirs.items()}, path)
-    return model.eval()
+    return model_from_state(cfg, {to_ours[k]: v for k, v in theirs.items()}, path, dtype).eval()
 
 
 def export_hf(source: str | Path | torch.nn.Module, out: str | Path,

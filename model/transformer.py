@@ -57,10 +57,16 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_rope()
+        self.init_weights()
+
+    def init_rope(self) -> None:
+        """The rope tables: buffers that are not saved, so a model built on the meta device
+        (model.checkpoint.model_from_state) calls this again once its weights are in."""
+        cfg = self.config
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, hd)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head; call again after loading weights."""

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -68,6 +69,25 @@ def test_import_matches_hf_logits_and_round_trips(tmp_path, case):
         assert torch.equal(model_state(again)[name], tensor), name
 
 
+def test_bf16_import_stays_bf16_and_equals_the_fp32_import_cast(tmp_path):
+    hf, path = tiny_hf_llama(tmp_path, 2, True)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ours = import_hf(tmp_path / "bf16")
+    tensors = list(ours.parameters()) + list(ours.buffers())
+    assert {t.dtype for t in tensors} == {torch.bfloat16}
+    assert not any(t.is_meta for t in tensors)
+    assert ours.lm_head.weight is ours.embed.weight  # tied: one tensor, re-tied after load
+    reference = import_hf(path).to(torch.bfloat16)  # the fp32 import, then cast
+    tokens = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(tokens), reference(tokens))
+    assert import_hf(tmp_path / "bf16", dtype=torch.float32).embed.weight.dtype == torch.float32
+
+    assert main(["import", f"hf={tmp_path / 'bf16'}", f"out={tmp_path / 'ckpt'}"]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "ckpt" / "model.safetensors").values()} \
+        == {torch.bfloat16}
+
+
 def test_command_import_then_export_keeps_tokenizer(tmp_path):
     hf, path = tiny_hf_llama(tmp_path, 2, False)
     (path / "tokenizer.model").write_bytes(b"not read by import")
@@ -109,6 +129,22 @@ def test_sharded_safetensors(tmp_path):
     (path / "model.safetensors").unlink()
     hf.save_pretrained(path, max_shard_size="60KB")
     assert (path / "model.safetensors.index.json").is_file()
+    tokens = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(import_hf(path)(tokens), hf_logits(hf, tokens),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_pickle_bin(tmp_path):  # OpenLLaMA and Sheared-LLaMA ship only these
+    hf, path = tiny_hf_llama(tmp_path, 2, False)
+    (path / "model.safetensors").unlink()
+    state = hf.state_dict()
+    names, weight_map = list(state), {}
+    for k, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        file = f"pytorch_model-0000{k + 1}-of-00002.bin"
+        torch.save({name: state[name] for name in part}, path / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     tokens = torch.arange(12)[None]
     with torch.no_grad():
         torch.testing.assert_close(import_hf(path)(tokens), hf_logits(hf, tokens),

@@ -77,3 +77,18 @@ def test_loading_never_unpickles(tmp_path):
     (path / WEIGHTS).write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle, not safetensors
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def test_bf16_checkpoint_loads_as_bf16_unless_asked(tmp_path):
+    model = tiny_model(tie_embeddings=True).to(torch.bfloat16)
+    save_checkpoint(tmp_path / "ckpt", model)
+    loaded = load_checkpoint(tmp_path / "ckpt").model
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert {t.dtype for t in tensors} == {torch.bfloat16}
+    assert not any(t.is_meta for t in tensors)
+    assert loaded.lm_head.weight is loaded.embed.weight  # still one tensor after a meta build
+    tokens = torch.randint(0, 40, (2, 9))
+    assert torch.equal(loaded(tokens), model(tokens))
+    as_fp32 = load_checkpoint(tmp_path / "ckpt", dtype=torch.float32).model
+    assert {p.dtype for p in as_fp32.parameters()} == {torch.float32}
+    assert torch.equal(as_fp32.embed.weight, model.embed.weight.float())
