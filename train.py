@@ -216,7 +216,7 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
     if not cfg.init_from:
         return Transformer(model_config(cfg, vocab_size)), {}
     source = Path(cfg.init_from)
-    ckpt = load_checkpoint(source)
+    ckpt = load_checkpoint(source, dtype=torch.float32)  # fp32 master weights, even from bf16
     if ckpt.config.vocab_size != vocab_size:
         raise TrainError(f"{source} has vocab_size {ckpt.config.vocab_size} but the tokenizer has "
                          f"{vocab_size}: use the source's data config")
@@ -388,7 +388,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
 
     set_seed(cfg.seed)  # identical init on every rank
     if resume_from is not None:
-        model = load_checkpoint(resume_from).model.train()
+        model = load_checkpoint(resume_from, dtype=torch.float32).model.train()
         provenance = {k: v for k, v in read_meta(resume_from).items()
                       if k.startswith(("init_from", "source_", "uptrain_", "converted_from"))}
     else:
