@@ -3,7 +3,7 @@ of the weights' bytes (issue 11, item 5: target <= 2.0x, so 7B bf16 = 13.5 GB fi
 
     python bench/convert_memory.py                      # 0.95B parameters, 1.9 GB of bf16
     python bench/convert_memory.py --d-model 1024 --ffn 2816   # 0.27B, for a quick look
-    python bench/convert_memory.py --repo /tmp/base     # measure another checkout's code
+    python bench/convert_memory.py --repo . --repo /tmp/base   # this code vs another checkout
 
 A synthetic HF Llama dir (config.json + sharded model.safetensors of random bf16 tensors,
 written shard by shard, no transformers init) goes in a temporary dir under /tmp, removed
@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def hf_llama_shapes(a: argparse.Namespace) -> dict[str, tuple[int, ...]]:
-    """HF Llama tensor names -> shapes of an MHA model (untied head)."""
+    """HF Llama tensor names -> shapes of an MHA model (untied head), written out from
+    transformers' layout rather than from model.hf, so the bench measures any checkout."""
     d, f = a.d_model, a.ffn
     shapes = {"model.embed_tokens.weight": (a.vocab, d)}
     for i in range(a.n_layer):
@@ -113,47 +114,58 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--n-kv-head", type=int, default=4, help="convert's target")
     p.add_argument("--shard-gb", type=float, default=1.0)
-    p.add_argument("--repo", type=Path, default=REPO, help="checkout whose code is measured")
+    p.add_argument("--repo", type=Path, action="append",
+                   help="a checkout whose code is measured (repeat to compare; default: this one)")
     p.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the child's job
     a = p.parse_args()
     if a.build:
         build_hf_llama(a.build, a)
         return
 
+    repos = [r.resolve() for r in a.repo or [REPO]]
     tmp = Path(tempfile.mkdtemp(prefix="convert_memory-", dir="/tmp"))
     try:
-        hf, ckpt, gqa = tmp / "hf", tmp / "ckpt", tmp / "gqa"
+        hf = tmp / "hf"
         hf.mkdir()
         shape = [f"--{k.replace('_', '-')}={getattr(a, k)}"
                  for k in ("d_model", "n_layer", "n_head", "ffn", "vocab", "shard_gb")]
         subprocess.run([sys.executable, __file__, *shape, "--build", str(hf)], check=True)
         index = json.loads((hf / "model.safetensors.index.json").read_text())
         weights = index["metadata"]["total_size"]
-        n_params = weights // 2
-        print(f"synthetic HF Llama: {n_params / 1e9:.2f}B parameters, bf16, "
-              f"{weights / 1e9:.2f} GB in {len(set(index['weight_map'].values()))} shards; "
-              f"code measured: {a.repo}")
-        py = sys.executable
-        steps = [
-            ("python + torch only", [py, "-c", "import model.hf, model.convert"], None),
-            ("model.hf import", [py, "-m", "model.hf", "import", f"hf={hf}", f"out={ckpt}"],
-             ckpt),
-            (f"model.convert n_kv_head={a.n_kv_head}",
-             [py, "-m", "model.convert", f"ckpt={ckpt}", f"n_kv_head={a.n_kv_head}",
-              f"out={gqa}"], gqa),
-        ]
-        print(f"{'step':<26} {'peak RSS GB':>11} {'x weights':>9} {'wall s':>7}  output")
-        for name, cmd, out in steps:
-            rss, seconds = peak_rss(cmd, a.repo)
-            written = ""
-            if out is not None:
-                file = out / "model.safetensors"
-                written = f"{file.stat().st_size / 1e9:.2f} GB, {'/'.join(sorted(dtypes_of(file)))}"
-            print(f"{name:<26} {rss / 1e9:>11.2f} {rss / weights:>9.2f} {seconds:>7.1f}  {written}")
+        print(f"synthetic HF Llama: {weights / 2e9:.2f}B parameters, bf16, {weights / 1e9:.2f} "
+              f"GB in {len(set(index['weight_map'].values()))} shards; the machine may be shared "
+              f"(wall times are noisy, RSS is not)")
+        for i, repo in enumerate(repos):
+            print(f"code [{i}]: {repo}")
+        print(f"{'step':<28} {'code':>4} {'peak RSS GB':>11} {'x weights':>9} {'wall s':>7}  output")
+        for name, cmd, out in steps(hf, tmp, a.n_kv_head):
+            for i, repo in enumerate(repos):  # the checkouts take turns, step by step
+                rss, seconds = peak_rss(cmd(i), repo)
+                written = ""
+                if out is not None:
+                    file = out(i) / "model.safetensors"
+                    written = (f"{file.stat().st_size / 1e9:.2f} GB, "
+                               f"{'/'.join(sorted(dtypes_of(file)))}")
+                print(f"{name:<28} {f'[{i}]':>4} {rss / 1e9:>11.2f} {rss / weights:>9.2f} "
+                      f"{seconds:>7.1f}  {written}", flush=True)
         print("target: peak RSS <= 2.0x the weights' bytes for import and convert")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+def steps(hf: Path, tmp: Path, n_kv_head: int) -> list:
+    """(name, code index -> command, code index -> output dir or None); each checkout
+    imports and converts into its own dirs."""
+    py = sys.executable
+    ckpt, gqa = (lambda i: tmp / f"ckpt{i}"), (lambda i: tmp / f"gqa{i}")
+    return [
+        ("python + torch only", lambda i: [py, "-c", "import model.hf, model.convert"], None),
+        ("model.hf import", lambda i: [py, "-m", "model.hf", "import", f"hf={hf}",
+                                       f"out={ckpt(i)}"], ckpt),
+        (f"model.convert n_kv_head={n_kv_head}",
+         lambda i: [py, "-m", "model.convert", f"ckpt={ckpt(i)}", f"n_kv_head={n_kv_head}",
+                    f"out={gqa(i)}"], gqa),
+    ]
 
 if __name__ == "__main__":
     main()
