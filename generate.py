@@ -111,7 +111,7 @@ def resolve_checkpoint(path: str) -> Path:
 def load_model(path: Path, device: torch.device, dtype: torch.dtype):
     """-> (model, tokenizer path or None)."""
     if is_hf_llama(path):
-        model = import_hf(path).to(device=device, dtype=dtype)
+        model = import_hf(path, dtype).to(device)  # rope tables built in dtype, not via bf16
     else:
         model = load_checkpoint(path, device, dtype).model
     tokenizer = path / TOKENIZER

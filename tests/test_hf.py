@@ -81,7 +81,9 @@ def test_bf16_import_stays_bf16_and_equals_the_fp32_import_cast(tmp_path):
     tokens = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(ours(tokens), reference(tokens))
-    assert import_hf(tmp_path / "bf16", dtype=torch.float32).embed.weight.dtype == torch.float32
+    as_fp32 = import_hf(tmp_path / "bf16", dtype=torch.float32)
+    assert as_fp32.embed.weight.dtype == torch.float32
+    assert torch.equal(as_fp32.rope_cos, import_hf(path).rope_cos)  # not rounded through bf16
 
     assert main(["import", f"hf={tmp_path / 'bf16'}", f"out={tmp_path / 'ckpt'}"]) == 0
     assert {t.dtype for t in load_file(tmp_path / "ckpt" / "model.safetensors").values()} \
