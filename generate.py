@@ -10,6 +10,7 @@ taken verbatim (no Hydra quoting needed). Errors: one line `error: ...`, exit st
 """
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
@@ -17,11 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+import cli
 from model.checkpoint import CONFIG, TOKENIZER, CheckpointError, load_checkpoint
 from model.config import ConfigError
 from model.hf import import_hf, is_hf_llama
@@ -100,6 +101,13 @@ def resolve_checkpoint(path: str) -> Path:
     latest = p / "checkpoints" / "latest"
     if latest.is_dir():  # a directory or a symlink to one
         return latest.resolve()
+    if latest.is_symlink():  # pointing at a step that was deleted
+        steps = sorted((d for d in latest.parent.glob("step_*") if (d / CONFIG).is_file()),
+                       key=lambda d: int(d.name[5:]) if d.name[5:].isdigit() else -1)
+        fix = (f"pass ckpt={steps[-1]} (on disk: {', '.join(d.name for d in steps)})"
+               if steps else "no step_N checkpoint is left in it")
+        raise UsageError(f"{latest} points at {os.readlink(latest)}, which does not exist "
+                         f"(dangling): {fix}")
     if latest.is_file():  # a text file naming the step dir
         target = p / "checkpoints" / latest.read_text().strip()
         if target.is_dir():
@@ -290,14 +298,12 @@ def quote_prompt_args(argv: list[str]) -> list[str]:
             for a in argv]
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="generate")
+@cli.hydra_main(config_path="configs", config_name="generate",
+                errors=(UsageError, CheckpointError, ConfigError, ValueError, OSError))
 def main(dcfg) -> None:
     cfg: GenerateConfig = OmegaConf.to_object(dcfg)
     try:
         run(cfg)
-    except (UsageError, CheckpointError, ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

@@ -16,20 +16,21 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-import hydra
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+import cli
 from data.config import DataError
 from data.loader import TokenStream, eval_batches
 from data.prepare import as_data_config, prepare_data
@@ -44,6 +45,7 @@ from train_config import check_config, model_config
 
 TRAIN_CONFIG, TRAINER_STATE, ACCEL_STATE = "train_config.yaml", "trainer_state.json", "accelerate"
 METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
+STARTED = time.time() - 1  # a run dir made since then (mtime, whole seconds) is this process's
 # The parts of a source run's config that uptraining reuses unless overridden (§2.1: same
 # recipe, alpha of the steps).
 RECIPE = ("optim", "batch_size", "grad_accum", "seq_len", "batch_mode", "data")
@@ -89,12 +91,40 @@ def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.AdamW:
 # ---------------------------------------------------------------- run dirs and checkpoints
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint dir, or a run dir / checkpoints dir whose `latest` names one."""
+    """A checkpoint dir, or a run dir / checkpoints dir whose `latest` names one; one
+    that is truncated or dangling is refused with the newest intact one to use instead."""
     for candidate in (path, path / "latest", path / "checkpoints" / "latest"):
+        if candidate.is_symlink() and not candidate.exists():
+            raise broken_checkpoint(candidate, f"{candidate} points at a missing "
+                                               f"{os.readlink(candidate)} (dangling)")
         if (candidate / WEIGHTS).is_file() and (candidate / TRAINER_STATE).is_file():
+            if not checkpoint_intact(candidate):
+                raise broken_checkpoint(candidate, f"{candidate.resolve()} is truncated or "
+                                                   f"corrupt")
             return candidate.resolve()
     raise TrainError(f"no resumable checkpoint at {path}: pass a run dir or a "
                      f"checkpoints/step_N dir written by train.py")
+
+
+def checkpoint_intact(path: Path) -> bool:
+    """Every byte the weights' header promises is there, and the trainer state parses
+    (cheap: reads headers, not tensors)."""
+    try:
+        json.loads((path / TRAINER_STATE).read_text())
+        with safe_open(path / WEIGHTS, "pt"):
+            return True
+    except (OSError, ValueError, SafetensorError):
+        return False
+
+
+def broken_checkpoint(path: Path, problem: str) -> TrainError:
+    root = path.resolve().parent if path.name != "latest" else path.parent
+    intact = [d for d in reversed(step_dirs(root)) if checkpoint_intact(d)]
+    if not intact:
+        return TrainError(f"{problem}, and {root} holds no intact checkpoint: start over "
+                          f"with overwrite=true")
+    return TrainError(f"{problem}: resume from the newest intact checkpoint with "
+                      f"`python train.py resume={intact[0]}`")
 
 
 def point_latest(root: Path, name: str) -> None:
@@ -126,19 +156,58 @@ def prune_checkpoints(root: Path, keep_last: int, newer_than: int | None = None)
         shutil.rmtree(junk, ignore_errors=True) if junk.is_dir() else junk.unlink()
 
 
-def prepare_run_dir(run_dir: Path, cfg: Any, resume_step: int | None) -> None:
-    """Main process, before training: refuse to clobber, or trim a resumed run's logs."""
+def has_checkpoints(ckpts: Path) -> bool:
+    return ckpts.is_dir() and bool(step_dirs(ckpts) or os.path.lexists(ckpts / "latest"))
+
+
+def check_run_dir(run_dir: Path, cfg: Any, resuming: bool) -> None:
+    """Every rank, before anything is written: refuse to clobber another run."""
+    if not resuming and not cfg.overwrite and has_checkpoints(run_dir / "checkpoints"):
+        raise TrainError(f"{run_dir} already has checkpoints: resume=true continues it, "
+                         f"overwrite=true starts over, or choose another run_dir")
+
+
+def prepare_run_dir(run_dir: Path, cfg: Any, resume_step: int | None,
+                    overrides: Sequence[str]) -> None:
+    """Main process, once the run is accepted: start over (overwrite=true) or trim a
+    resumed run's logs, then record the config."""
     ckpts = run_dir / "checkpoints"
-    if resume_step is None and ckpts.exists() and (step_dirs(ckpts) or (ckpts / "latest").exists()):
-        if not cfg.overwrite:
-            raise TrainError(f"{run_dir} already has checkpoints: resume=true continues it, "
-                             f"overwrite=true starts over, or choose another run_dir")
+    if resume_step is None and has_checkpoints(ckpts):
         shutil.rmtree(ckpts)
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
         (run_dir / METRICS).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_step is not None:
         prune_checkpoints(ckpts, cfg.keep_last, newer_than=resume_step)
         trim_metrics(run_dir / METRICS, resume_step)
+    record_config(run_dir / ".hydra", cfg, overrides, resumed=resume_step is not None)
+
+
+def record_config(out: Path, cfg: DictConfig, overrides: Sequence[str], resumed: bool) -> None:
+    """What Hydra's output_subdir would hold, written only now: Hydra writes it before the
+    task runs, so a refused run would rewrite the config of the run it refused. A resumed
+    run keeps the original config.yaml and adds resume-<time>-overrides.yaml beside it."""
+    out.mkdir(exist_ok=True)
+    as_yaml = lambda items: OmegaConf.to_yaml(OmegaConf.create(list(items)))
+    if resumed:
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+        (out / f"resume-{stamp}-overrides.yaml").write_text(as_yaml(overrides))
+        return
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (out / "overrides.yaml").write_text(as_yaml(overrides))
+
+
+def discard_if_unused(hydra_dir: Path) -> None:
+    """Hydra makes its run dir before the task runs: remove it again if this process made
+    it and left it empty (a refused run, or run_dir= pointing elsewhere), and `runs/` too
+    if that is left empty."""
+    for folder in (hydra_dir, hydra_dir.parent):
+        try:
+            if folder.stat().st_mtime < STARTED or any(folder.iterdir()):
+                return
+            folder.rmdir()
+        except OSError:
+            return
 
 
 # ---------------------------------------------------------------- metrics
@@ -347,7 +416,7 @@ def resume_point(cfg: Any, run_dir: Path) -> Path | None:
     if cfg.resume in (False, None) or str(cfg.resume).lower() == "false":
         return None
     if cfg.resume is True or str(cfg.resume).lower() == "true":
-        if not (run_dir / "checkpoints" / "latest").exists():
+        if not os.path.lexists(run_dir / "checkpoints" / "latest"):
             raise TrainError(f"resume=true but {run_dir} has no checkpoint: pass "
                              f"resume=<run or checkpoint dir>, or run_dir=<the run to continue>")
         return find_checkpoint(run_dir)
@@ -365,9 +434,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     accelerator = make_accelerator(cfg, run_dir)
     main = accelerator.is_main_process
     # Each rank's Hydra picked its own timestamped dir; rank 0's is the run's.
-    own_dir, run_dir = run_dir, Path(broadcast_object_list([str(run_dir)])[0])
-    if own_dir != run_dir and own_dir.is_dir() and not any(own_dir.iterdir()):
-        own_dir.rmdir()
+    run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     resume_from = resume_point(cfg, run_dir)
     if resume_from is not None:
         run_dir = resume_from.parent.parent  # continue the run that owns the checkpoint
@@ -375,9 +442,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
         if len(state["loaders"]) != accelerator.num_processes:
             raise TrainError(f"{resume_from} was written by {len(state['loaders'])} processes; "
                              f"resume it with as many (this run has {accelerator.num_processes})")
-    if main:
-        prepare_run_dir(run_dir, cfg, state["step"] if resume_from else None)
-    accelerator.wait_for_everyone()
+    check_run_dir(run_dir, cfg, resuming=resume_from is not None)
 
     with accelerator.main_process_first():  # one process tokenizes, the others hit the cache
         prepared = prepare_data(as_data_config(cfg.data), progress=main)
@@ -412,6 +477,9 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
         accelerator.load_state(str(resume_from / ACCEL_STATE))
         stream.load_state_dict(state["loaders"][accelerator.process_index])
         step, tokens_seen = state["step"], state["tokens_seen"]
+    if main:  # accepted: only now does anything land in the run dir
+        prepare_run_dir(run_dir, cfg, step if resume_from else None, overrides)
+    accelerator.wait_for_everyone()
     start_trackers(accelerator, cfg, run_dir)
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
@@ -494,14 +562,14 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     return TrainResult(step, val_loss, checkpoint, run_dir, sample)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@cli.hydra_main(config_path="configs", config_name="train", errors=USER_ERRORS)
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         train(cfg, HydraConfig.get().overrides.task)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    finally:
+        discard_if_unused(hydra_dir)
 
 
 if __name__ == "__main__":

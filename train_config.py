@@ -8,13 +8,10 @@ express (n_head not divisible by n_kv_head, seq_len above max_seq_len) are check
 """
 from __future__ import annotations
 
-import os
-
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from data.config import DataConfig
 from model.config import ConfigError, ModelConfig
@@ -119,10 +116,6 @@ POSITIVE = ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "ev
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    # Under `accelerate launch` every rank runs Hydra: only rank 0 keeps its .hydra/ copy.
-    OmegaConf.register_new_resolver(
-        "rank0_only", lambda value: value if os.environ.get("RANK", "0") == "0" else None,
-        replace=True)
 
 
 def select(cfg: Any, dotted: str) -> Any:

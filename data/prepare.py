@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import datasets
-import hydra
 import numpy as np
 import sentencepiece as spm
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+import cli
 from data.config import DataConfig, DataError
 from data.sources import Source, hf_cache_dir, open_source, text_bytes
 from data.tokenizer import MAX_SENTENCE_BYTES, TRAINER_OPTIONS, Tokenizer, train_tokenizer
@@ -387,14 +387,9 @@ class PrepareConfig:
 ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
+@cli.hydra_main(config_path="../configs", config_name="prepare", errors=(DataError,))
 def main(cfg: PrepareConfig) -> None:
-    try:
-        prepared = prepare_data(as_data_config(cfg.data))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(prepared.summary)
+    print(prepare_data(as_data_config(cfg.data)).summary)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sentencepiece as spm
 
 from data.config import DataError
 
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = SPECIAL_IDS = 0, 1, 2, 3
 
 # sentencepiece silently skips sentences longer than this many bytes;
 # documents are cut into chunks below it instead (see chunk_document).
@@ -187,6 +187,11 @@ def _vocab_error(message: str, vocab_size: int) -> Exception:
         return DataError(
             f"data.vocab_size={vocab_size} cannot hold this corpus's characters and "
             f"byte pieces; set data.vocab_size{bound}, or data.vocab_size=0 for auto"
+        )
+    if "insert_id" in message:  # "... [insert_id(trainer_spec_.pad_id(), ...)]"
+        return DataError(
+            f"data.vocab_size={vocab_size} is below the {len(SPECIAL_IDS)} special ids "
+            f"(unk, bos, eos, pad) alone; set data.vocab_size=0 for auto, or e.g. 4096"
         )
     if "sentences_.empty()" in message:
         return DataError("the train split has no text to train a tokenizer on; add documents")

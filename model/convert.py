@@ -105,7 +105,10 @@ def sha256_file(path: Path) -> str:
 
 def check_paths(src: Path, out: Path, overwrite: bool) -> None:
     src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents:
+    if out_r == src_r:
+        raise ConvertError(f"out={out} is the source checkpoint itself: converting in place "
+                           f"would destroy it; write to a new dir, e.g. out={src}-gqa")
+    if src_r in out_r.parents:
         raise ConvertError(f"out={out} is inside the source checkpoint {src}: "
                            f"write the converted checkpoint elsewhere")
     if out_r in src_r.parents:

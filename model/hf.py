@@ -241,8 +241,12 @@ USAGE = """usage:
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
-    if not argv or argv[0] not in ("import", "export") or "-h" in argv or "--help" in argv:
-        raise SystemExit(USAGE if argv and argv[0] in ("-h", "--help") else 2)
+    if "-h" in argv or "--help" in argv:
+        raise SystemExit(USAGE)
+    if not argv or argv[0] not in ("import", "export"):
+        got = f"unknown command {argv[0]!r}" if argv else "no command"
+        raise ArgError(f"{got}: python -m model.hf import hf=<HF dir> out=<checkpoint dir>, "
+                       f"or export ckpt=<checkpoint dir> out=<HF dir> (see --help)")
     source = "hf" if argv[0] == "import" else "ckpt"
     return argv[0], parse_key_values(argv[1:], (source, "out"), {"overwrite": "false"},
                                      "see python -m model.hf --help")
@@ -260,10 +264,7 @@ def main(argv: list[str]) -> int:
                                   overwrite=overwrite)
         else:
             out = export_hf(args["ckpt"], args["out"], overwrite=overwrite)
-    except SystemExit as e:
-        if e.code == 2:
-            print(USAGE, file=sys.stderr)
-            return 2
+    except SystemExit as e:  # --help
         print(e.code)
         return 0
     except (ArgError, CheckpointError, ConfigError, OSError) as e:

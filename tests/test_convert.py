@@ -212,7 +212,7 @@ def test_cli_refuses_bad_arguments(source_ckpt, tmp_path, capsys, args, message)
 
 
 @pytest.mark.parametrize("out, overwrite, message", [
-    ("{src}", "true", "is inside the source checkpoint"),
+    ("{src}", "true", "is the source checkpoint itself"),
     ("{src}/sub", "true", "is inside the source checkpoint"),
     ("{tmp}", "true", "contains the source checkpoint"),
     ("{tmp}/exists", "false", "already exists: choose a new path or pass overwrite=true"),

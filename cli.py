@@ -1,0 +1,132 @@
+"""How every gqalab command fails: one `error: ...` line on stderr, exit status 2.
+
+    @cli.hydra_main(config_path="configs", config_name="train", errors=(TrainError,))
+    def main(cfg): ...
+
+replaces `@hydra.main(version_base="1.3", ...)`. The task's `errors`, OmegaConf's errors
+met while it runs (a bad interpolation) and every error Hydra raises before it starts (a
+wrong type, an unknown key, an unknown group option, an unparsable override) become one
+line that names the key and what is allowed: a group's options, the closest known key.
+Any other exception in the task is a bug and keeps its traceback. HYDRA_FULL_ERROR=1
+lets every error through with its full trace, for debugging.
+
+A top-level module that imports only hydra, omegaconf and the standard library, so the
+entry points, data/ and model/ can all use it without importing each other.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import sys
+from typing import Any, Callable, NoReturn
+
+import hydra
+from hydra.errors import MissingConfigException, OverrideParseException
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+FULL_ERROR = "HYDRA_FULL_ERROR"
+
+
+def fail(message: Any) -> NoReturn:
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def one_line(text: Any) -> str:
+    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip())
+
+
+def full_error() -> bool:
+    return os.environ.get(FULL_ERROR) == "1"
+
+
+def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception], ...] = ()
+               ) -> Callable[[Callable[[Any], Any]], Callable[..., Any]]:
+    def decorate(task: Callable[[Any], Any]) -> Callable[..., Any]:
+        started = False  # errors after this are the task's, not Hydra's composition
+        debug = full_error()  # the user's HYDRA_FULL_ERROR=1: let every error through
+
+        @functools.wraps(task)  # Hydra unwraps it to find config_path beside the task's file
+        def guarded(cfg: Any) -> Any:
+            nonlocal started
+            started = True
+            try:
+                return task(cfg)
+            except (*errors, OmegaConfBaseException) as e:
+                if debug:
+                    raise
+                fail(describe(e))
+
+        app = hydra.main(version_base="1.3", config_path=config_path,
+                         config_name=config_name)(guarded)
+
+        @functools.wraps(app)
+        def run(*args: Any) -> Any:
+            nonlocal debug
+            debug = full_error()
+            if debug:
+                return app(*args)
+            os.environ[FULL_ERROR] = "1"  # Hydra then raises instead of printing its report
+            try:
+                return app(*args)
+            except Exception as e:
+                if started:
+                    raise
+                fail(describe(e))
+            finally:
+                os.environ.pop(FULL_ERROR, None)
+        return run
+    return decorate
+
+
+def describe(e: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line reports -> one line with the fix."""
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    if isinstance(e, MissingConfigException) and e.options is not None:
+        return unknown_option(e.missing_cfg_file, e.options)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.parent_node is not None:
+        return unknown_key(cause.full_key, cause.parent_node)
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        value = "" if cause.value is None else f"={cause.value}"
+        hint = (f"; write a list: {cause.full_key}=[a,b]"
+                if "is not a ListConfig" in str(cause) else "")
+        return f"{cause.full_key}{value}: {str(cause).splitlines()[0]}{hint}"
+    if isinstance(e, OverrideParseException):
+        return (f"cannot parse {one_line(e).split(' See https')[0].removeprefix('Error parsing ')}"
+                f": overrides are key=value (quote values with spaces or brackets)")
+    return one_line(str(e).split("Config search path")[0])
+
+
+def unknown_option(missing: str, options: list[str]) -> str:
+    """'attention/foo' -> attention=foo is not an option of its group."""
+    group, _, option = missing.rpartition("/")
+    close = difflib.get_close_matches(option, options, n=1)
+    guess = f"did you mean {group}={close[0]}? " if close else ""
+    return f"{group}={option} is not an option of group {group}: {guess}choose one of " \
+           f"{', '.join(options)}"
+
+
+def unknown_key(key: str, parent: Any) -> str:
+    """The closest key anywhere in the config (`n_layer` -> model.n_layer), or the keys
+    beside the unknown one."""
+    known = leaf_keys(parent._get_root())
+    close = (difflib.get_close_matches(key, known, n=1)
+             or [k for k in known if k.rpartition(".")[2] == key.rpartition(".")[2]][:1])
+    if close:
+        return f"unknown key {key}: did you mean {close[0]}?"
+    return f"unknown key {key}: the keys here are {', '.join(str(k) for k in parent)}"
+
+
+def leaf_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for k in node.keys():
+        if prefix == "" and k == "hydra":
+            continue
+        child = node._get_node(k)
+        if isinstance(child, DictConfig):
+            keys += leaf_keys(child, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys

@@ -1,0 +1,225 @@
+"""Every command's bad invocations: exit 2, no traceback, stderr ends with exactly one
+`error:` line saying what is wrong, and nothing written: every pre-existing run and
+checkpoint dir is byte-identical afterwards and no stray dir appears.
+
+One tiny train run is shared by every case. The cases run in a few lanes at once, each
+lane on its own copy of that run, serially inside the lane, so each case is checked on
+its own files (a subprocess costs a few seconds of imports)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+       "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+ENV.pop("HYDRA_FULL_ERROR", None)
+TRAIN = ["model=tiny", "data=text_files", "data.files=[{corpus}]", "data.vocab_size=320",
+         "data.cache_dir={cache}", "data.num_proc=1", "logger=none", "batch_size=4",
+         "seq_len=32", "eval_batches=1"]
+CKPT = "{run}/checkpoints/step_4"
+
+# (command, arguments, what the error line must say); {run} is a finished 4-step run
+# (checkpoints step_2, step_4), {trunc} the same with step_4's weights cut in half,
+# {dangling} the same with step_4 deleted, {hf} its HF export, {new} a path that must
+# stay absent.
+CASES = [
+    ("train.py", [*TRAIN, "model.n_layer=abc"], "model.n_layer=abc: Value 'abc'"),
+    ("train.py", [*TRAIN, "attention=foo"], "attention=foo is not an option of group attention: "
+                                            "choose one of gqa, mha, mqa"),
+    ("train.py", [*TRAIN, "model.n_layr=3"], "unknown key model.n_layr: did you mean model.n_layer?"),
+    ("train.py", [*TRAIN, "n_head=4"], "unknown key n_head: did you mean model.n_head?"),
+    ("train.py", [*TRAIN, "model="], "choose one of gpt2s, small, tiny"),
+    ("train.py", [*TRAIN, "max_steps=1.5"], "max_steps=1.5: Value '1.5'"),
+    ("train.py", [*TRAIN, "seq_len=${{nosuch}}"], "seq_len: Interpolation key 'nosuch' not found"),
+    ("train.py", [*TRAIN, "model.n_layer"], "cannot parse override 'model.n_layer'"),
+    ("train.py", [*TRAIN, "hydra.run.dir={run}", "max_steps=20"], "already has checkpoints"),
+    ("train.py", [*TRAIN, "run_dir={run}"], "already has checkpoints: resume=true continues it"),
+    ("train.py", [*TRAIN, "run_dir={new}", "resume=true"], "resume=true but"),
+    ("train.py", [*TRAIN, "resume={trunc}"], "is truncated or corrupt: resume from the newest "
+                                             "intact checkpoint with `python train.py resume="
+                                             "{trunc}/checkpoints/step_2`"),
+    ("train.py", [*TRAIN, "hydra.run.dir={dangling}", "resume=true"],
+     "(dangling): resume from the newest intact checkpoint with `python train.py "
+     "resume={dangling}/checkpoints/step_2`"),
+    ("train.py", [*TRAIN, "run_dir={run}", "resume=true", "data.vocab_size=3"],
+     "data.vocab_size=3 is below the 4 special ids"),
+    ("train.py", [*TRAIN, "attention.n_kv_head=3"], "not divisible by n_kv_head=3"),
+    ("train.py", [*TRAIN, "init_from={new}"], "not found"),
+    ("train.py", [*TRAIN, "resume={run}", f"init_from={CKPT}"], "pass either resume or init_from"),
+    ("train.py", [*TRAIN, "batch_mode=shuffled"], "batch_mode='shuffled' is not one of"),
+    ("generate.py", ["ckpt={run}", "tempreature=0.5"], "unknown key tempreature: did you mean "
+                                                       "temperature?"),
+    ("generate.py", ["ckpt={run}", "temperature=hot"], "temperature=hot: Value 'hot'"),
+    ("generate.py", ["ckpt={dangling}", "prompt=x"], "which does not exist (dangling): pass "
+                                                     "ckpt={dangling}/checkpoints/step_2"),
+    ("generate.py", ["ckpt={new}"], "not found"),
+    ("generate.py", [f"ckpt={CKPT}", "prompt=def", "top_p=1.5"], "top_p must be in (0, 1]"),
+    ("generate.py", [f"ckpt={CKPT}", "prompt=def", "max_new_tokens=1000"], "exceeds the model's "
+                                                                          "context of 64"),
+    ("generate.py", ["ckpt={trunc}/checkpoints/step_4", "prompt=def"], "truncated or corrupt"),
+    ("python -m data.prepare", ["data=nosuch"], "data=nosuch is not an option of group data"),
+    ("python -m data.prepare", ["data.vocab_sise=3"], "did you mean data.vocab_size?"),
+    ("python -m data.prepare", ["data.val_fraction=2"], "data.val_fraction=2.0 must be between"),
+    ("python -m data.prepare", ["data=text_files", "data.files=[{corpus}]", "data.vocab_size=3",
+                                "data.cache_dir={cache}", "data.num_proc=1"],
+     "data.vocab_size=3 is below the 4 special ids (unk, bos, eos, pad)"),
+    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", f"out={CKPT}", "overwrite=true"],
+     "is the source checkpoint itself"),
+    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={run}", "overwrite=true"],
+     "contains the source checkpoint"),
+    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=3", "out={new}"], "does not divide"),
+    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={hf}"], "already exists"),
+    ("python -m model.convert", ["ckpt={trunc}/checkpoints/step_4", "n_kv_head=2", "out={new}"],
+     "truncated or corrupt"),
+    ("python -m model.hf", [], "no command: python -m model.hf import"),
+    ("python -m model.hf", ["frobnicate"], "unknown command 'frobnicate'"),
+    ("python -m model.hf", ["import", "hf={new}", "out={run}/hf"], "config.json"),
+    ("python -m model.hf", ["export", f"ckpt={CKPT}", "out={hf}"], "already exists"),
+]
+LANES = 2  # two processes at a time: the test machine has 2 cores
+
+
+def compose_train(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return compose(config_name="train", overrides=overrides)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file and link under folder -> its content hash (or link target)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixture_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A 4-step tiny run with checkpoints at steps 2 and 4, trained once."""
+    import train as train_mod
+    from model.hf import export_hf
+
+    tmp = tmp_path_factory.mktemp("cli")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for d in range(12):
+        (corpus / f"doc{d}.py").write_text("".join(f"def f{n}(x):\n    return x + {n}\n"
+                                                   for n in range(d, d + 30)))
+    fill = lambda args: [a.format(corpus=corpus, cache=tmp / "cache") for a in args]
+    overrides = [*fill(TRAIN), f"run_dir={tmp / 'world' / 'run'}", "max_steps=4",
+                 "eval_every=2", "log_every=1"]
+    train_mod.train(compose_train(overrides), overrides)
+    world = tmp / "world"
+    export_hf(world / "run" / "checkpoints" / "step_4", world / "hf")
+    shutil.copytree(world / "run", world / "trunc", symlinks=True)
+    weights = world / "trunc" / "checkpoints" / "step_4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    shutil.copytree(world / "run", world / "dangling", symlinks=True)
+    shutil.rmtree(world / "dangling" / "checkpoints" / "step_4")
+    return tmp, overrides
+
+
+def run_case(lane: Path, tmp: Path, command: str, args: list[str]) -> dict:
+    world = lane / "world"
+    names = {name: world / name for name in ("run", "trunc", "dangling", "hf", "new")}
+    args = [a.format(corpus=tmp / "corpus", cache=tmp / "cache", **names) for a in args]
+    cwd = lane / "cwd"
+    cwd.mkdir()
+    before = digest(world)
+    head = ([sys.executable, str(ROOT / command)] if command.endswith(".py")
+            else [sys.executable, "-m", command.split()[-1]])
+    proc = subprocess.run([*head, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    after = digest(world)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    stray = sorted(p.name for p in cwd.iterdir())
+    shutil.rmtree(cwd)
+    return {"rc": proc.returncode, "stderr": proc.stderr, "changed": changed, "stray": stray,
+            "args": args, "names": names}
+
+
+@pytest.fixture(scope="module")
+def outcomes(fixture_run) -> list[dict]:
+    tmp, _ = fixture_run
+    lanes = []
+    for i in range(LANES):
+        lane = tmp / f"lane{i}"
+        shutil.copytree(tmp / "world", lane / "world", symlinks=True)
+        lanes.append(lane)
+
+    def run_lane(i: int) -> dict[int, dict]:
+        return {c: run_case(lanes[i], tmp, *CASES[c][:2]) for c in range(i, len(CASES), LANES)}
+
+    with ThreadPoolExecutor(LANES) as pool:
+        results = {}
+        for part in pool.map(run_lane, range(LANES)):
+            results.update(part)
+    return [results[c] for c in range(len(CASES))]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)),
+                         ids=[f"{c[0].split()[-1]}:{' '.join(a for a in c[1] if a not in TRAIN)}"
+                              for c in CASES])
+def test_bad_invocation_is_one_error_line_exit_2_and_writes_nothing(outcomes, case):
+    out = outcomes[case]
+    err = out["stderr"]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert out["rc"] == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert lines and lines[-1].startswith("error: "), err[-3000:]
+    assert sum(line.startswith("error:") for line in lines) == 1, err
+    expected = CASES[case][2].format(**out["names"])
+    assert expected in lines[-1]
+    assert out["changed"] == [], out["changed"]
+    assert out["stray"] == []  # no runs/<time>/, no outputs/, no .hydra/
+    assert not out["names"]["new"].exists()
+
+
+def test_run_dir_records_config_only_when_accepted_and_resume_keeps_it(fixture_run, tmp_path):
+    """A new run's .hydra/ holds the config it ran with; a resume adds only its overrides."""
+    import train as train_mod
+
+    tmp, overrides = fixture_run
+    run = tmp / "world" / "run"
+    recorded = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert recorded == OmegaConf.create(OmegaConf.to_yaml(compose_train(overrides), resolve=True))
+    assert list(OmegaConf.load(run / ".hydra" / "overrides.yaml")) == overrides
+
+    resumed = tmp_path / "run"
+    shutil.copytree(run, resumed, symlinks=True)
+    more = [o for o in overrides if not o.startswith(("run_dir=", "max_steps="))]
+    more += [f"run_dir={resumed}", "resume=true", "max_steps=6"]
+    assert train_mod.train(compose_train(more), more).step == 6
+    hydra_dir = sorted(p.name for p in (resumed / ".hydra").iterdir())
+    assert hydra_dir[:2] == ["config.yaml", "overrides.yaml"] and len(hydra_dir) == 3
+    assert hydra_dir[2].startswith("resume-") and hydra_dir[2].endswith("-overrides.yaml")
+    assert (resumed / ".hydra" / "config.yaml").read_bytes() == \
+        (run / ".hydra" / "config.yaml").read_bytes()
+    assert list(OmegaConf.load(resumed / ".hydra" / hydra_dir[2])) == more
+
+
+def test_hydra_full_error_shows_the_trace(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "attention=foo"], cwd=tmp_path,
+                          env={**ENV, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "attention/foo" in proc.stderr
