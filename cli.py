@@ -44,9 +44,10 @@ def full_error() -> bool:
 
 def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception], ...] = ()
                ) -> Callable[[Callable[[Any], Any]], Callable[..., Any]]:
+    """@hydra.main(version_base="1.3", ...) with every user error as one line, exit 2."""
     def decorate(task: Callable[[Any], Any]) -> Callable[..., Any]:
         started = False  # errors after this are the task's, not Hydra's composition
-        debug = full_error()  # the user's HYDRA_FULL_ERROR=1: let every error through
+        debug = False  # the user's HYDRA_FULL_ERROR=1: let every error through
 
         @functools.wraps(task)  # Hydra unwraps it to find config_path beside the task's file
         def guarded(cfg: Any) -> Any:
@@ -64,10 +65,11 @@ def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception]
 
         @functools.wraps(app)
         def run(*args: Any) -> Any:
-            nonlocal debug
-            debug = full_error()
+            nonlocal started, debug
+            started, debug = False, full_error()
             if debug:
                 return app(*args)
+            before = os.environ.get(FULL_ERROR)
             os.environ[FULL_ERROR] = "1"  # Hydra then raises instead of printing its report
             try:
                 return app(*args)
@@ -76,7 +78,9 @@ def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception]
                     raise
                 fail(describe(e))
             finally:
-                os.environ.pop(FULL_ERROR, None)
+                os.environ.pop(FULL_ERROR)
+                if before is not None:
+                    os.environ[FULL_ERROR] = before
         return run
     return decorate
 
