@@ -562,7 +562,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     return TrainResult(step, val_loss, checkpoint, run_dir, sample)
 
 
-@cli.hydra_main(config_path="configs", config_name="train", errors=USER_ERRORS)
+@cli.hydra_main(config_path="configs", config_name="train", errors=(*USER_ERRORS, OSError))
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
