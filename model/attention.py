@@ -40,6 +40,13 @@ def cache_mask(input_pos: torch.Tensor, cache_len: int, group: int) -> torch.Ten
     return visible.repeat(group, 1)[None, None]  # rows ordered (head in group, t)
 
 
+def fused_gqa(q: torch.Tensor) -> bool:
+    """Whether SDPA's enable_gqa runs a fused kernel (CUDA flash, half precision) for q.
+    Elsewhere (fp32, CPU) it falls back to the math kernel, which is slower than expanding
+    K/V for the fused one."""
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -72,9 +79,12 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
     def _attend_full(self, q, k, v) -> torch.Tensor:
-        """Training path: K/V expanded per contiguous group only for the product, so the
-        fused causal SDPA kernel applies."""
+        """Training path: SDPA reads the n_kv heads in place (enable_gqa) where a fused
+        kernel supports that; elsewhere K/V are expanded per contiguous group only for the
+        product, so the fused causal kernel still applies."""
         group = self.n_head // self.n_kv_head
+        if group > 1 and fused_gqa(q):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)

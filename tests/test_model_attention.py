@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import model.attention as attention_mod
 from model.attention import CausalSelfAttention, rope_tables
 from model.config import ModelConfig
 
@@ -70,6 +71,37 @@ def test_gqa_equals_mha_with_kv_heads_repeated_per_group(n_kv_head):
     x = torch.randn(3, 10, cfg.d_model)
     torch.testing.assert_close(gqa(x, cos[:10], sin[:10]), mha(x, cos[:10], sin[:10]),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 1], ids=["GQA-4", "MQA"])
+def test_enable_gqa_path_equals_expanded_path_and_reads_kv_heads_in_place(n_kv_head, monkeypatch):
+    """Both training paths, forced on CPU: SDPA's enable_gqa (the CUDA half-precision choice)
+    gets the n_kv heads un-expanded; the fallback gets them repeated per group. Same output,
+    forward and backward."""
+    cfg, attn, cos, sin = build(8, n_kv_head)
+    x = torch.randn(2, 11, cfg.d_model, requires_grad=True)
+    sdpa, kv_heads_seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, **kw):
+        kv_heads_seen.append(k.shape[1])
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention", spy)
+    outputs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(attention_mod, "fused_gqa", lambda q, fused=fused: fused)
+        out = attn(x, cos[:11], sin[:11])
+        outputs[fused] = (out, *torch.autograd.grad(out.square().sum(), [x, attn.k_proj.weight]))
+    assert kv_heads_seen == [n_kv_head, 8]
+    for a, b in zip(outputs[True], outputs[False]):  # fp32, summed in different orders
+        torch.testing.assert_close(a, b, atol=1e-5 * a.abs().max().item(), rtol=1e-4)
+    torch.testing.assert_close(outputs[True][0], attention_reference(x, attn, 10000.0),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_fused_gqa_only_for_half_precision_cuda():
+    assert not attention_mod.fused_gqa(torch.zeros(1, dtype=torch.bfloat16))  # CPU
+    assert not attention_mod.fused_gqa(torch.zeros(1))
 
 
 def test_kv_projections_have_n_kv_head_rows():
