@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.attention import CausalSelfAttention, cache_mask, rope_tables
 from model.config import ModelConfig
@@ -57,6 +58,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Training memory for compute: keep each block's input only and recompute its
+        # activations in backward (train.py's activation_checkpointing).
+        self.activation_checkpointing = False
         self.init_rope()
         self.init_weights()
 
@@ -110,7 +114,10 @@ class Transformer(nn.Module):
             mask = cache_mask(input_pos, kv_len or cache.max_len, group)
         x = self.embed(tokens)  # (B, T, d)
         for block in self.blocks:
-            x = block(x, cos, sin, cache, input_pos, mask, kv_len)
+            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, input_pos, mask, kv_len)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # (B, T, V)

@@ -82,3 +82,34 @@ def test_sequence_longer_than_context_is_refused():
     model = tiny_model(8)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 97, dtype=torch.long))
+
+
+def saved_bytes_and_grads(model, tokens):
+    """Bytes autograd keeps for backward (outside any checkpoint's own recompute), and
+    every parameter's gradient after one backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+    loss.backward()
+    return sum(saved), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("n_kv_head", [8, 2], ids=["MHA", "GQA-2"])
+def test_activation_checkpointing_keeps_gradients_and_saves_less(n_kv_head):
+    model = tiny_model(n_kv_head, n_layer=3).train()
+    tokens = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(0))
+    plain_bytes, plain = saved_bytes_and_grads(model, tokens)
+    model.activation_checkpointing = True
+    ckpt_bytes, ckpt = saved_bytes_and_grads(model, tokens)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert ckpt_bytes < plain_bytes / 2, (ckpt_bytes, plain_bytes)  # the blocks' activations
+    with torch.no_grad():  # inference never checkpoints (nothing to save)
+        torch.testing.assert_close(model(tokens), tiny_model(n_kv_head, n_layer=3)(tokens))
