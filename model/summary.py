@@ -37,3 +37,15 @@ def format_summary(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> str:
              f"{cfg.n_head} query heads, {cfg.n_kv_head} KV heads, head_dim {cfg.head_dim}")
     return "\n".join([shape, header, *rows])
 
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, forward + backward (nanoGPT's estimate_mfu, PaLM appendix B):
+    6 per weight of every matmul (2 forward, 4 backward) — the output head included even
+    when it shares the embedding, whose lookup costs nothing — plus attention's two products
+    over seq_len keys, 12 · n_layer · n_head · head_dim · seq_len (the causal mask's unused
+    half counted, as both sources do). Norms and elementwise ops are left out."""
+    counts = param_counts(cfg)
+    matmul_weights = (counts["total"] - counts["embeddings"] - counts["norms"] - counts["head"]
+                      + cfg.vocab_size * cfg.d_model)
+    return 6 * matmul_weights + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from model.summary import format_summary, param_counts
+from model.summary import flops_per_token, format_summary, param_counts
 
 
 def test_issue_worked_check_k_and_v_projections():
@@ -36,3 +36,21 @@ def test_summary_shows_kv_bytes_beside_mha():
     kv_line = next(line for line in text.splitlines() if line.startswith("KV B/token"))
     assert kv_line.split()[2:6] == ["256", "1,024", "(4x", "smaller,"]
     assert kv_line.endswith("bfloat16)")
+
+
+@pytest.mark.parametrize("n_kv_head, tie", [(4, True), (2, False), (1, True)],
+                         ids=["MHA-tied", "GQA-2-untied", "MQA-tied"])
+def test_flops_per_token_equals_torch_flop_counter(n_kv_head, tie):
+    """Every matmul FLOP of a forward + backward, as torch's FlopCounterMode counts them
+    (SDPA on its math kernel, whose bmm's the counter sees), equals the estimate exactly:
+    neither counts norms, softmax or other elementwise work."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=64,
+                      max_seq_len=32, tie_embeddings=tie)
+    B, T = 3, 24
+    tokens = torch.randint(0, 128, (B, T), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        Transformer(cfg)(tokens).sum().backward()
+    assert counter.get_total_flops() == flops_per_token(cfg, T) * B * T
