@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
@@ -39,7 +39,7 @@ from model.checkpoint import (TOKENIZER, WEIGHTS, CheckpointError, load_checkpoi
                               read_config, read_meta, save_checkpoint, write_json)
 from model.config import ConfigError
 from model.sampling import SamplingConfig, generate
-from model.summary import format_summary
+from model.summary import flops_per_token, format_summary
 from model.transformer import Transformer
 from train_config import check_config, model_config
 
@@ -80,12 +80,14 @@ def lr_at(step: int, max_steps: int, optim: Any) -> float:
     return min_lr + 0.5 * (optim.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.AdamW:
-    """Decay matrices (projections, embedding); never norms' gains."""
+def build_optimizer(model: torch.nn.Module, optim: Any, fused: bool = False) -> torch.optim.AdamW:
+    """Decay matrices (projections, embedding); never norms' gains. fused: one kernel for
+    all parameters (CUDA)."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             fused=fused or None)
 
 
 # ---------------------------------------------------------------- run dirs and checkpoints
@@ -323,6 +325,8 @@ def make_accelerator(cfg: Any, run_dir: Path) -> Accelerator:
     precision = cfg.mixed_precision
     if precision == "auto":  # bf16 autocast on a CPU without AMX is ~7x slower than fp32
         precision = "bf16" if torch.cuda.is_available() else "no"
+    if torch.cuda.is_available():  # TF32 tensor cores for what still runs in fp32
+        torch.set_float32_matmul_precision("high")
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
                               log_with="wandb" if cfg.logger.backend == "wandb" else None,
                               project_dir=str(run_dir))
@@ -336,6 +340,33 @@ def raw_model(model: torch.nn.Module) -> Transformer:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
+
+
+# Dense bf16 tensor-core peaks, TFLOP/s per device (vendor datasheets); matched in order
+# against torch.cuda.get_device_name(). Anything else: set peak_tflops.
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+                   ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+                   ("L4", 121.0), ("A10", 125.0))
+
+
+def peak_tflops(cfg: Any, accelerator: Accelerator) -> float | None:
+    """The per-device peak MFU is measured against: peak_tflops if set, else a known GPU's
+    bf16 peak when training in bf16/fp16; None (no MFU) otherwise, e.g. on CPU."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops
+    if accelerator.device.type != "cuda" or accelerator.mixed_precision == "no":
+        return None
+    name = torch.cuda.get_device_name(accelerator.device)
+    return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
+
+
+def use_compile(cfg: Any, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg.compile == "auto" else cfg.compile == "true"
+
+
+def is_fsdp(accelerator: Accelerator) -> bool:
+    """Sharded parameters: every rank must join each forward (eval, sampling, saving)."""
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def start_trackers(accelerator: Accelerator, cfg: DictConfig, run_dir: Path) -> None:
@@ -398,6 +429,8 @@ def save_training_checkpoint(accelerator: Accelerator, model, run_dir: Path, ste
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     loaders = gather_object([trainer_state.pop("loader")])  # every rank's data position
+    # the full weights: gathered from every rank's shard under FSDP, on the main process only
+    state = accelerator.get_state_dict(getattr(model, "_orig_mod", model))
     if accelerator.is_main_process:
         def extra(tmp: Path) -> None:
             os.replace(staging, tmp / ACCEL_STATE)
@@ -405,7 +438,7 @@ def save_training_checkpoint(accelerator: Accelerator, model, run_dir: Path, ste
             write_json(tmp / TRAINER_STATE, {**trainer_state, "loaders": loaders})
 
         save_checkpoint(path, model, meta, files={TOKENIZER: tokenizer_path}, overwrite=True,
-                        extra=extra)
+                        extra=extra, state=state)
         point_latest(root, path.name)
         prune_checkpoints(root, keep_last)
     accelerator.wait_for_everyone()
@@ -464,10 +497,11 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
                          f"{model_cfg.max_seq_len}")
     if main:
         print(format_summary(model_cfg))
-    optimizer = build_optimizer(model, cfg.optim)
-    if cfg.compile:
-        model = torch.compile(model)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer = build_optimizer(model, cfg.optim, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(model, optimizer)
+    if use_compile(cfg, accelerator.device):  # after wrapping: DDP/FSDP hooks stay outside
+        model = torch.compile(model)
 
     stream = TokenStream(prepared.train_bin, prepared.dtype, cfg.seq_len, cfg.batch_size,
                          seed=cfg.seed, rank=accelerator.process_index,
@@ -483,6 +517,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     start_trackers(accelerator, cfg, run_dir)
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
+    flops_per_step = flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
+    peak = peak_tflops(cfg, accelerator)
     eval_every = cfg.eval_every or cfg.max_steps
     ckpt_every = cfg.ckpt_every or eval_every
     val_loss, checkpoint, sample = None, None, ""
@@ -520,18 +556,26 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
             loss_sum.zero_()
             now = time.perf_counter()
             tok_s = tokens_per_step * (step - step_last) / (now - t_last)
+            # model FLOPs per second per device; MFU: its fraction of the device's peak
+            tflops = (flops_per_step * (step - step_last) / (now - t_last)
+                      / accelerator.num_processes / 1e12)
+            mfu = tflops / peak if peak else None
             t_last, step_last = now, step
             record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
-                      "grad_norm": float(grad_norm), "tokens_seen": tokens_seen}
+                      "grad_norm": float(grad_norm), "tokens_seen": tokens_seen,
+                      "tflops_per_device": tflops, "mfu": mfu}
             if main:
                 append_metrics(run_dir / METRICS, record)
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+            accelerator.log({f"train/{k}": v for k, v in record.items()
+                             if k != "step" and v is not None}, step=step)
 
         if step % eval_every == 0 or step == cfg.max_steps:
             val_loss = evaluate(model, accelerator, prepared, cfg)
-            if main:
+            if main or is_fsdp(accelerator):
                 sample = sample_text(model, accelerator, tokenizer, cfg)
+            if main:
                 append_metrics(run_dir / METRICS, {"step": step, "val_loss": val_loss})
                 bar.write(f"step {step}/{cfg.max_steps}: train {train_loss:.4f}  val {val_loss:.4f}  "
                           f"lr {lr:.2e}  {tok_s:,.0f} tok/s")

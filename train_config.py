@@ -89,7 +89,9 @@ class TrainConfig:
     seq_len: int = 256
     batch_mode: str = "random"  # random windows (per-process seeds) | sequential
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
-    compile: bool = False
+    compile: str = "auto"  # auto (on CUDA, not on CPU) | true | false: torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs' bf16 peak
 
     log_every: int = 10  # steps between train-loss records (each the mean since the last)
     eval_every: int = 100  # steps between validations (and checkpoints); 0: only at the end
@@ -109,6 +111,7 @@ CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "logger.backend": ("wandb", "none"),
     "uptrain.method": ("mean", "first", "random"),
+    "compile": ("auto", "true", "false"),
 }
 POSITIVE = ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches",
             "keep_last")
@@ -132,12 +135,15 @@ def model_config(cfg: Any, vocab_size: int) -> ModelConfig:
 
 def check_config(cfg: Any) -> None:
     """Combinations the schema's types cannot catch; raises ConfigError (one line)."""
+    cfg.compile = str(cfg.compile).lower()  # compile=true arrives as the bool's "True"
     for key, allowed in CHOICES.items():
         if select(cfg, key) not in allowed:
             raise ConfigError(f"{key}={select(cfg, key)!r} is not one of {list(allowed)}")
     for key in POSITIVE:
         if select(cfg, key) <= 0:
             raise ConfigError(f"{key}={select(cfg, key)} must be a positive integer")
+    if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
+        raise ConfigError(f"peak_tflops={cfg.peak_tflops} must be positive (or null: no MFU)")
     if cfg.eval_every < 0 or cfg.ckpt_every < 0:
         raise ConfigError("eval_every and ckpt_every must be >= 0 (0 means: only at the end)")
     if cfg.uptrain.alpha is not None and not cfg.init_from:

@@ -41,11 +41,14 @@ class Checkpoint:
         return path if path.is_file() else None
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Plain tensor names: no torch.compile/DDP wrapper prefixes, tied head dropped."""
+def model_state(model: torch.nn.Module,
+                state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Plain tensor names: no torch.compile/DDP wrapper prefixes, tied head dropped.
+    state: the model's full state dict when it was gathered elsewhere (FSDP)."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state is None else state
+    state = {k: v.detach().contiguous() for k, v in state.items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     return state
@@ -57,16 +60,18 @@ def write_json(path: Path, obj: Any) -> None:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None = None,
                     files: dict[str, str | Path] | None = None, overwrite: bool = False,
-                    extra: "callable | None" = None) -> Path:
+                    extra: "callable | None" = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint dir atomically. files: name -> source path copied in (e.g. the
-    tokenizer); extra(tmp_dir) may add more files before the rename."""
+    tokenizer); extra(tmp_dir) may add more files before the rename; state: the weights,
+    if not model.state_dict() (see model_state)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists: choose another output or pass overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        unwrapped = model_state(model)
+        unwrapped = model_state(model, state)
         save_file({k: v.cpu() for k, v in unwrapped.items()}, tmp / WEIGHTS)
         write_json(tmp / CONFIG, config_of(model).to_dict())
         write_json(tmp / META, meta or {})

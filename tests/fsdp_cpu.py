@@ -1,0 +1,33 @@
+"""Run train.py under Accelerate's FSDP plugin on CPU processes over gloo (for tests).
+
+    ACCELERATE_USE_CPU=1 ACCELERATE_USE_FSDP=true FSDP_VERSION=2 ... \\
+        torchrun --nproc_per_node 2 tests/fsdp_cpu.py <train.py overrides>
+
+Accelerate 1.15 applies an FSDP plugin only on accelerator devices: on CPU processes
+(DistributedType.MULTI_CPU) it silently ignores the plugin and wraps the model in DDP. This
+flips that one decision; from there on the run takes Accelerate's own FSDP2 code path
+(fully_shard per Block, sharded optimizer, DCP sharded save/load, full state dict gather).
+"""
+import runpy
+import sys
+from pathlib import Path
+
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType
+
+accelerator_state_init = AcceleratorState.__init__
+
+
+def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.fsdp_plugin = fsdp_plugin
+        self.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+AcceleratorState.__init__ = init_with_fsdp_on_cpu
+train_py = Path(__file__).resolve().parents[1] / "train.py"
+sys.path.insert(0, str(train_py.parent))
+sys.argv = [str(train_py), *sys.argv[1:]]
+runpy.run_path(str(train_py), run_name="__main__")

@@ -1,0 +1,81 @@
+"""train.py under Accelerate's FSDP2 plugin, launched with configs/accelerate/fsdp.yaml on
+two CPU processes over gloo (tests/fsdp_cpu.py lifts Accelerate's GPU-only check): the same
+losses as one process, one consolidated model.safetensors, the optimizer state split in
+half per rank, and an exact resume from the sharded state."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
+
+from test_train import ENV, ROOT, base, free_port, records, run  # noqa: F401  (base: fixture)
+
+
+def launch_fsdp(overrides: list[str], cwd) -> None:
+    env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "2",
+         "--main_process_port", str(free_port()), str(ROOT / "tests/fsdp_cpu.py"), *overrides],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def shard_bytes(optimizer_dir) -> dict[str, int]:
+    """Bytes of optimizer-state tensor data in each rank's file of a sharded (DCP) save."""
+    meta = FileSystemReader(str(optimizer_dir)).read_metadata()
+    per_file: dict[str, int] = {}
+    for index, where in meta.storage_data.items():
+        tensor = meta.state_dict_metadata[index.fqn]
+        for chunk in getattr(tensor, "chunks", []):
+            if tuple(chunk.offsets) == tuple(index.offset):
+                size = math.prod(chunk.sizes) * tensor.properties.dtype.itemsize
+                per_file[where.relative_path] = per_file.get(where.relative_path, 0) + size
+    return per_file
+
+
+def test_fsdp_two_processes_match_one_and_resume_exactly(base, tmp_path):
+    common = [*base, "max_steps=6", "eval_every=6", "ckpt_every=3", "log_every=1",
+              "batch_mode=sequential", "eval_batches=1", "data.val_fraction=0.25"]
+    two = tmp_path / "fsdp"
+    launch_fsdp([*common, "batch_size=4", f"hydra.run.dir={two}"], tmp_path)
+    one = run([*common, f"run_dir={tmp_path / 'one'}"])  # 1 process x batch 8: same batches
+
+    two_loss, one_loss = records(two, "train_loss"), records(one.run_dir, "train_loss")
+    assert sorted(two_loss) == sorted(one_loss) == list(range(1, 7))
+    for step in one_loss:
+        assert two_loss[step] == pytest.approx(one_loss[step], rel=1e-4), step
+    assert records(two, "val_loss")[6] == pytest.approx(one.val_loss, rel=1e-4)
+
+    # one consolidated weights file per checkpoint, equal to the one-process weights
+    ckpts = two / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_3", "step_6"]
+    fsdp_weights = load_file(ckpts / "step_6/model.safetensors")
+    one_weights = load_file(one.checkpoint / "model.safetensors")
+    assert fsdp_weights.keys() == one_weights.keys()
+    for name, tensor in one_weights.items():
+        torch.testing.assert_close(fsdp_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+    # AdamW state: each rank holds and saves half of what the single process does
+    single = torch.load(one.checkpoint / "accelerate/optimizer.bin", weights_only=True)
+    single_bytes = sum(t.numel() * t.element_size() for state in single["state"].values()
+                       for t in state.values() if t.dim() > 0)  # exp_avg, exp_avg_sq
+    per_rank = shard_bytes(ckpts / "step_6/accelerate/optimizer_0")
+    assert sorted(per_rank) == ["__0_0.distcp", "__1_0.distcp"]
+    for rank_bytes in per_rank.values():
+        assert rank_bytes == pytest.approx(single_bytes / 2, rel=0.01), (per_rank, single_bytes)
+
+    # resume the FSDP run from step 3: steps 4-6 as in the uninterrupted run
+    launch_fsdp([*common, "batch_size=4", f"hydra.run.dir={two}",
+                 f"resume={ckpts / 'step_3'}"], tmp_path)
+    resumed = records(two, "train_loss")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(two_loss[step], abs=1e-6), step
+    for name, tensor in load_file(ckpts / "step_6/model.safetensors").items():
+        torch.testing.assert_close(tensor, fsdp_weights[name], rtol=0, atol=1e-6, msg=name)
