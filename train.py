@@ -344,9 +344,9 @@ def raw_model(model: torch.nn.Module) -> Transformer:
 
 # Dense bf16 tensor-core peaks, TFLOP/s per device (vendor datasheets); matched in order
 # against torch.cuda.get_device_name(). Anything else: set peak_tflops.
-GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
                    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-                   ("L4", 121.0), ("A10", 125.0))
+                   ("L4", 121.0))
 
 
 def peak_tflops(cfg: Any, accelerator: Accelerator) -> float | None:

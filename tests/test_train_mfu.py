@@ -35,6 +35,7 @@ def test_metrics_log_model_tflops_and_mfu_and_checkpointing_changes_no_loss(base
     ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
     ("NVIDIA L4", "bf16", 121.0),
     ("NVIDIA L40S", "bf16", 362.0),
+    ("NVIDIA GH200 480GB", "bf16", 989.0),
     ("NVIDIA A100-SXM4-80GB", "no", None),  # fp32: the bf16 peak would flatter nothing
     ("Some Future GPU", "bf16", None),
 ])
