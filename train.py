@@ -349,14 +349,14 @@ GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), (
                    ("L4", 121.0))
 
 
-def peak_tflops(cfg: Any, accelerator: Accelerator) -> float | None:
-    """The per-device peak MFU is measured against: peak_tflops if set, else a known GPU's
-    bf16 peak when training in bf16/fp16; None (no MFU) otherwise, e.g. on CPU."""
-    if cfg.peak_tflops is not None:
-        return cfg.peak_tflops
-    if accelerator.device.type != "cuda" or accelerator.mixed_precision == "no":
+def peak_tflops(configured: float | None, device: torch.device, precision: str) -> float | None:
+    """The per-device peak MFU is measured against: the configured one if set, else a known
+    GPU's bf16 peak when training in bf16/fp16; None (no MFU) otherwise, e.g. on CPU."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda" or precision == "no":
         return None
-    name = torch.cuda.get_device_name(accelerator.device)
+    name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
 
 
@@ -518,7 +518,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
     flops_per_step = flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
-    peak = peak_tflops(cfg, accelerator)
+    peak = peak_tflops(cfg.peak_tflops, accelerator.device, accelerator.mixed_precision)
     eval_every = cfg.eval_every or cfg.max_steps
     ckpt_every = cfg.ckpt_every or eval_every
     val_loss, checkpoint, sample = None, None, ""

@@ -2,8 +2,6 @@
 GPUs' peaks, compile=auto, activation checkpointing in the loop."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -41,15 +39,14 @@ def test_metrics_log_model_tflops_and_mfu_and_checkpointing_changes_no_loss(base
 ])
 def test_peak_tflops_of_known_gpus_by_name(monkeypatch, name, precision, expected):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    cuda = SimpleNamespace(device=torch.device("cuda"), mixed_precision=precision)
-    assert train_mod.peak_tflops(SimpleNamespace(peak_tflops=None), cuda) == expected
-    assert train_mod.peak_tflops(SimpleNamespace(peak_tflops=50.0), cuda) == 50.0
+    cuda = torch.device("cuda")
+    assert train_mod.peak_tflops(None, cuda, precision) == expected
+    assert train_mod.peak_tflops(50.0, cuda, precision) == 50.0
 
 
 def test_peak_tflops_on_cpu_only_when_set():
-    cpu = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
-    assert train_mod.peak_tflops(SimpleNamespace(peak_tflops=None), cpu) is None
-    assert train_mod.peak_tflops(SimpleNamespace(peak_tflops=0.2), cpu) == 0.2
+    assert train_mod.peak_tflops(None, torch.device("cpu"), "no") is None
+    assert train_mod.peak_tflops(0.2, torch.device("cpu"), "no") == 0.2
 
 
 @pytest.mark.parametrize("setting, cuda, cpu", [("auto", True, False), ("true", True, True),
