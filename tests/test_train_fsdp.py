@@ -1,7 +1,7 @@
 """train.py under Accelerate's FSDP2 plugin, launched with configs/accelerate/fsdp.yaml on
 two CPU processes over gloo (tests/fsdp_cpu.py lifts Accelerate's GPU-only check): the same
 losses as one process, one consolidated model.safetensors, the optimizer state split in
-half per rank, and an exact resume from the sharded state."""
+half per rank, and an exact resume from the sharded state (with activation checkpointing)."""
 from __future__ import annotations
 
 import math
@@ -70,8 +70,9 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(base, tmp_path):
     for rank_bytes in per_rank.values():
         assert rank_bytes == pytest.approx(single_bytes / 2, rel=0.01), (per_rank, single_bytes)
 
-    # resume the FSDP run from step 3: steps 4-6 as in the uninterrupted run
-    launch_fsdp([*common, "batch_size=4", f"hydra.run.dir={two}",
+    # resume the FSDP run from step 3: steps 4-6 as in the uninterrupted run, also with
+    # activation checkpointing around the sharded blocks (recompute changes no number)
+    launch_fsdp([*common, "batch_size=4", f"hydra.run.dir={two}", "activation_checkpointing=true",
                  f"resume={ckpts / 'step_3'}"], tmp_path)
     resumed = records(two, "train_loss")
     assert sorted(resumed) == list(range(1, 7))
