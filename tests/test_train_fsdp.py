@@ -80,3 +80,18 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(base, tmp_path):
         assert resumed[step] == pytest.approx(two_loss[step], abs=1e-6), step
     for name, tensor in load_file(ckpts / "step_6/model.safetensors").items():
         torch.testing.assert_close(tensor, fsdp_weights[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name, kind, machines", [
+    ("single_gpu", "NO", 1), ("ddp", "MULTI_GPU", 1), ("fsdp", "FSDP", 1),
+    ("multinode", "MULTI_GPU", 2)])
+def test_launch_configs_load_with_accelerate(name, kind, machines):
+    """Accelerate's own loader reads each launch file as the kind docs/training.md says."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    config = load_config_from_file(str(ROOT / f"configs/accelerate/{name}.yaml"))
+    assert (config.distributed_type.value, config.num_machines) == (kind, machines)
+    assert config.mixed_precision == "bf16" and not config.use_cpu
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "Block"
