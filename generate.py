@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 import cli
 from model.checkpoint import CONFIG, TOKENIZER, CheckpointError, load_checkpoint
 from model.config import ConfigError
-from model.hf import import_hf, is_hf_llama
+from model.hf import import_hf, is_hf_model
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, compile_decode, stream
 from model.transformer import Transformer
@@ -113,12 +113,12 @@ def resolve_checkpoint(path: str) -> Path:
         if target.is_dir():
             return target
     raise UsageError(f"{p} holds no {CONFIG} and no checkpoints/latest: pass a checkpoint dir, "
-                     f"a train.py run dir or an HF Llama dir")
+                     f"a train.py run dir or an HF Llama, GPT-2 or GPT-NeoX dir")
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype):
     """-> (model, tokenizer path or None)."""
-    if is_hf_llama(path):
+    if is_hf_model(path):
         model = import_hf(path, dtype).to(device)  # rope tables built in dtype, not via bf16
     else:
         model = load_checkpoint(path, device, dtype).model

@@ -25,9 +25,13 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (..., hd); cos/sin from rope_tables for the positions x sits at, broadcastable.
-    rotate_half(x) * sin == roll(x, hd/2) * signed_sin."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    """x (..., hd); cos/sin (..., rd) from rope_tables for the positions x sits at,
+    broadcastable. rotate_half(x) * sin == roll(x, rd/2) * signed_sin. With rd < hd
+    (NeoX's partial rotary) the first rd dims rotate and the rest pass through."""
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
+    return torch.addcmul(x * cos, x.roll(rd // 2, dims=-1), sin)
 
 
 def cache_mask(input_pos: torch.Tensor, cache_len: int, group: int) -> torch.Tensor:
@@ -52,15 +56,17 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        bias = cfg.attn_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
-        """x (B, T, d); cos/sin (T, hd) for the positions of x. With a cache, x sits at
+        """x (B, T, d); cos/sin (T, rd) for the positions of x, None with learned
+        positions (added to the embeddings instead). With a cache, x sits at
         input_pos (T,), attends to the first kv_len slots (None: all), and mask comes
         from cache_mask for that many slots."""
         B, T, _ = x.shape
@@ -68,9 +74,10 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, hd)
         k = self.k_proj(x).view(B, T, G, hd)
         v = self.v_proj(x).view(B, T, G, hd).transpose(1, 2)  # (B, G, T, hd)
-        cos, sin = cos[:, None], sin[:, None]  # (T, 1, hd): broadcast over heads
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, hd)
-        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, G, T, hd)
+        if cos is not None:
+            cos, sin = cos[:, None], sin[:, None]  # (T, 1, rd): broadcast over heads
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, G, T, hd)
         if cache is None:
             y = self._attend_full(q, k, v)
         else:

@@ -10,6 +10,10 @@ class ConfigError(ValueError):
     """A model configuration that cannot be built; the message names the fix."""
 
 
+CHOICES = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu_tanh", "gelu"),
+           "positions": ("rope", "learned")}
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096
@@ -24,14 +28,25 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # Family switches; the defaults are Llama (model/hf_families.py sets GPT-2's and NeoX's).
+    norm: str = "rmsnorm"  # rmsnorm | layernorm (with bias)
+    mlp: str = "swiglu"  # swiglu | gelu_tanh (GPT-2's approximation) | gelu (exact, NeoX)
+    attn_bias: bool = False  # biases on the q, k, v and o projections
+    mlp_bias: bool = False  # biases on the MLP projections
+    positions: str = "rope"  # rope | learned (an embedding per position, GPT-2)
+    rotary_dim: int = 0  # 0 means head_dim; NeoX rotates only the first rotary_dim of each head
+    parallel_residual: bool = False  # NeoX: x + attn(norm1(x)) + mlp(norm2(x))
 
     def __post_init__(self) -> None:
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         if self.head_dim == 0 and self.n_head > 0:
             self.head_dim = self.d_model // self.n_head
-        if self.ffn_hidden == 0:
-            self.ffn_hidden = -(-8 * self.d_model // 3 // 64) * 64
+        if self.ffn_hidden == 0:  # SwiGLU's 8/3 keeps the parameters of a 4x GELU MLP
+            swiglu = -(-8 * self.d_model // 3 // 64) * 64
+            self.ffn_hidden = swiglu if self.mlp == "swiglu" else 4 * self.d_model
+        if self.rotary_dim == 0:
+            self.rotary_dim = self.head_dim
         self.validate()
 
     def validate(self) -> None:
@@ -43,8 +58,14 @@ class ModelConfig:
             raise ConfigError(
                 f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
                 f"pick n_kv_head among {divisors(self.n_head)}")
-        if self.head_dim % 2:
-            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not 0 < self.rotary_dim <= self.head_dim:
+            raise ConfigError(f"rotary_dim={self.rotary_dim} must be in 1..head_dim={self.head_dim}")
+        if self.positions == "rope" and self.rotary_dim % 2:
+            name = "head_dim" if self.rotary_dim == self.head_dim else "rotary_dim"
+            raise ConfigError(f"{name}={self.rotary_dim} must be even for rotary embeddings")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ConfigError("rope_theta and norm_eps must be positive")
 

@@ -9,15 +9,17 @@ from model.kv_cache import kv_bytes_per_token
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters per component, computed from the config alone."""
-    d, L, hd = cfg.d_model, cfg.n_layer, cfg.head_dim
+    d, L, hd, f = cfg.d_model, cfg.n_layer, cfg.head_dim, cfg.ffn_hidden
+    ab, mb = int(cfg.attn_bias), int(cfg.mlp_bias)  # 1 where projections carry biases
+    up = 2 if cfg.mlp == "swiglu" else 1  # gate and up, or up alone
     counts = {
-        "embeddings": cfg.vocab_size * d,
-        "q": L * d * cfg.n_head * hd,
-        "k": L * d * cfg.n_kv_head * hd,
-        "v": L * d * cfg.n_kv_head * hd,
-        "o": L * cfg.n_head * hd * d,
-        "mlp": L * 3 * d * cfg.ffn_hidden,
-        "norms": (2 * L + 1) * d,
+        "embeddings": (cfg.vocab_size + (cfg.max_seq_len if cfg.positions == "learned" else 0)) * d,
+        "q": L * (d + ab) * cfg.n_head * hd,
+        "k": L * (d + ab) * cfg.n_kv_head * hd,
+        "v": L * (d + ab) * cfg.n_kv_head * hd,
+        "o": L * (cfg.n_head * hd + ab) * d,
+        "mlp": L * (up * (d + mb) * f + (f + mb) * d),
+        "norms": (2 * L + 1) * d * (2 if cfg.norm == "layernorm" else 1),
         "head": 0 if cfg.tie_embeddings else cfg.vocab_size * d,
     }
     counts["total"] = sum(counts.values())

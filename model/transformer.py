@@ -1,4 +1,8 @@
-"""The decoder-only transformer: pre-norm blocks of RMSNorm, attention and SwiGLU."""
+"""The decoder-only transformer: pre-norm blocks of a norm, attention and an MLP.
+
+Llama by default (RMSNorm, SwiGLU, RoPE); ModelConfig's switches pick GPT-2's and NeoX's
+small differences (LayerNorm, GELU, biases, learned or partial-rotary positions, parallel
+residual) inside the same modules."""
 from __future__ import annotations
 
 import math
@@ -25,28 +29,44 @@ class RMSNorm(nn.Module):
         return norm.type_as(x) * self.weight
 
 
-class SwiGLU(nn.Module):
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU (down(silu(gate(x)) * up(x))), or down(gelu(up(x))) for GPT-2 and NeoX."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        d, f, bias = cfg.d_model, cfg.ffn_hidden, cfg.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias) if cfg.mlp == "swiglu" else None
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.gelu_approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximate))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.parallel_residual = cfg.parallel_residual
 
     def forward(self, x, cos, sin, cache=None, input_pos=None, mask=None,
                 kv_len=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, input_pos, mask, kv_len)
+        attn = self.attn(self.attn_norm(x), cos, sin, cache, input_pos, mask, kv_len)
+        if self.parallel_residual:  # NeoX: both branches read the block's input
+            return x + attn + self.mlp(self.mlp_norm(x))
+        x = x + attn
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -56,11 +76,13 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Training memory for compute: keep each block's input only and recompute its
         # activations in backward (train.py's activation_checkpointing).
         self.activation_checkpointing = False
+        learned = cfg.positions == "learned"
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if learned else None
         self.init_rope()
         self.init_weights()
 
@@ -68,8 +90,9 @@ class Transformer(nn.Module):
         """The rope tables: buffers that are not saved, so a model built on the meta device
         (model.checkpoint.model_from_state) calls this again once its weights are in."""
         cfg = self.config
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (L, hd)
+        cos, sin = (None, None) if cfg.positions == "learned" else rope_tables(
+            cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (L, rd)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def tie_weights(self) -> None:
@@ -85,6 +108,8 @@ class Transformer(nn.Module):
                 residual_out = name.endswith(("o_proj", "down_proj"))
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if residual_out else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         self.tie_weights()
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
@@ -104,15 +129,19 @@ class Transformer(nn.Module):
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len "
                                  f"{self.config.max_seq_len}")
-            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None
+            pos, mask = slice(0, T), None
         elif input_pos is None:
             raise ValueError("a KV cache needs input_pos, the positions (T,) of the tokens: "
                              "use model.sampling.prefill/decode_step, which track them")
         else:
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hd)
             group = self.config.n_head // self.config.n_kv_head
-            mask = cache_mask(input_pos, kv_len or cache.max_len, group)
+            pos, mask = input_pos, cache_mask(input_pos, kv_len or cache.max_len, group)
         x = self.embed(tokens)  # (B, T, d)
+        if self.wpe is None:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, rd)
+        else:
+            cos = sin = None
+            x = x + self.wpe.weight[pos]  # (T, d): learned positions
         for block in self.blocks:
             if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
