@@ -31,6 +31,13 @@ class ModelSizeConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    norm: str = "rmsnorm"  # rmsnorm | layernorm (GPT-2, NeoX)
+    mlp: str = "swiglu"  # swiglu | gelu_tanh (GPT-2) | gelu (NeoX); ffn_hidden 0 means 4 · d for gelu
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    positions: str = "rope"  # rope | learned (GPT-2)
+    rotary_dim: int = 0  # 0 means head_dim; Pythia rotates a quarter of each head
+    parallel_residual: bool = False  # NeoX
 
 
 @dataclass

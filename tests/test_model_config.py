@@ -40,3 +40,27 @@ def test_invalid_configs_raise_one_clear_message(kwargs, message):
 def test_unknown_keys_from_a_checkpoint_are_named():
     with pytest.raises(ConfigError, match=r"unknown model config keys \['n_experts'\]"):
         ModelConfig.from_dict({**ModelConfig().to_dict(), "n_experts": 4})
+
+
+def test_family_switches_default_to_llama_and_old_configs_load():
+    """A config.json written before the switches existed loads as the Llama it was."""
+    old = {k: v for k, v in ModelConfig(n_head=8, n_kv_head=2).to_dict().items()
+           if k not in ("norm", "mlp", "attn_bias", "mlp_bias", "positions", "rotary_dim",
+                        "parallel_residual")}
+    cfg = ModelConfig.from_dict(old)
+    assert (cfg.norm, cfg.mlp, cfg.positions, cfg.rotary_dim) == ("rmsnorm", "swiglu", "rope", 64)
+    assert not (cfg.attn_bias or cfg.mlp_bias or cfg.parallel_residual)
+    assert ModelConfig(d_model=384, n_head=6, mlp="gelu").ffn_hidden == 4 * 384
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(norm="batchnorm"), "norm='batchnorm' is not one of rmsnorm, layernorm"),
+    (dict(mlp="relu"), "mlp='relu' is not one of swiglu, gelu_tanh, gelu"),
+    (dict(positions="alibi"), "positions='alibi' is not one of rope, learned"),
+    (dict(d_model=64, n_head=4, rotary_dim=20), "rotary_dim=20 must be in 1..head_dim=16"),
+    (dict(d_model=64, n_head=4, rotary_dim=5), "rotary_dim=5 must be even"),
+])
+def test_invalid_switches_raise_one_clear_message(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -98,13 +98,16 @@ def test_invalid_sampling_values_are_refused(bad, match):
         SamplingConfig(**bad)
 
 
-@pytest.mark.parametrize("n_kv_head", [8, 2, 1], ids=["MHA", "GQA-2", "MQA"])
-def test_compiled_decode_equals_eager(n_kv_head):
+@pytest.mark.parametrize("n_kv_head, family", [
+    (8, {}), (2, {}), (1, {}),
+    (2, dict(norm="layernorm", mlp="gelu", attn_bias=True, rotary_dim=4, parallel_residual=True))],
+    ids=["MHA", "GQA-2", "MQA", "NeoX-GQA-2"])
+def test_compiled_decode_equals_eager(n_kv_head, family):
     """The compiled step (frozen weights, autotuned GEMMs, static cache) must produce the
-    eager step's logits, and so the same greedy tokens."""
+    eager step's logits, and so the same greedy tokens; also with NeoX's partial rotary."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=97, n_layer=2, n_head=8, n_kv_head=n_kv_head,
-                                    d_model=64, max_seq_len=64, init_std=0.1)).eval()
+                                    d_model=64, max_seq_len=64, init_std=0.1, **family)).eval()
     prompt = torch.randint(0, 97, (3, 5))
     greedy = SamplingConfig(temperature=0)
     eager = generate(model, prompt, 20, greedy)

@@ -13,19 +13,27 @@ def test_issue_worked_check_k_and_v_projections():
     assert mqa["k"] + mqa["v"] == 262_144
 
 
-@pytest.mark.parametrize("n_kv_head, tie", [(8, True), (2, False), (1, True)])
-def test_counts_match_the_modules(n_kv_head, tie):
+GPT2 = dict(norm="layernorm", mlp="gelu_tanh", attn_bias=True, mlp_bias=True, positions="learned")
+NEOX = dict(norm="layernorm", mlp="gelu", attn_bias=True, mlp_bias=True, parallel_residual=True)
+
+
+@pytest.mark.parametrize("n_kv_head, tie, family", [
+    (8, True, {}), (2, False, {}), (1, True, {}), (2, True, GPT2), (8, False, NEOX)])
+def test_counts_match_the_modules(n_kv_head, tie, family):
     cfg = ModelConfig(vocab_size=100, n_layer=3, n_head=8, n_kv_head=n_kv_head, d_model=64,
-                      tie_embeddings=tie)
+                      tie_embeddings=tie, **family)
     model = Transformer(cfg)
     counts = param_counts(cfg)
 
     def numel(suffix):
         return sum(p.numel() for n, p in model.named_parameters() if n.endswith(suffix))
-    assert counts["q"] == numel("q_proj.weight") and counts["k"] == numel("k_proj.weight")
-    assert counts["v"] == numel("v_proj.weight") and counts["o"] == numel("o_proj.weight")
-    assert counts["mlp"] == sum(numel(f"{m}_proj.weight") for m in ("gate", "up", "down"))
-    assert counts["norms"] == numel("norm.weight")
+    assert counts["q"] == numel("q_proj.weight") + numel("q_proj.bias")
+    assert counts["k"] == numel("k_proj.weight") + numel("k_proj.bias")
+    assert counts["v"] == numel("v_proj.weight") + numel("v_proj.bias")
+    assert counts["o"] == numel("o_proj.weight") + numel("o_proj.bias")
+    assert counts["mlp"] == sum(numel(f"{m}_proj.{p}") for m in ("gate", "up", "down")
+                                for p in ("weight", "bias"))
+    assert counts["norms"] == numel("norm.weight") + numel("norm.bias")
     assert counts["total"] == sum(p.numel() for p in model.parameters())
 
 

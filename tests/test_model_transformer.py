@@ -8,16 +8,31 @@ from model.sampling import SamplingConfig, generate, prefill
 KV_HEADS = pytest.mark.parametrize("n_kv_head", [8, 2, 1], ids=["MHA", "GQA-2", "MQA"])
 
 
+# The switches GPT-2 and NeoX set (model/hf_families.py), at tiny sizes.
+FAMILIES = {
+    "gpt2": dict(norm="layernorm", mlp="gelu_tanh", attn_bias=True, mlp_bias=True,
+                 positions="learned"),
+    "neox": dict(norm="layernorm", mlp="gelu", attn_bias=True, mlp_bias=True, rotary_dim=2,
+                 parallel_residual=True),
+}
+
+
 def tiny_model(n_kv_head, seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = ModelConfig(**{"vocab_size": 97, "n_layer": 2, "n_head": 8, "n_kv_head": n_kv_head,
                          "d_model": 64, "max_seq_len": 96, "init_std": 0.1, **overrides})
-    return Transformer(cfg).eval()
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # biases start at zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
 
 
+@pytest.mark.parametrize("family", ["llama", *FAMILIES])
 @KV_HEADS
-def test_token_by_token_decode_equals_full_forward(n_kv_head):
-    model = tiny_model(n_kv_head)
+def test_token_by_token_decode_equals_full_forward(n_kv_head, family):
+    model = tiny_model(n_kv_head, **FAMILIES.get(family, {}))
     tokens = torch.randint(0, 97, (2, 40))
     full = model(tokens)  # (B, T, V)
     cache = KVCache.for_model(model.config, batch_size=2)

@@ -243,10 +243,23 @@ def test_compose_rejects_typos_and_types(base, override, expected):
     ("seq_len=128", "seq_len=128 exceeds model.max_seq_len=64"),
     ("batch_mode=shuffled", "batch_mode='shuffled' is not one of"),
     ("uptrain.alpha=0.05", "uptrain.alpha needs init_from"),
+    ("model.norm=batchnorm", "norm='batchnorm' is not one of rmsnorm, layernorm"),
 ])
 def test_invalid_combinations_fail_before_any_work(base, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train_mod.check_config(compose_cfg([*base, f"run_dir={tmp_path}", override]))
+
+
+@pytest.mark.parametrize("preset, switches", [
+    ("gpt2", dict(positions="learned", mlp="gelu_tanh", parallel_residual=False, rotary_dim=64)),
+    ("pythia", dict(positions="rope", mlp="gelu", parallel_residual=True, rotary_dim=16)),
+])
+def test_family_presets_build_their_architecture(base, tmp_path, preset, switches):
+    cfg = compose_cfg([*base, f"model={preset}", f"run_dir={tmp_path}"])
+    train_mod.check_config(cfg)
+    model = train_mod.model_config(cfg, vocab_size=320)
+    assert {k: getattr(model, k) for k in switches} == switches
+    assert model.norm == "layernorm" and model.attn_bias and model.mlp_bias
 
 
 def test_cli_errors_are_one_line_and_nonzero(base, tmp_path):
