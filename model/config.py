@@ -60,9 +60,11 @@ class ModelConfig:
                 f"pick n_kv_head among {divisors(self.n_head)}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of "
+                                  f"{', '.join(allowed)}")
         if not 0 < self.rotary_dim <= self.head_dim:
-            raise ConfigError(f"rotary_dim={self.rotary_dim} must be in 1..head_dim={self.head_dim}")
+            raise ConfigError(f"rotary_dim={self.rotary_dim} must be in 1..head_dim="
+                              f"{self.head_dim}")
         if self.positions == "rope" and self.rotary_dim % 2:
             name = "head_dim" if self.rotary_dim == self.head_dim else "rotary_dim"
             raise ConfigError(f"{name}={self.rotary_dim} must be even for rotary embeddings")

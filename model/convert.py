@@ -80,8 +80,9 @@ def convert_model(model: Transformer, n_kv_head: int, method: str = "mean",
         if name.endswith(("attn.k_proj.weight", "attn.v_proj.weight",
                           "attn.k_proj.bias", "attn.v_proj.bias")):
             rows = weight.reshape(weight.shape[0], -1)  # a bias pools as a weight of width 1
-            state[name] = pool_kv_heads(rows, src_cfg.n_kv_head, n_kv_head, cfg.head_dim,
-                                        method, generator, cfg.init_std).reshape(-1, *weight.shape[1:])
+            pooled = pool_kv_heads(rows, src_cfg.n_kv_head, n_kv_head, cfg.head_dim, method,
+                                   generator, cfg.init_std)
+            state[name] = pooled.reshape(-1, *weight.shape[1:])
         else:
             state[name] = weight.clone()
     ref = next(iter(state.values()))

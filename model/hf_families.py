@@ -37,7 +37,8 @@ def _build(source: Path | str, family: str, read: Callable[[], ModelConfig]) -> 
     try:
         return read()
     except KeyError as e:
-        raise CheckpointError(f"{source} lacks {e.args[0]!r}: not a complete {family} config") from None
+        raise CheckpointError(f"{source} lacks {e.args[0]!r}: not a complete {family} "
+                              f"config") from None
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 
@@ -164,6 +165,9 @@ def neox_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- weights
 
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # as people write it
@@ -187,13 +191,13 @@ class Family:
                 names[f"blocks.{i}.{ours}"] = self.layer.format(i=i) + theirs
         return names
 
-    def state_to_hf(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    def state_to_hf(self, state: dict[str, torch.Tensor],
+                    cfg: ModelConfig) -> dict[str, torch.Tensor]:
         state = dict(state)
-        if self.fused_qkv:
-            for name in [n for n in state if ".attn.q_proj." in n]:
-                q, k, v = (state.pop(name.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj"))
-                state[name.replace("q_proj", "qkv_proj")] = fuse_qkv(q, k, v, cfg.n_head,
-                                                                     self.fused_qkv)
+        for q_name in [n for n in state if self.fused_qkv and ".attn.q_proj." in n]:
+            q, k, v = (state.pop(q_name.replace("q_proj", p)) for p in QKV)
+            state[q_name.replace("q_proj", "qkv_proj")] = fuse_qkv(q, k, v, cfg.n_head,
+                                                                   self.fused_qkv)
         names = self.key_map(cfg)
         return {names[k]: self._maybe_t(names[k], v) for k, v in state.items()}
 
@@ -204,16 +208,16 @@ class Family:
         for name, tensor in theirs.items():
             if self.base and not name.startswith(self.base) and name not in to_ours:
                 name = self.base + name
-            if name.endswith(self.ignored) or (cfg.tie_embeddings and to_ours.get(name) == "lm_head.weight"):
+            tied_head = cfg.tie_embeddings and to_ours.get(name) == "lm_head.weight"
+            if name.endswith(self.ignored) or tied_head:
                 continue
             if name not in to_ours:
                 raise CheckpointError(f"{source}: unexpected tensor {name!r}: not a plain "
-                                  f"{self.name} model")
+                                      f"{self.name} model")
             state[to_ours[name]] = self._maybe_t(name, tensor)
-        for name in [n for n in state if ".attn.qkv_proj." in n]:
-            for part, t in zip(("q_proj", "k_proj", "v_proj"),
-                               split_qkv(state.pop(name), cfg.n_head, self.fused_qkv)):
-                state[name.replace("qkv_proj", part)] = t
+        for qkv_name in [n for n in state if ".attn.qkv_proj." in n]:
+            parts = split_qkv(state.pop(qkv_name), cfg.n_head, self.fused_qkv)
+            state.update({qkv_name.replace("qkv_proj", p): t for p, t in zip(QKV, parts)})
         return state
 
     def _maybe_t(self, their_name: str, t: torch.Tensor) -> torch.Tensor:
@@ -297,8 +301,9 @@ def family_of(cfg: ModelConfig) -> Family:
     exactly (the family's config.json must read back as the same ModelConfig)."""
     family = GPT2 if cfg.positions == "learned" else NEOX if cfg.norm == "layernorm" else LLAMA
     if family is not LLAMA and cfg.n_kv_head != cfg.n_head:
-        raise CheckpointError(f"transformers has no {family.name} class with grouped K/V heads "
-                              f"({cfg.attention_type}): use this gqalab checkpoint with generate.py")
+        raise CheckpointError(f"transformers has no {family.name} class with grouped K/V "
+                              f"heads ({cfg.attention_type}): use this gqalab checkpoint with "
+                              f"generate.py")
     try:
         back = family.config_from_hf(family.config_to_hf(cfg)).to_dict()
         diff = ", ".join(sorted(k for k, v in cfg.to_dict().items() if back[k] != v))
