@@ -21,16 +21,18 @@ from model.config import ConfigError, ModelConfig
 
 # ---------------------------------------------------------------- config.json
 
-def _rope(d: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5.x keeps RoPE settings in rope_parameters, 4.x in rope_scaling."""
-    return d.get("rope_parameters") or d.get("rope_scaling") or {}
+def _rope(d: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """RoPE settings and type: transformers 5.x keeps them in rope_parameters, 4.x in
+    rope_scaling."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    return rope, rope.get("rope_type", rope.get("type", "default"))
 
 
 def _refuse(checks: list[tuple[bool, str]], source: Path | str, family: str, what: str) -> None:
     for bad, feature in checks:
         if bad:
-            raise CheckpointError(f"{source}: {feature} is not supported: gqalab reads {family} "
-                              f"models with {what}")
+            raise CheckpointError(f"{source}: {feature} is not supported: gqalab reads "
+                                  f"{family} models with {what}")
 
 
 def _build(source: Path | str, family: str, read: Callable[[], ModelConfig]) -> ModelConfig:
@@ -45,8 +47,7 @@ def _build(source: Path | str, family: str, read: Callable[[], ModelConfig]) -> 
 
 def llama_config(d: dict[str, Any], source: Path | str = "config.json") -> ModelConfig:
     """An HF LlamaConfig dict -> ModelConfig; refuses features our model does not have."""
-    rope = _rope(d)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope, rope_type = _rope(d)
     _refuse([(d.get("hidden_act", "silu") != "silu", f"hidden_act={d.get('hidden_act')!r}"),
              (bool(d.get("attention_bias", False)), "attention_bias=true"),
              (bool(d.get("mlp_bias", False)), "mlp_bias=true"),
@@ -83,9 +84,10 @@ def llama_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-# GPT-2's activation_function and NeoX's hidden_act -> our mlp switch. gelu_new is the
+# GPT-2's activation_function and NeoX's hidden_act <-> our mlp switch. gelu_new is the
 # tanh approximation, as is gelu_pytorch_tanh.
 GELUS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+GELU_NAMES = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 
 
 def gpt2_config(d: dict[str, Any], source: Path | str = "config.json") -> ModelConfig:
@@ -107,12 +109,12 @@ def gpt2_config(d: dict[str, Any], source: Path | str = "config.json") -> ModelC
 
 
 def gpt2_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}.get(cfg.mlp, cfg.mlp)
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layer,
         "n_head": cfg.n_head, "n_inner": cfg.ffn_hidden, "n_positions": cfg.max_seq_len,
-        "activation_function": act, "layer_norm_epsilon": cfg.norm_eps,
+        "activation_function": GELU_NAMES.get(cfg.mlp, cfg.mlp),
+        "layer_norm_epsilon": cfg.norm_eps,
         "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
         "scale_attn_weights": True, "use_cache": True,
     }
@@ -121,8 +123,7 @@ def gpt2_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 def neox_config(d: dict[str, Any], source: Path | str = "config.json") -> ModelConfig:
     """NeoX's rotary settings sit in rope_parameters (transformers 5.x) or in the older
     rotary_pct / rotary_emb_base keys Pythia's own config.json files use."""
-    rope, act = _rope(d), d.get("hidden_act", "gelu")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    (rope, rope_type), act = _rope(d), d.get("hidden_act", "gelu")
     _refuse([(act not in GELUS, f"hidden_act={act!r}"),
              (rope_type != "default", f"rope scaling {rope_type!r}")],
             source, "GPT-NeoX", "GELU and default RoPE")
@@ -152,7 +153,7 @@ def neox_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "intermediate_size": cfg.ffn_hidden,
-        "hidden_act": {"gelu_tanh": "gelu_new"}.get(cfg.mlp, cfg.mlp),
+        "hidden_act": GELU_NAMES.get(cfg.mlp, cfg.mlp),
         "max_position_embeddings": cfg.max_seq_len, "layer_norm_eps": cfg.norm_eps,
         "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
         "rotary_pct": pct, "rotary_emb_base": cfg.rope_theta,  # transformers 4.x, Pythia

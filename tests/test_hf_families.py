@@ -149,3 +149,17 @@ def test_other_families_and_features_are_refused_in_one_line(tmp_path, capsys):
     (path / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
     with pytest.raises(CheckpointError, match="scale_attn_by_inverse_layer_idx=true is not supported"):
         import_hf(path)
+
+
+@pytest.mark.parametrize("switches, message", [
+    (dict(attn_bias=True), "Llama: attn_bias"),  # a Llama with biases: no HF family has it
+    (dict(norm="layernorm", positions="learned"), "activation_function='swiglu'"),  # GPT-2
+    (dict(norm="layernorm", mlp="gelu", head_dim=8), "GPT-NeoX: head_dim"),
+])
+def test_export_refuses_configs_no_family_holds_exactly(tmp_path, switches, message):
+    from model import ModelConfig, Transformer
+    model = Transformer(ModelConfig(vocab_size=VOCAB, n_layer=1, n_head=4, d_model=64,
+                                    **switches))
+    with pytest.raises(CheckpointError, match="no HF family holds this config exactly") as e:
+        export_hf(model, tmp_path / "out")
+    assert message in str(e.value) and not (tmp_path / "out").exists()
