@@ -79,6 +79,18 @@ def test_greedy_generation_equals_transformers_generate(imported):
     assert torch.equal(generate(ours, prompt, 20, SamplingConfig(temperature=0)), theirs)
 
 
+def test_generate_py_takes_the_hf_dir(imported, capsys):
+    """generate.py ckpt=<GPT-2 or NeoX dir>: no tokenizer here, so ids in and ids out."""
+    from generate import GenerateConfig, run
+    _, hf, path, _ = imported
+    prompt = TOKENS[0, :6]
+    theirs = hf.generate(prompt[None], max_new_tokens=10, do_sample=False)[0]
+    capsys.readouterr()
+    run(GenerateConfig(ckpt=str(path), prompt_ids=prompt.tolist(), temperature=0,
+                       max_new_tokens=10, device="cpu", dtype="float32"))
+    assert capsys.readouterr().out.split() == [str(i) for i in theirs.tolist()]
+
+
 def test_cached_decode_equals_the_full_forward(imported):
     ours = imported[3]
     with torch.no_grad():
