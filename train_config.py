@@ -70,6 +70,9 @@ class UptrainConfig:
     alpha: Optional[float] = None  # max_steps = round(alpha · source steps); recipe from source
     method: str = "mean"  # K/V head pooling when init_from has other n_kv_head: mean|first|random
     seed: int = 0  # for method=random
+    group: str = "contiguous"  # which heads share a pooled head: contiguous | similar (calibrated)
+    align: str = "none"  # rotate heads into a common basis before pooling: none | procrustes
+    calib_windows: int = 64  # train windows that fit group=similar / align=procrustes
 
 
 @dataclass
