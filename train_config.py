@@ -115,9 +115,11 @@ CHOICES = {
     "logger.backend": ("wandb", "none"),
     "uptrain.method": ("mean", "first", "random"),
     "compile": ("auto", "true", "false"),
+    "uptrain.group": ("contiguous", "similar"),
+    "uptrain.align": ("none", "procrustes"),
 }
 POSITIVE = ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches",
-            "keep_last")
+            "keep_last", "uptrain.calib_windows")
 
 
 def register_configs() -> None:
