@@ -229,21 +229,22 @@ def plot_conversion_methods(rows: list[dict], path: Path) -> None:
 
 def plot_alpha(rows: list[dict], path: Path, method: str = "mean") -> None:
     """Fig. 5: val loss against the uptraining fraction alpha, one line per variant
-    (method), dotted lines for the same variants trained from scratch."""
+    (method; dashed: similar+procrustes, when run), dotted lines for the same variants
+    trained from scratch; MHA and the MHA control in black."""
     conv, base = conversion_rows(rows), find(rows, method="base")
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for k, (name, g) in enumerate(variants_of(conv)):
-        points = sorted((r["alpha"], r["val_loss"]) for r in conv
-                        if r["n_kv_head"] == g and r["method"] == method)
-        line, = ax.plot(*zip(*points), marker="o", label=f"{name} ({method}, uptrained)")
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for name, g in variants_of(conv):
+        color = None
+        for m, style in ((method, "-o"), (BEST, "--s")):
+            points = sorted((r["alpha"], r["val_loss"]) for r in conv
+                            if r["n_kv_head"] == g and r["method"] == m)
+            if points:
+                line, = ax.plot(*zip(*points), style, color=color, label=f"{name} ({m}, uptrained)")
+                color = line.get_color()
         scratch = find(rows, n_kv_head=g, method="scratch")
         if scratch:
-            ax.axhline(scratch["val_loss"], color=line.get_color(), ls=":", lw=1.2,
+            ax.axhline(scratch["val_loss"], color=color, ls=":", lw=1.2,
                        label=f"{name} from scratch ({scratch['steps']} steps)")
-    for name, g in variants_of(conv) if find(conv, method=BEST) else []:
-        points = sorted((r["alpha"], r["val_loss"]) for r in conv
-                        if r["n_kv_head"] == g and r["method"] == BEST)
-        ax.plot(*zip(*points), marker="s", ls="--", label=f"{name} ({BEST}, uptrained)")
     if base:
         ax.axhline(base["val_loss"], color="k", ls="--", lw=1,
                    label=f"MHA base ({base['steps']} steps)")
@@ -255,12 +256,12 @@ def plot_alpha(rows: list[dict], path: Path, method: str = "mean") -> None:
     ax.set_ylabel("val loss (lower is better)")
     ax.set_title("Uptraining proportion (cf. Ainslie et al. 2023, Fig. 5)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, path)
 
 
 def write_report(rows: list[dict], out: Path, title: str = "", notes: list[str] = ()) -> dict:
-    """All four outputs into out; returns their paths by kind."""
+    """All five outputs into out; returns their paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "results.csv", "kv_csv": out / "kv_errors.csv", "md": out / "results.md",
              "fig4": out / "fig4_conversion_methods.png", "fig5": out / "fig5_alpha.png"}
