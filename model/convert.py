@@ -27,7 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 from model.align import (ALIGNMENTS, GROUPINGS, LayerPlan, attention_input_grams, head_rows,
                          kv_error, move_heads, plan_layer, rope_planes)
 from model.checkpoint import (TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint,
-                              model_state, read_config, read_meta, save_checkpoint)
+                              model_from_state, model_state, read_config, read_meta,
+                              save_checkpoint)
 from model.cli_args import ArgError, as_bool, as_int, parse_key_values
 from model.config import ConfigError, divisors
 from model.summary import format_summary
@@ -137,7 +138,9 @@ def aligned_attention(state: dict, layer: int, plan: LayerPlan, n_src: int) -> d
 
 def pooled_model(model: Transformer, n_kv_head: int, method: str, seed: int,
                  plans: list[LayerPlan] | None) -> Transformer:
-    return build_model(*pooled_state(model, n_kv_head, method, seed, plans), model).train(model.training)
+    cfg, state = pooled_state(model, n_kv_head, method, seed, plans)
+    # holds state's tensors themselves (built on meta): untouched ones stay shared with the source
+    return model_from_state(cfg, state, "the converted model").train(model.training)
 
 
 def pooled_state(model: Transformer, n_kv_head: int, method: str, seed: int,
@@ -161,24 +164,6 @@ def pooled_state(model: Transformer, n_kv_head: int, method: str, seed: int,
 
 
 KV_TENSORS = ("attn.k_proj.weight", "attn.v_proj.weight", "attn.k_proj.bias", "attn.v_proj.bias")
-
-
-def build_model(cfg, state: dict[str, torch.Tensor], like: Transformer) -> Transformer:
-    """cfg's model holding state's tensors themselves: built on the meta device, so no
-    throwaway init is allocated beside the source. Non-persistent buffers (the RoPE
-    tables) are shared with `like`, whose shape they depend on identically."""
-    with torch.device("meta"), torch.random.fork_rng(devices=[]):
-        new = Transformer(cfg)
-    missing, unexpected = new.load_state_dict(state, strict=False, assign=True)
-    if unexpected or set(missing) - {"lm_head.weight"}:  # only the tied head may be absent
-        raise ConvertError(f"the converted weights do not fit {cfg.attention_type}'s model "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for name, buffer in like.named_buffers():
-        if name not in state:
-            module, _, leaf = name.rpartition(".")
-            setattr(new.get_submodule(module), leaf, buffer)
-    new.tie_weights()
-    return new
 
 
 def kv_errors(model: Transformer, converted: dict[str, torch.Tensor],

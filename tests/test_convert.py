@@ -255,8 +255,7 @@ import math  # noqa: E402
 
 from model.align import LayerPlan, similar_groups, spread  # noqa: E402
 from model.checkpoint import model_state  # noqa: E402
-from model.convert import (aligned_attention, build_model, kv_errors, plan_conversion,  # noqa: E402
-                           pooled_state)
+from model.convert import aligned_attention, kv_errors, plan_conversion, pooled_state  # noqa: E402
 
 CALIB = torch.randint(0, 61, (8, 32), generator=torch.Generator().manual_seed(2))
 
