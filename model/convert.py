@@ -30,11 +30,12 @@ from model.checkpoint import (TOKENIZER, WEIGHTS, CheckpointError, load_checkpoi
                               model_from_state, model_state, read_config, read_meta,
                               save_checkpoint)
 from model.cli_args import ArgError, as_bool, as_int, parse_key_values
-from model.config import ConfigError, divisors
+from model.config import ConfigError, ModelConfig, divisors
 from model.summary import format_summary
 from model.transformer import Transformer
 
 METHODS = ("mean", "first", "random")
+KV_TENSORS = ("attn.k_proj.weight", "attn.v_proj.weight", "attn.k_proj.bias", "attn.v_proj.bias")
 TRAIN_CONFIG = "train_config.yaml"  # the resolved train config the train loop saves
 
 
@@ -144,7 +145,7 @@ def pooled_model(model: Transformer, n_kv_head: int, method: str, seed: int,
 
 
 def pooled_state(model: Transformer, n_kv_head: int, method: str, seed: int,
-                 plans: list[LayerPlan] | None) -> tuple:
+                 plans: list[LayerPlan] | None) -> tuple[ModelConfig, dict]:
     """(the target config, its state): the source's tensors, the attention ones rewritten
     per plans, then K/V pooled."""
     src_cfg = model_config(model)
@@ -161,9 +162,6 @@ def pooled_state(model: Transformer, n_kv_head: int, method: str, seed: int,
             state[name] = pool_kv_heads(tensor, src_cfg.n_kv_head, n_kv_head, cfg.head_dim,
                                         method, generator, cfg.init_std)
     return cfg, state
-
-
-KV_TENSORS = ("attn.k_proj.weight", "attn.v_proj.weight", "attn.k_proj.bias", "attn.v_proj.bias")
 
 
 def kv_errors(model: Transformer, converted: dict[str, torch.Tensor],
