@@ -165,7 +165,8 @@ def gap_table(rows: list[dict]) -> list[str]:
 def kv_error_table(rows: list[dict]) -> list[str]:
     """Per conversion and layer, the held-out K/V reconstruction error (what grouping and
     alignment minimise) beside the converted model's val loss."""
-    measured = [r for r in conversion_rows(rows) if r.get("kv_layers")]
+    measured = [r for name, g in variants_of(conversion_rows(rows)) for m in METHOD_ORDER
+                for r in [find(rows, n_kv_head=g, method=m, alpha=0.0)] if r and r.get("kv_layers")]
     if not measured:
         return []
     n_layers = len(measured[0]["kv_layers"])
