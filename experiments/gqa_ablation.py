@@ -11,8 +11,9 @@
    of each layer on as many val windows comes with each conversion;
 3. val loss at alpha = 0, then uptrain each conversion with train.py for alpha x
    base_steps (uptrain.alpha) and measure again;
-4. the fair control: the MHA base itself trained on for the same alpha x base_steps
-   (`continued`), since at this scale the base is far from converged;
+4. the fair control: the MHA base itself trained on for the same alpha x base_steps with
+   the same recipe (`continued`), as the base is far from converged at this scale: an
+   uptrained model is compared with what MHA itself gets from those steps;
 5. train scratch_kv_heads from scratch for base_steps, as the reference;
 6. KV-cache bytes per token and decode tokens/s at batch 8 with a long context.
 
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 from experiments.report import CONVERSIONS, variant_name, write_atomic, write_report
 from model.checkpoint import CheckpointError, load_checkpoint, read_meta
-from model.convert import ConvertError, check_target, convert_checkpoint, token_windows
+from model.convert import METHODS, ConvertError, check_target, convert_checkpoint, token_windows
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, stream
 from model.transformer import Transformer
@@ -218,7 +219,7 @@ def conversion_options(name: str) -> dict:
     """A methods entry -> convert_checkpoint's options: "first", "similar+procrustes", ...
     (method mean unless named; "similar" chooses the groups, "procrustes" aligns)."""
     parts = name.split("+")
-    return {"method": next((p for p in parts if p in ("mean", "first", "random")), "mean"),
+    return {"method": next((p for p in parts if p in METHODS), "mean"),
             "group": "similar" if "similar" in parts else "contiguous",
             "align": "procrustes" if "procrustes" in parts else "none"}
 
