@@ -293,15 +293,20 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
                          f"{vocab_size}: use the source's data config")
     model, n_kv = ckpt.model, cfg.attention.n_kv_head or ckpt.config.n_head
     if n_kv != ckpt.config.n_kv_head:
-        from model.convert import ConvertError, convert_model
+        from model.convert import ConvertError, convert_model, needs_calibration, token_windows
+        up = cfg.uptrain
         try:
-            model = convert_model(model, n_kv, cfg.uptrain.method, cfg.uptrain.seed)
+            calib = (token_windows(cfg.data, "train", ckpt.config.max_seq_len, up.calib_windows,
+                                   vocab_size) if needs_calibration(up.group, up.align) else None)
+            model = convert_model(model, n_kv, up.method, up.seed, up.group, up.align, calib)
         except ConvertError as e:
             raise TrainError(str(e)) from None
     meta = read_meta(source)
     provenance = {"init_from": str(source.resolve()), "source_n_kv_head": ckpt.config.n_kv_head,
                   "source_step": meta.get("source_step", meta.get("step")),
-                  "uptrain_alpha": cfg.uptrain.alpha, "uptrain_method": cfg.uptrain.method}
+                  "uptrain_alpha": cfg.uptrain.alpha, "uptrain_method": cfg.uptrain.method,
+                  "uptrain_group": cfg.uptrain.group, "uptrain_align": cfg.uptrain.align,
+                  "uptrain_calib_windows": cfg.uptrain.calib_windows}
     if "converted_from" in meta:  # written by model.convert
         provenance["converted_from"] = meta["converted_from"]
     return model.train(), provenance

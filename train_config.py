@@ -77,6 +77,9 @@ class UptrainConfig:
     alpha: Optional[float] = None  # max_steps = round(alpha · source steps); recipe from source
     method: str = "mean"  # K/V head pooling when init_from has other n_kv_head: mean|first|random
     seed: int = 0  # for method=random
+    group: str = "contiguous"  # which heads share a pooled head: contiguous | similar (calibrated)
+    align: str = "none"  # rotate heads into a common basis before pooling: none | procrustes
+    calib_windows: int = 64  # train windows that fit group=similar / align=procrustes
 
 
 @dataclass
@@ -119,9 +122,11 @@ CHOICES = {
     "logger.backend": ("wandb", "none"),
     "uptrain.method": ("mean", "first", "random"),
     "compile": ("auto", "true", "false"),
+    "uptrain.group": ("contiguous", "similar"),
+    "uptrain.align": ("none", "procrustes"),
 }
 POSITIVE = ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches",
-            "keep_last")
+            "keep_last", "uptrain.calib_windows")
 
 
 def register_configs() -> None:

@@ -5,16 +5,22 @@
     python -m experiments.gqa_ablation preset=default base_steps=1000 alphas=[0.05]
 
 1. train an MHA model (n_head = 8) for base_steps with train.py;
-2. convert it to each of kv_heads with each of methods (model.convert);
+2. convert it to each of kv_heads with each of methods (model.convert): the paper's mean,
+   first and random, and mean pooling after choosing (`similar`) and/or aligning
+   (`procrustes`) the heads on calib_windows train windows; the K/V reconstruction error
+   of each layer on as many val windows comes with each conversion;
 3. val loss at alpha = 0, then uptrain each conversion with train.py for alpha x
    base_steps (uptrain.alpha) and measure again;
-4. train scratch_kv_heads from scratch for base_steps, as the reference;
-5. KV-cache bytes per token and decode tokens/s at batch 8 with a long context.
+4. the fair control: the MHA base itself trained on for the same alpha x base_steps with
+   the same recipe (`continued`), as the base is far from converged at this scale: an
+   uptrained model is compared with what MHA itself gets from those steps;
+5. train scratch_kv_heads from scratch for base_steps, as the reference;
+6. KV-cache bytes per token and decode tokens/s at batch 8 with a long context.
 
 Training runs are train.py subprocesses (the Accelerator is process-wide state); each
 run lives under <out>/runs/ and is reused when rerun with the same command, so an
 interrupted or extended experiment never retrains the MHA base. Outputs in <out>:
-results.csv, results.md, fig4_conversion_methods.png, fig5_alpha.png.
+results.csv, kv_errors.csv, results.md, fig4_conversion_methods.png, fig5_alpha.png.
 """
 from __future__ import annotations
 
@@ -34,9 +40,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from experiments.report import variant_name, write_atomic, write_report
-from model.checkpoint import CheckpointError, load_checkpoint
-from model.convert import METHODS, ConvertError, check_target, convert_checkpoint
+from experiments.report import CONVERSIONS, variant_name, write_atomic, write_report
+from model.checkpoint import CheckpointError, load_checkpoint, read_meta
+from model.convert import METHODS, ConvertError, check_target, convert_checkpoint, token_windows
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, stream
 from model.transformer import Transformer
@@ -74,7 +80,9 @@ class Settings:
     n_head: int = 8
     base_steps: int = 100
     kv_heads: list[int] = field(default_factory=lambda: [4, 2, 1])
-    methods: list[str] = field(default_factory=lambda: ["mean", "first", "random"])
+    methods: list[str] = field(default_factory=lambda: ["mean", "first", "random"])  # CONVERSIONS
+    calib_windows: int = 64  # train windows for similar/procrustes; as many val windows for K/V error
+    mha_control: bool = True  # the MHA base trained on for alpha x base_steps
     alphas: list[float] = field(default_factory=lambda: [0.05, 0.1])
     scratch_kv_heads: list[int] = field(default_factory=lambda: [2, 1])
     train_args: list[str] = field(default_factory=list)
@@ -110,8 +118,10 @@ def check_settings(cfg: DictConfig) -> None:
         except ConvertError as e:
             raise ExperimentError(f"kv_heads/scratch_kv_heads: {e}") from None
     for method in cfg.methods:
-        if method not in METHODS:
-            raise ExperimentError(f"methods: unknown {method!r}, use some of {list(METHODS)}")
+        if method not in CONVERSIONS:
+            raise ExperimentError(f"methods: unknown {method!r}, use some of {list(CONVERSIONS)}")
+    if cfg.calib_windows <= 0:
+        raise ExperimentError("calib_windows must be a positive integer")
     for alpha in cfg.alphas:
         if not 0 < alpha <= 1:
             raise ExperimentError(f"alphas must lie in (0, 1], got {alpha} (0 is always measured)")
@@ -172,16 +182,7 @@ def final_checkpoint(run_dir: Path) -> Path:
 def val_windows(data_cfg: dict, seq_len: int, n_windows: int) -> torch.Tensor:
     """The same n_windows evenly spaced (seq_len + 1)-token windows of the val split for
     every model, so losses differ only by the model."""
-    from data.prepare import prepare_data  # the data stack is only needed here
-    import numpy as np
-
-    prepared = prepare_data(data_cfg, progress=False)
-    tokens = np.memmap(prepared.val_bin, dtype=prepared.dtype, mode="r")
-    if len(tokens) < seq_len + 1:
-        raise ExperimentError(f"val split has {len(tokens)} tokens, fewer than one window "
-                              f"of {seq_len + 1}: use more data or a larger val_fraction")
-    starts = np.linspace(0, len(tokens) - seq_len - 1, n_windows).astype(np.int64)
-    return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+    return token_windows(data_cfg, "val", seq_len + 1, n_windows)
 
 
 @torch.no_grad()
@@ -214,12 +215,22 @@ def decode_tok_s(model: Transformer, batch_size: int, context: int, new_tokens: 
 
 # ---- the experiment ---------------------------------------------------------------------
 
+def conversion_options(name: str) -> dict:
+    """A methods entry -> convert_checkpoint's options: "first", "similar+procrustes", ...
+    (method mean unless named; "similar" chooses the groups, "procrustes" aligns)."""
+    parts = name.split("+")
+    return {"method": next((p for p in parts if p in METHODS), "mean"),
+            "group": "similar" if "similar" in parts else "contiguous",
+            "align": "procrustes" if "procrustes" in parts else "none"}
+
+
 def run(cfg: DictConfig, out: Path) -> dict:
     started = time.perf_counter()
     runs, converted = out / "runs", out / "converted"
     common = list(cfg.train_args)
     alphas = list(cfg.alphas)
-    jobs = (1 + len(cfg.kv_heads) * len(cfg.methods) * len(alphas) + len(cfg.scratch_kv_heads))
+    jobs = (1 + len(cfg.kv_heads) * len(cfg.methods) * len(alphas) + len(cfg.scratch_kv_heads)
+            + len(alphas) * cfg.mha_control)
     bar = tqdm(total=jobs, desc="training runs", unit="run")
 
     def step(label: str, name: str, args: list[str]) -> tuple[Path, float]:
@@ -239,23 +250,29 @@ def run(cfg: DictConfig, out: Path) -> dict:
     dc = cfg.decode
     speed: dict[int, float] = {}
 
-    def row(model: Transformer, method: str, alpha, steps: int, seconds: float) -> dict:
+    def row(model: Transformer, method: str, alpha, steps: int, seconds: float,
+            kv_layers: list[dict] | None = None) -> dict:
         g = model.config.n_kv_head
         if g not in speed:  # speed depends on the shape only: once per variant
             speed[g] = decode_tok_s(model, dc.batch_size, dc.context, dc.new_tokens, dc.repeats)
+        mean_err = lambda key: round(sum(e[key] for e in kv_layers) / len(kv_layers), 4)
         return {"variant": variant_name(g, model.config.n_head), "n_kv_head": g,
                 "method": method, "alpha": alpha, "steps": steps,
                 "val_loss": round(val_loss(model, windows, cfg.eval.batch_size), 4),
                 "kv_bytes_per_token": kv_bytes_per_token(model.config),
-                "decode_tok_s": round(speed[g], 1), "train_s": round(seconds, 1)}
+                "decode_tok_s": round(speed[g], 1), "train_s": round(seconds, 1),
+                "k_error": mean_err("k") if kv_layers else None,
+                "v_error": mean_err("v") if kv_layers else None, "kv_layers": kv_layers}
 
     rows = [row(base.model, "base", None, cfg.base_steps, base_s)]
     for g in cfg.kv_heads:
         for method in cfg.methods:
             ckpt = converted / f"gqa{g}-{method}"
-            if not ckpt.is_dir():  # conversion is deterministic (seed fixed)
-                convert_checkpoint(base_ckpt, ckpt, g, method, seed=cfg.seed)
-            rows.append(row(load_checkpoint(ckpt).model, method, 0.0, 0, 0.0))
+            if not ckpt.is_dir():  # conversion is deterministic (seed and windows fixed)
+                convert_checkpoint(base_ckpt, ckpt, g, seed=cfg.seed,
+                                   calib_windows=cfg.calib_windows, **conversion_options(method))
+            errors = read_meta(ckpt).get("kv_error", {}).get("layers")
+            rows.append(row(load_checkpoint(ckpt).model, method, 0.0, 0, 0.0, errors))
             for alpha in alphas:
                 up_ckpt, up_s = step(f"{variant_name(g, cfg.n_head)} {method} α={alpha:g}",
                                      f"gqa{g}-{method}-a{alpha:g}",
@@ -263,6 +280,11 @@ def run(cfg: DictConfig, out: Path) -> dict:
                                       f"uptrain.alpha={alpha}"])
                 up = load_checkpoint(up_ckpt)
                 rows.append(row(up.model, method, alpha, up.meta.get("step", -1), up_s))
+    for alpha in alphas if cfg.mha_control else []:
+        ckpt, seconds = step(f"MHA trained on α={alpha:g}", f"mha-continued-a{alpha:g}",
+                             [*common, f"init_from={base_ckpt}", f"uptrain.alpha={alpha}"])
+        up = load_checkpoint(ckpt)
+        rows.append(row(up.model, "continued", alpha, up.meta.get("step", -1), seconds))
     for g in cfg.scratch_kv_heads:
         ckpt, seconds = step(f"{variant_name(g, cfg.n_head)} scratch", f"scratch-gqa{g}",
                              [*common, f"attention.n_kv_head={g}", f"max_steps={cfg.base_steps}"])
@@ -275,8 +297,11 @@ def run(cfg: DictConfig, out: Path) -> dict:
              f"{base.config.vocab_size}, context {base.config.max_seq_len}; train args "
              f"`{' '.join(common)}`.  ",
              f"Val loss over {cfg.eval.windows} fixed windows of {base.config.max_seq_len} "
-             f"tokens. Decode: batch {dc.batch_size}, {dc.new_tokens} new tokens after a "
-             f"{dc.context}-token context, fp32, best of {dc.repeats}.  ",
+             f"tokens. Grouping (`similar`) and alignment (`procrustes`) are fitted on "
+             f"{cfg.calib_windows} train windows; K/V errors are measured on "
+             f"{cfg.calib_windows} val windows. Decode: batch {dc.batch_size}, "
+             f"{dc.new_tokens} new tokens after a {dc.context}-token context, fp32, best of "
+             f"{dc.repeats}.  ",
              f"Wall time {minutes:.1f} min on {torch.get_num_threads()} threads "
              f"(training runs reused from earlier invocations count as 0)."]
     return write_report(rows, out, f"GQA uptraining ablation ({cfg.preset})", notes)

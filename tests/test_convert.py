@@ -1,5 +1,6 @@
 """K/V head pooling (Ainslie et al. 2023 §2.1) against independent per-head loops, the
 invariants that pin it down, and the convert command's refusals."""
+import copy
 import hashlib
 import json
 import subprocess
@@ -80,18 +81,18 @@ def test_pool_kv_heads_rejects_unknown_method():
 
 
 @pytest.mark.parametrize("method", ["mean", "first", "random"])
-def test_everything_but_k_and_v_is_copied_and_the_source_is_untouched(method):
+def test_everything_but_k_and_v_is_shared_not_copied_and_the_source_is_untouched(method):
     src = tiny_model()
     before = {k: v.clone() for k, v in src.state_dict().items()}
     dst = convert_model(src, 2, method)
+    src_state = src.state_dict()
     for name, value in dst.state_dict().items():
-        if ".k_proj." not in name and ".v_proj." not in name:
-            assert torch.equal(value, before[name]), name
-    with torch.no_grad():  # the copy shares no storage with the source
-        dst.blocks[0].attn.q_proj.weight.add_(1.0)
+        if ".k_proj." not in name and ".v_proj." not in name:  # the same storage: no copy
+            assert value.data_ptr() == src_state[name].data_ptr(), name
     for name, value in src.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert dst.lm_head.weight is dst.embed.weight  # still tied
+    assert not any(t.is_meta for t in [*dst.parameters(), *dst.buffers()])
 
 
 @pytest.mark.parametrize("method", ["mean", "first"])
@@ -185,7 +186,9 @@ def test_convert_checkpoint_writes_model_tokenizer_config_and_provenance(source_
     meta = json.loads((out / "meta.json").read_text())
     sha = hashlib.sha256((source_ckpt / "model.safetensors").read_bytes()).hexdigest()
     assert meta["converted_from"] == {"path": str(source_ckpt.resolve()), "weights_sha256": sha,
-                                      "method": "mean", "source_n_kv_head": N_HEAD, "seed": 3}
+                                      "method": "mean", "group": "contiguous", "align": "none",
+                                      "calib_windows": 0, "source_n_kv_head": N_HEAD, "seed": 3}
+    assert "kv_error" not in meta  # no data config: nothing to measure on
     assert meta["source_step"] == 120 and meta["max_steps"] == 120
     # a converted checkpoint converts again and keeps the original step count
     again = convert_checkpoint(out, tmp_path / "mqa", 1, "first")
@@ -244,3 +247,206 @@ def test_command_line_module_converts(source_ckpt, tmp_path):
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr
     assert "MQA" in run.stdout and load_checkpoint(out).config.n_kv_head == 1
+
+
+# ---- grouping and alignment (model/align.py) --------------------------------------------
+
+import math  # noqa: E402
+
+from model.align import LayerPlan, similar_groups, spread  # noqa: E402
+from model.checkpoint import model_state  # noqa: E402
+from model.convert import aligned_attention, kv_errors, plan_conversion, pooled_state  # noqa: E402
+
+CALIB = torch.randint(0, 61, (8, 32), generator=torch.Generator().manual_seed(2))
+
+
+def random_plan(S, gen, rotate=True, permute=True):
+    """A random permutation, random orthogonal V maps and random 2x2 rotations in each RoPE
+    plane (dims i, i + hd/2) for K, built here independently of model/align.py."""
+    order = torch.randperm(S, generator=gen) if permute else torch.arange(S)
+    if not rotate:
+        return LayerPlan(order)
+    v = torch.linalg.qr(torch.randn(S, HD, HD, generator=gen, dtype=torch.float64))[0].float()
+    v[:, 0] *= torch.randn(S, 1, generator=gen).sign()  # reflections too: V has no RoPE
+    angle = torch.rand(S, HD // 2, generator=gen) * 2 * math.pi
+    i = torch.arange(HD // 2)
+    k = torch.zeros(S, HD, HD)
+    k[:, i, i], k[:, i + HD // 2, i + HD // 2] = angle.cos(), angle.cos()
+    k[:, i, i + HD // 2], k[:, i + HD // 2, i] = -angle.sin(), angle.sin()
+    return LayerPlan(order, k, v)
+
+
+def add_bias(model, gen):
+    """Give every Q/K/V projection a random bias (GPT-2 and NeoX have them)."""
+    for block in model.blocks:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            old = getattr(block.attn, name)
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+            with torch.no_grad():
+                new.weight.copy_(old.weight)
+                new.bias.copy_(torch.randn(old.out_features, generator=gen) * 0.3)
+            setattr(block.attn, name, new)
+    return model
+
+
+def rewritten(model, plans):
+    """A copy of model holding its attention tensors rewritten by plans (no pooling)."""
+    state = model_state(model)
+    for layer, plan in enumerate(plans):
+        state.update(aligned_attention(state, layer, plan, model.config.n_kv_head))
+    new = copy.deepcopy(model)
+    new.load_state_dict(state, strict=False)
+    return new
+
+
+@pytest.mark.parametrize("n_kv_head", [8, 4])  # GQA source: query heads move in groups
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rotate, permute", [(False, True), (True, False), (True, True)])
+def test_permuting_and_rotating_heads_keeps_the_logits(n_kv_head, bias, rotate, permute):
+    gen = torch.Generator().manual_seed(7)
+    src = tiny_model(n_kv_head)
+    if bias:
+        add_bias(src, gen)
+    plans = [random_plan(n_kv_head, gen, rotate, permute) for _ in src.blocks]
+    new = rewritten(src, plans)
+    torch.testing.assert_close(logits(new), logits(src), atol=1e-5, rtol=1e-5)
+    moved = new.blocks[0].attn.k_proj.weight.view(n_kv_head, HD, -1)
+    assert not torch.allclose(moved, src.blocks[0].attn.k_proj.weight.view(n_kv_head, HD, -1))
+
+
+def test_fitted_grouping_and_rotations_keep_the_logits_before_pooling():
+    src = add_bias(tiny_model(), torch.Generator().manual_seed(3))
+    plans = plan_conversion(src, 2, "similar", "procrustes", CALIB)
+    for plan in plans:  # proper rotations: orthogonal with det +1 for K, orthogonal for V
+        eye = torch.eye(HD).expand(N_HEAD, HD, HD)
+        torch.testing.assert_close(plan.k_rot @ plan.k_rot.transpose(1, 2), eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(plan.v_rot @ plan.v_rot.transpose(1, 2), eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.linalg.det(plan.k_rot), torch.ones(N_HEAD))
+    torch.testing.assert_close(logits(rewritten(src, plans)), logits(src), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("G", [4, 2, 1])
+def test_contiguous_unaligned_is_todays_mean_bit_for_bit(G):
+    src = tiny_model()
+    explicit = convert_model(src, G, "mean", group="contiguous", align="none", calib=CALIB)
+    for (k, v), (ek, ev) in zip(kv_weights(convert_model(src, G, "mean")), kv_weights(explicit)):
+        assert torch.equal(k, ek) and torch.equal(v, ev)
+    k = src.blocks[0].attn.k_proj.weight  # and today's formula: the fp32 mean of each group
+    expected = torch.stack([head(k, h) for h in range(N_HEAD) if h // (N_HEAD // G) == 0]).mean(0)
+    assert torch.equal(head(explicit.blocks[0].attn.k_proj.weight, 0), expected)
+
+
+def planted(G, bias=False):
+    """(an MHA model whose 8 KV heads are rotated copies, in shuffled order, of the G KV
+    heads of a GQA model; that GQA model). Rotated copies with Q and O counter-rotated
+    compute the GQA model's function exactly (asserted)."""
+    gen = torch.Generator().manual_seed(11)
+    base = tiny_model(G, seed=4)
+    if bias:
+        add_bias(base, gen)
+    mha = add_bias(tiny_model(N_HEAD), gen) if bias else tiny_model(N_HEAD)
+    state = model_state(base)
+    for name in list(state):  # repeat each KV head for its query heads: MHA == GQA
+        if ".k_proj." in name or ".v_proj." in name:
+            heads = state[name].unflatten(0, (G, HD))  # (G, hd, ...)
+            state[name] = heads.repeat_interleave(N_HEAD // G, dim=0).flatten(0, 1)
+    for layer in range(len(base.blocks)):
+        state.update(aligned_attention(state, layer, random_plan(N_HEAD, gen), N_HEAD))
+    mha.load_state_dict(state, strict=False)
+    torch.testing.assert_close(logits(mha), logits(base), atol=1e-5, rtol=1e-5)
+    return mha, base
+
+
+@pytest.mark.parametrize("G", [4, 2, 1])
+def test_planted_rotated_copies_convert_without_loss_only_when_grouped_and_aligned(G):
+    mha, base = planted(G)
+    best = convert_model(mha, G, "mean", group="similar", align="procrustes", calib=CALIB)
+    torch.testing.assert_close(logits(best), logits(base), atol=1e-5, rtol=1e-5)
+    errors = kv_errors(mha, model_state(best),
+                       plan_conversion(mha, G, "similar", "procrustes", CALIB), CALIB)
+    assert all(e["k"] < 1e-6 and e["v"] < 1e-6 for e in errors)
+    plain = convert_model(mha, G, "mean")
+    assert (logits(plain) - logits(base)).abs().mean() > 0.1  # a clear loss
+    assert all(e["k"] > 0.05 and e["v"] > 0.05 for e in kv_errors(mha, model_state(plain), None, CALIB))
+
+
+def test_planted_copies_with_kv_biases_convert_without_loss():
+    G = 2
+    mha, base = planted(G, bias=True)
+    cfg, state = pooled_state(mha, G, "mean", 0,
+                              plan_conversion(mha, G, "similar", "procrustes", CALIB))
+    assert cfg.n_kv_head == G and state["blocks.0.attn.k_proj.bias"].shape == (G * HD,)
+    gqa = copy.deepcopy(base)
+    gqa.load_state_dict(state, strict=False)
+    torch.testing.assert_close(logits(gqa), logits(base), atol=1e-5, rtol=1e-5)
+
+
+def test_kv_error_matches_activations_computed_directly():
+    src = add_bias(tiny_model(), torch.Generator().manual_seed(5))
+    _, dst = pooled_state(src, 2, "mean", 0, None)
+    inputs = []  # the attention input of layer 1, collected independently of the gram path
+    hook = src.blocks[1].attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    with torch.no_grad():
+        src(CALIB)
+    hook.remove()
+    x = torch.cat(inputs).flatten(0, 1)  # (N, d)
+    err = kv_errors(src, dst, None, CALIB)[1]
+    assert torch.equal(dst["blocks.1.attn.k_proj.bias"],
+                       src.blocks[1].attn.k_proj.bias.detach().view(2, 4, HD).mean(1).flatten())
+    for proj in ("k_proj", "v_proj"):
+        a = getattr(src.blocks[1].attn, proj)(x).view(-1, N_HEAD, HD)  # (N, S, hd)
+        w = getattr(src.blocks[1].attn, proj).weight.view(2, 4, HD, -1).mean(1).flatten(0, 1)
+        b = getattr(src.blocks[1].attn, proj).bias.view(2, 4, HD).mean(1).flatten()
+        pooled = (x @ w.T + b).view(-1, 2, 1, HD).expand(-1, 2, 4, HD).reshape(-1, N_HEAD, HD)
+        expected = ((a - pooled) ** 2).sum() / (a ** 2).sum()
+        assert err[proj[0]] == pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_similar_groups_finds_planted_groups_and_never_loses_to_contiguous():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([2, 0, 1, 0, 2, 1, 0, 1, 2])  # 3 groups of 3, scattered
+    points = torch.randn(3, 4, generator=gen)[labels] + 1e-3 * torch.randn(9, 4, generator=gen)
+    d = torch.cdist(points, points) ** 2
+    found = similar_groups(d, 3)
+    assert sorted(map(sorted, found)) == sorted(
+        sorted(torch.nonzero(labels == c).flatten().tolist()) for c in range(3))
+    for seed in range(5):
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(seed))
+        d = torch.cdist(x, x) ** 2
+        for G in (4, 2):
+            groups = similar_groups(d, G)
+            assert sorted(h for g in groups for h in g) == list(range(8))
+            assert all(len(g) == 8 // G for g in groups)
+            contiguous = [list(range(g * 8 // G, (g + 1) * 8 // G)) for g in range(G)]
+            assert spread(d, groups) <= spread(d, contiguous) + 1e-9
+
+
+def test_bf16_source_stays_bf16_and_converts_like_fp32():
+    src = tiny_model()
+    fp32 = convert_model(src, 2, "mean", group="similar", align="procrustes", calib=CALIB)
+    bf16 = convert_model(copy.deepcopy(src).to(torch.bfloat16), 2, "mean", group="similar",
+                         align="procrustes", calib=CALIB)
+    assert {t.dtype for t in bf16.state_dict().values()} == {torch.bfloat16}
+    assert (logits(bf16).float() - logits(fp32)).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"group": "similar"}, "fit on calibration data"),
+    ({"align": "procrustes"}, "fit on calibration data"),
+    ({"group": "kmeans"}, "unknown group 'kmeans'"),
+    ({"align": "svd"}, "unknown align 'svd'"),
+    ({"method": "random", "group": "similar", "calib": CALIB}, "method=random keeps nothing"),
+])
+def test_bad_grouping_options_are_refused(kwargs, message):
+    with pytest.raises(ConvertError, match=message):
+        convert_model(tiny_model(), 2, **kwargs)
+
+
+def test_cli_refuses_calibrated_options_without_data(source_ckpt, tmp_path, capsys):
+    code, err = run_main([f"ckpt={source_ckpt}", "n_kv_head=2", "group=similar",
+                          f"out={tmp_path / 'new'}"], capsys)
+    assert code == 2 and "fit on calibration data" in err and "data.*" in err
+    assert not (tmp_path / "new").exists()
+    code, err = run_main([f"ckpt={source_ckpt}", "n_kv_head=2", "data.vocab_sise=3",
+                          f"out={tmp_path / 'new'}"], capsys)
+    assert code == 2 and "bad data setting" in err and "vocab_sise" in err

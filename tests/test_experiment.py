@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.report import read_csv
-from model.checkpoint import read_meta
+from model.checkpoint import load_checkpoint, read_meta
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -44,8 +44,10 @@ def test_every_variant_method_and_alpha_has_a_row(quick):
         if g not in s.kv_heads:
             want = {("scratch", None)}
         assert got == want, g
+    control = {(r["method"], r["alpha"]) for r in rows if r["n_kv_head"] == s.n_head}
+    assert control == {("base", None)} | {("continued", a) for a in s.alphas}
     assert len(rows) == (1 + len(s.kv_heads) * len(s.methods) * (1 + len(s.alphas))
-                         + len(s.scratch_kv_heads))
+                         + len(s.scratch_kv_heads) + len(s.alphas))
 
 
 def test_rows_agree_with_the_runs_they_came_from(quick):
@@ -60,6 +62,20 @@ def test_rows_agree_with_the_runs_they_came_from(quick):
         meta = read_meta(done)
         assert meta["step"] == round(meta["uptrain_alpha"] * s.base_steps)
         assert meta["converted_from"]["method"] in s.methods
+    for converted in (out / "converted").iterdir():  # options and K/V errors travel in meta
+        meta, name = read_meta(converted), converted.name.split("-", 1)[1]
+        options = meta["converted_from"]
+        assert (options["group"] == "similar") == ("similar" in name)
+        assert (options["align"] == "procrustes") == ("procrustes" in name)
+        layers = meta["kv_error"]["layers"]
+        assert len(layers) == 2 and all(0 <= e["k"] and 0 <= e["v"] for e in layers)
+        row = next(r for r in rows if r["method"] == name and r["alpha"] == 0
+                   and converted.name.startswith(f"gqa{r['n_kv_head']}-"))
+        assert row["k_error"] == pytest.approx(sum(e["k"] for e in layers) / 2, abs=1e-4)
+    for done in (out / "runs").glob("mha-continued-*/checkpoints/latest"):  # the control
+        meta = read_meta(done)
+        assert meta["step"] == round(meta["uptrain_alpha"] * s.base_steps)
+        assert load_checkpoint(done).config.n_kv_head == s.n_head
 
 
 def test_uptraining_lowers_the_converted_models_val_loss(quick):

@@ -315,3 +315,27 @@ def test_uptrain_needs_source_steps(base, tmp_path):
     bare = save_checkpoint(tmp_path / "bare", model, meta={})
     with pytest.raises(train_mod.TrainError, match="records no training step"):
         run([*base, f"run_dir={tmp_path / 'r'}", f"init_from={bare}", "uptrain.alpha=0.05"])
+
+
+def test_uptrain_converts_on_load_with_grouping_and_alignment(base, trained, tmp_path):
+    from model.convert import convert_model, token_windows
+
+    source, overrides = trained
+    args = [*base, f"init_from={source.checkpoint}", "attention=gqa", "uptrain.group=similar",
+            "uptrain.align=procrustes", "uptrain.calib_windows=4"]
+    with pytest.raises(ValueError, match="uptrain.group='kmeans' is not one of"):
+        run([*args, f"run_dir={tmp_path / 'bad'}", "uptrain.group=kmeans", "max_steps=1"])
+    cfg = train_mod.uptrain_config(compose_cfg([*args, f"run_dir={tmp_path / 'x'}"]),
+                                   source.checkpoint, args)
+    model, provenance = train_mod.init_model(cfg, load_checkpoint(source.checkpoint).config.vocab_size)
+    src = load_checkpoint(source.checkpoint).model  # the same conversion as model.convert's
+    calib = token_windows(cfg.data, "train", src.config.max_seq_len, 4)
+    expected = convert_model(src, 2, "mean", 0, "similar", "procrustes", calib)
+    for a, b in zip(model.state_dict().values(), expected.state_dict().values()):
+        assert torch.equal(a, b)
+    assert (provenance["uptrain_group"], provenance["uptrain_align"],
+            provenance["uptrain_calib_windows"]) == ("similar", "procrustes", 4)
+    result = run([*args, f"run_dir={tmp_path / 'up'}", "uptrain.alpha=0.05"])
+    meta = read_meta(result.checkpoint)
+    assert meta["uptrain_group"] == "similar" and meta["uptrain_align"] == "procrustes"
+    assert load_checkpoint(result.checkpoint).config.n_kv_head == 2
