@@ -38,6 +38,9 @@ class DataConfig:
     max_tokens: Optional[int] = None  # whole documents are kept until this many tokens
 
     # tokenizer and split
+    # an existing tokenizer to encode with (tokenizer.model | tokenizer.json | checkpoint or
+    # HF dir); null = train gqalab's BPE on the train split, of vocab_size pieces
+    tokenizer: Optional[str] = None
     vocab_size: int = 0  # 0 = auto, suited to the corpus size (4096 for pystdlib)
     val_fraction: float = 0.05
     seed: int = 0  # salts the document-id hash that assigns train/val

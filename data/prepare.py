@@ -3,15 +3,23 @@
     python -m data.prepare                                  # pystdlib
     python -m data.prepare data=text_files data.files='[notes/*.md]'
     python -m data.prepare data=hub data.hub_name=roneneldan/TinyStories
+    python -m data.prepare data=text_files data.files='[corpus/*.txt]' data.tokenizer=<HF dir>
 
 Output, in <cache_dir>/<source>-<key>/:
-    tokenizer.model   sentencepiece BPE, trained on the train split only
-    train.bin         train documents' tokens, each followed by EOS, flat uint16/uint32
+    tokenizer.model   sentencepiece BPE, trained on the train split only; or, with
+                      data.tokenizer=<tokenizer.model | tokenizer.json | checkpoint or HF
+                      dir>, a copy of that tokenizer's files (nothing is trained)
+    train.bin         train documents' tokens, flat uint16 (uint32 above 65,536 ids)
     val.bin           the same for val documents
     meta.json         source, content hash, tokenizer hash, counts, dtype, ...
 
+Each document is framed as the tokenizer's models were trained: BOS first when the
+tokenizer adds one (add_bos: Llama's add_bos_token), then its tokens, then EOS. gqalab's
+own tokenizers and GPT-2-style ones add no BOS: documents are only separated by EOS.
+
 The key hashes the source's content hash and every setting that changes the
-output; a second prepare with the same key finds meta.json and does nothing.
+output (a given tokenizer by its bytes and special ids, not its path); a second
+prepare with the same key finds meta.json and does nothing.
 Everything is built in a temporary folder renamed into place when complete, so
 an error or Ctrl-C never leaves partial bins behind.
 """
@@ -37,7 +45,8 @@ from tqdm import tqdm
 import cli
 from data.config import DataConfig, DataError
 from data.sources import Source, hf_cache_dir, open_source, text_bytes
-from data.tokenizer import MAX_SENTENCE_BYTES, TRAINER_OPTIONS, Tokenizer, train_tokenizer
+from data.tokenizer import (TRAINER_OPTIONS, Tokenizer, copy_tokenizer, load_tokenizer,
+                            tokenizer_files, train_tokenizer)
 
 FORMAT_VERSION = 1
 MAX_TOKENIZER_TRAIN_BYTES = 64 * 2**20  # the tokenizer learns from the first 64 MiB of train
@@ -49,7 +58,7 @@ class PreparedData:
     dir: Path
     train_bin: Path
     val_bin: Path
-    tokenizer_path: Path  # tokenizer.model; copy it next to every checkpoint
+    tokenizer_path: Path  # tokenizer.model or tokenizer.json
     meta: dict
     dtype: type  # np.uint16 or np.uint32
     vocab_size: int  # the tokenizer's real size (auto or tiny corpora may differ from the request)
@@ -57,7 +66,12 @@ class PreparedData:
     cached: bool = False
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.load(self.tokenizer_path)
+        return load_tokenizer(self.dir)
+
+    @property
+    def tokenizer_files(self) -> dict:
+        """{name: path} of the tokenizer's files: copy them next to every checkpoint."""
+        return tokenizer_files(self.dir)
 
 
 def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
@@ -67,8 +81,9 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
     cfg = as_data_config(cfg)
     check_settings(cfg)
     started = time.time()
+    given = given_tokenizer(cfg)
     source = open_source(cfg)
-    key = cache_key(cfg, source.content_hash)
+    key = cache_key(cfg, source.content_hash, given)
     out_dir = Path(cfg.cache_dir) / f"{cfg.source}-{key[:16]}"
     found = load_prepared(out_dir, key)
     if found is not None:
@@ -78,7 +93,7 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
     tmp_dir.mkdir(parents=True)
     try:
         with datasets_progress(progress):
-            meta = build(cfg, source, key, tmp_dir, progress)
+            meta = build(cfg, source, key, tmp_dir, progress, given)
         meta["prepare_seconds"] = round(time.time() - started, 2)
         write_json(tmp_dir / "meta.json", meta)  # written last: its presence marks a complete build
         publish(tmp_dir, out_dir)
@@ -108,19 +123,30 @@ def check_settings(cfg: DataConfig) -> None:
             raise DataError(f"data.{name}={value} must be positive, or null for no cap")
 
 
-def cache_key(cfg: DataConfig, content_hash: str) -> str:
+def given_tokenizer(cfg: DataConfig) -> Optional[Tokenizer]:
+    """data.tokenizer's tokenizer, or None when prepare trains one."""
+    if not cfg.tokenizer:
+        return None
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if tokenizer.eos_id is None:
+        raise DataError(f"data.tokenizer={cfg.tokenizer} defines no EOS token to end documents "
+                        f"with: give its tokenizer_config.json an eos_token")
+    return tokenizer
+
+
+def cache_key(cfg: DataConfig, content_hash: str, given: Optional[Tokenizer] = None) -> str:
     """Everything that changes the output, and nothing that does not (num_proc, cache_dir)."""
+    trained = dict(TRAINER_OPTIONS, max_train_bytes=MAX_TOKENIZER_TRAIN_BYTES,
+                   sentencepiece=spm.__version__, vocab_size=cfg.vocab_size)
     settings = dict(
         format_version=FORMAT_VERSION,
         source=cfg.source,
         content_hash=content_hash,  # covers paths, contents, split_by / hub name, config, column
         max_documents=cfg.max_documents,
         max_tokens=cfg.max_tokens,
-        vocab_size=cfg.vocab_size,
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
-        tokenizer=dict(TRAINER_OPTIONS, max_train_bytes=MAX_TOKENIZER_TRAIN_BYTES,
-                       sentencepiece=spm.__version__),
+        tokenizer=given.identity() if given is not None else trained,
     )
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
@@ -129,7 +155,8 @@ def cache_key(cfg: DataConfig, content_hash: str) -> str:
 # the build
 
 
-def build(cfg: DataConfig, source: Source, key: str, out_dir: Path, progress: bool) -> dict:
+def build(cfg: DataConfig, source: Source, key: str, out_dir: Path, progress: bool,
+          given: Optional[Tokenizer] = None) -> dict:
     log = print if progress else (lambda *a, **k: None)
     docs = source.build()
     if len(docs) == 0:
@@ -139,15 +166,14 @@ def build(cfg: DataConfig, source: Source, key: str, out_dir: Path, progress: bo
     docs = docs.add_column("is_val", is_val)
     doc_bytes = text_bytes(docs)
 
-    train_texts = docs.filter(lambda b: [not v for v in b["is_val"]], batched=True, desc="train split")
-    train_bytes = int(doc_bytes[~np.array(is_val)].sum())
-    vocab_size, hard_limit = resolve_vocab_size(cfg.vocab_size, train_bytes)
-    log(f"training BPE tokenizer: vocab {vocab_size}{' (auto)' if not cfg.vocab_size else ''}, "
-        f"{train_bytes / 1e6:.1f} MB of train text")
-    t0 = time.time()
-    tokenizer = train_tokenizer(first_texts(train_texts, MAX_TOKENIZER_TRAIN_BYTES), vocab_size,
-                                out_dir / "tokenizer.model", hard_vocab_limit=hard_limit)
-    log(f"tokenizer trained in {time.time() - t0:.1f} s: {tokenizer.vocab_size} pieces")
+    if given is not None:
+        copy_tokenizer(given, out_dir)
+        tokenizer = given
+        log(f"tokenizer {given.path}: {tokenizer.vocab_size} ids, "
+            f"{'BOS + ' if tokenizer.add_bos else ''}document + EOS")
+        vocab_size = tokenizer.vocab_size
+    else:
+        vocab_size, tokenizer = train_on(cfg, docs, is_val, doc_bytes, out_dir, log)
 
     tokens = tokenize(docs, tokenizer, resolve_num_proc(cfg.num_proc, int(doc_bytes.sum())))
     if cfg.max_tokens is not None:
@@ -181,9 +207,11 @@ def build(cfg: DataConfig, source: Source, key: str, out_dir: Path, progress: bo
         settings=asdict(cfg),
         content_hash=source.content_hash,
         skipped_files=source.skipped_files,
-        tokenizer_file="tokenizer.model",
+        tokenizer_file=tokenizer.file_name,
+        tokenizer_given=str(given.path) if given is not None else None,
         tokenizer_sha256=tokenizer.sha256(),
-        tokenizer_options=TRAINER_OPTIONS,
+        tokenizer_options=TRAINER_OPTIONS if given is None else None,
+        add_bos=tokenizer.add_bos,
         vocab_size=tokenizer.vocab_size,
         vocab_size_requested=cfg.vocab_size or vocab_size,
         bos_id=tokenizer.bos_id,
@@ -197,6 +225,21 @@ def build(cfg: DataConfig, source: Source, key: str, out_dir: Path, progress: bo
         tokens_per_byte=round(total_tokens / max(total_bytes, 1), 4),
         python=sys.version.split()[0],
     )
+
+
+def train_on(cfg: DataConfig, docs: datasets.Dataset, is_val: list, doc_bytes: np.ndarray,
+             out_dir: Path, log) -> tuple:
+    """Train gqalab's sentencepiece BPE on the train split. -> (requested size, tokenizer)"""
+    train_texts = docs.filter(lambda b: [not v for v in b["is_val"]], batched=True, desc="train split")
+    train_bytes = int(doc_bytes[~np.array(is_val)].sum())
+    vocab_size, hard_limit = resolve_vocab_size(cfg.vocab_size, train_bytes)
+    log(f"training BPE tokenizer: vocab {vocab_size}{' (auto)' if not cfg.vocab_size else ''}, "
+        f"{train_bytes / 1e6:.1f} MB of train text")
+    t0 = time.time()
+    tokenizer = train_tokenizer(first_texts(train_texts, MAX_TOKENIZER_TRAIN_BYTES), vocab_size,
+                                out_dir / "tokenizer.model", hard_vocab_limit=hard_limit)
+    log(f"tokenizer trained in {time.time() - t0:.1f} s: {tokenizer.vocab_size} pieces")
+    return vocab_size, tokenizer
 
 
 def column(ds: datasets.Dataset, name: str) -> np.ndarray:
@@ -250,25 +293,18 @@ def first_texts(docs: datasets.Dataset, max_bytes: int) -> Iterator[str]:
             yield text
 
 
-class EncodeWithEOS:
-    """Batched map function: token ids of each text followed by EOS. Holds the
-    model bytes (not a processor) so it pickles to worker processes and
+class EncodeDocuments:
+    """Batched map function: each text framed as [BOS if add_bos] + ids + [EOS]. The
+    tokenizer pickles as its model bytes, so this goes to worker processes and
     fingerprints by content for the datasets cache."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.model_proto = tokenizer.model_proto()
-        self.eos_id = tokenizer.eos_id
-        self._sp = None
-
-    def __getstate__(self):
-        return {"model_proto": self.model_proto, "eos_id": self.eos_id, "_sp": None}
+        self.tokenizer = tokenizer
+        self.head = [tokenizer.bos_id] if tokenizer.add_bos else []
 
     def __call__(self, batch, indices):
-        if self._sp is None:
-            self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
-        ids = self._sp.encode(batch["text"], out_type=int)
-        for doc in ids:
-            doc.append(self.eos_id)
+        ids = [self.head + doc + [self.tokenizer.eos_id]
+               for doc in self.tokenizer.encode_batch(batch["text"])]
         return {"ids": ids, "n_tokens": [len(doc) for doc in ids], "doc_index": indices}
 
 
@@ -281,7 +317,7 @@ def tokenize(docs: datasets.Dataset, tokenizer: Tokenizer, num_proc: int) -> dat
         "doc_index": datasets.Value("int64"),
     })
     return docs.map(
-        EncodeWithEOS(tokenizer), batched=True, batch_size=256, with_indices=True,
+        EncodeDocuments(tokenizer), batched=True, batch_size=256, with_indices=True,
         num_proc=num_proc if num_proc > 1 else None, remove_columns=["text"],
         features=features, desc="tokenizing",
     )
@@ -329,7 +365,7 @@ def load_prepared(out_dir: Path, key: str) -> Optional[PreparedData]:
         path = out_dir / f"{split}.bin"
         if not path.exists() or path.stat().st_size != meta["tokens"][split] * itemsize:
             return None
-    if not (out_dir / "tokenizer.model").exists():
+    if not (out_dir / meta.get("tokenizer_file", "tokenizer.model")).exists():
         return None
     return prepared_from(out_dir, meta, cached=True)
 
@@ -343,7 +379,7 @@ def prepared_from(out_dir: Path, meta: dict, cached: bool) -> PreparedData:
         dir=out_dir,
         train_bin=out_dir / "train.bin",
         val_bin=out_dir / "val.bin",
-        tokenizer_path=out_dir / "tokenizer.model",
+        tokenizer_path=out_dir / meta.get("tokenizer_file", "tokenizer.model"),
         meta=meta,
         dtype=np.dtype(meta["dtype"]).type,
         vocab_size=meta["vocab_size"],

@@ -1,6 +1,25 @@
-"""A sentencepiece BPE tokenizer that round-trips source code exactly.
+"""Tokenizers: one interface over sentencepiece `tokenizer.model` and HF `tokenizer.json`.
 
-sentencepiece's defaults normalise text (collapse spaces, drop the leading one,
+`load_tokenizer(path)` takes a tokenizer.model, a tokenizer.json, or a directory holding
+either (a gqalab checkpoint, an HF model dir, a prepared-data dir); with both present,
+tokenizer.json wins, as it does for transformers' AutoTokenizer, so ids and text agree
+with what transformers gives for the same directory. Both backends:
+  encode(text) -> ids, no special tokens   decode(ids) -> text, special tokens dropped
+  encode_batch, vocab_size, bos_id / eos_id / pad_id (None when absent), add_bos,
+  sha256() of the defining file's bytes.
+
+Special ids come from the checkpoint's own files, first found wins:
+  1. tokenizer_config.json    bos_token / eos_token / pad_token (text, looked up in the vocab)
+  2. special_tokens_map.json  the same keys
+  3. generation_config.json  bos_token_id / eos_token_id / pad_token_id (a list: its first)
+  4. config.json              the same keys
+  5. the tokenizer model      sentencepiece's own bos/eos/pad ids; tokenizer.json: none
+add_bos (documents and prompts start with BOS): tokenizer_config.json's add_bos_token,
+else whether tokenizer.json's post-processor puts a special token first, else False.
+The files of TOKENIZER_FILES travel with every checkpoint, import and export.
+
+train_tokenizer trains gqalab's own sentencepiece BPE, which round-trips source code
+exactly: sentencepiece's defaults normalise text (collapse spaces, drop the leading one,
 NFKC), which destroys indentation. The options below keep every byte: identity
 normalisation, no whitespace removal, no dummy prefix, whitespace-only pieces,
 and byte fallback for any character outside the learned vocabulary. Training
@@ -11,15 +30,25 @@ line would be a separate sentence and newlines would never be learned.
 
 import hashlib
 import io
+import json
 import re
+import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, List, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import sentencepiece as spm
 
 from data.config import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = SPECIAL_IDS = 0, 1, 2, 3
+SPM_FILE, JSON_FILE, CONFIG_FILE = "tokenizer.model", "tokenizer.json", "tokenizer_config.json"
+# Copied wholesale wherever a tokenizer travels (checkpoints, import, export, prepared data).
+TOKENIZER_CONFIGS = (CONFIG_FILE, "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = (SPM_FILE, JSON_FILE, *TOKENIZER_CONFIGS)
+# Where special ids are looked up, in order of authority: (file, is_token_text).
+SPECIAL_SOURCES = ((CONFIG_FILE, True), ("special_tokens_map.json", True),
+                   ("generation_config.json", False), ("config.json", False))
+SPECIALS = ("bos", "eos", "pad")
 
 # sentencepiece silently skips sentences longer than this many bytes;
 # documents are cut into chunks below it instead (see chunk_document).
@@ -43,18 +72,63 @@ TRAINER_OPTIONS = dict(
 
 
 class Tokenizer:
-    """Thin wrapper over a SentencePieceProcessor. encode() adds no BOS/EOS."""
+    """The common interface. Subclasses hold the model's bytes, so a tokenizer pickles
+    (to datasets' worker processes) and fingerprints by content."""
 
-    def __init__(self, processor: spm.SentencePieceProcessor, path: Path | None = None):
-        self.sp = processor
+    file_name: str  # SPM_FILE or JSON_FILE
+
+    def __init__(self, data: bytes, path: Optional[Path] = None, specials: Optional[dict] = None,
+                 add_bos: bool = False):
+        self.data = data
         self.path = Path(path) if path is not None else None
+        self.add_bos = add_bos
+        specials = specials or {}
+        self.bos_id, self.eos_id, self.pad_id = (specials.get(k) for k in SPECIALS)
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        return cls(spm.SentencePieceProcessor(model_file=str(path)), path)
+        return load_tokenizer(path)
 
     def encode(self, text: str) -> List[int]:
-        return self.sp.encode(text, out_type=int)
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def token_id(self, text: str) -> Optional[int]:
+        """The id of a token's text, or None when not in the vocabulary."""
+        raise NotImplementedError
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    def identity(self) -> dict:
+        """Everything that decides the ids a document becomes (for cache keys)."""
+        return dict(file=self.file_name, sha256=self.sha256(), add_bos=self.add_bos,
+                    **{f"{k}_id": getattr(self, f"{k}_id") for k in SPECIALS})
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    file_name = SPM_FILE
+
+    @property
+    def sp(self) -> spm.SentencePieceProcessor:
+        if getattr(self, "_sp", None) is None:
+            self._sp = spm.SentencePieceProcessor(model_proto=self.data)
+        return self._sp
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return self.sp.encode(list(texts), out_type=int)
@@ -66,42 +140,154 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    @property
-    def bos_id(self) -> int:
-        return self.sp.bos_id()
+    def token_id(self, text: str) -> Optional[int]:
+        i = self.sp.piece_to_id(text)
+        return None if i == self.sp.unk_id() and text != self.sp.id_to_piece(i) else i
+
+    def model_specials(self) -> dict:
+        ids = dict(bos=self.sp.bos_id(), eos=self.sp.eos_id(), pad=self.sp.pad_id())
+        return {k: v for k, v in ids.items() if v >= 0}
 
     @property
-    def eos_id(self) -> int:
-        return self.sp.eos_id()
-
-    @property
-    def pad_id(self) -> int:
-        return self.sp.pad_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self.sp.unk_id()
+    def unk_id(self) -> Optional[int]:
+        return self.sp.unk_id() if self.sp.unk_id() >= 0 else None
 
     def model_proto(self) -> bytes:
-        return self.sp.serialized_model_proto()
+        return self.data
 
-    def sha256(self) -> str:
-        return hashlib.sha256(self.model_proto()).hexdigest()
 
+class JsonTokenizer(Tokenizer):
+    """An HF fast tokenizer's tokenizer.json, through the `tokenizers` library."""
+
+    file_name = JSON_FILE
+
+    @property
+    def tk(self):
+        if getattr(self, "_tk", None) is None:
+            from tokenizers import Tokenizer as HFTokenizer
+            self._tk = HFTokenizer.from_str(self.data.decode("utf-8"))
+        return self._tk
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:  # ids may be sparse: the size an embedding needs
+        return max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
+
+    def token_id(self, text: str) -> Optional[int]:
+        return self.tk.token_to_id(text)
+
+    def model_specials(self) -> dict:
+        return {}
+
+    @property
+    def unk_id(self) -> Optional[int]:
+        return None
+
+    def post_processor_adds_bos(self) -> bool:
+        single = (json.loads(self.data).get("post_processor") or {}).get("single") or []
+        return bool(single) and "SpecialToken" in single[0]
+
+
+# ---------------------------------------------------------------- loading
+
+def tokenizer_files(path) -> dict:
+    """{name: path} of the TOKENIZER_FILES a directory holds (none without a model file)."""
+    path = Path(path)
+    found = {name: path / name for name in TOKENIZER_FILES if (path / name).is_file()}
+    return found if SPM_FILE in found or JSON_FILE in found else {}
+
+
+def copy_tokenizer(tok: Tokenizer, out_dir) -> None:
+    """Write tok's model file and the configs beside it (its special ids) into out_dir."""
+    Path(out_dir, tok.file_name).write_bytes(tok.data)
+    for name in TOKENIZER_CONFIGS:
+        if (tok.path.parent / name).is_file():
+            shutil.copyfile(tok.path.parent / name, Path(out_dir, name))
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A tokenizer.model, a tokenizer.json, or a directory holding one (see module doc)."""
+    path = Path(path)
+    if path.is_dir():
+        files = tokenizer_files(path)
+        if not files:
+            raise DataError(f"{path} holds no {SPM_FILE} or {JSON_FILE}: pass a tokenizer file, "
+                            f"or a checkpoint/HF dir that ships one")
+        path = files.get(JSON_FILE, files.get(SPM_FILE))
+    if not path.is_file():
+        raise DataError(f"tokenizer {path} not found: pass a {SPM_FILE}, a {JSON_FILE} or a "
+                        f"directory holding one")
+    cls = JsonTokenizer if path.suffix == ".json" else SentencePieceTokenizer
+    tok = cls(path.read_bytes(), path)
+    try:
+        tok.vocab_size  # parses the model now, so a bad file fails here, with its name
+    except Exception as e:  # sentencepiece: RuntimeError/OSError; tokenizers: Exception
+        raise DataError(f"{path} is not a readable {cls.file_name}: {e}") from None
+    tok.bos_id, tok.eos_id, tok.pad_id = (special_ids(tok, path.parent).get(k) for k in SPECIALS)
+    tok.add_bos = adds_bos(tok, path.parent)
+    return tok
+
+
+def read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def special_ids(tok: Tokenizer, folder: Path) -> dict:
+    """bos/eos/pad ids by the order of authority in the module docstring."""
+    ids = {}
+    for name, is_text in SPECIAL_SOURCES:
+        d = read_json(folder / name)
+        for k in SPECIALS:
+            if k in ids:
+                continue
+            value = d.get(f"{k}_token" if is_text else f"{k}_token_id")
+            if is_text and isinstance(value, dict):  # an AddedToken: {"content": ...}
+                value = value.get("content")
+            if isinstance(value, list):  # several EOS ids (generation_config): the first
+                value = value[0] if value else None
+            value = tok.token_id(value) if is_text and isinstance(value, str) else value
+            if isinstance(value, int) and 0 <= value < tok.vocab_size:
+                ids[k] = value
+    return {**tok.model_specials(), **ids}
+
+
+def adds_bos(tok: Tokenizer, folder: Path) -> bool:
+    config = read_json(folder / CONFIG_FILE)
+    if isinstance(config.get("add_bos_token"), bool):
+        return config["add_bos_token"] and tok.bos_id is not None
+    return isinstance(tok, JsonTokenizer) and tok.post_processor_adds_bos() and tok.bos_id is not None
+
+
+# ---------------------------------------------------------------- streaming
 
 class IncrementalDecoder:
     """Turns a stream of token ids into text as soon as the text is final.
 
-    Decoding token by token loses spaces and splits multi-byte characters that
-    byte fallback spelled as several tokens. So decode the whole growing id list
-    and return only the new suffix, holding it back while it ends in U+FFFD (an
-    unfinished UTF-8 sequence). All pushes + flush() == tokenizer.decode(all ids).
+    Decoding token by token loses spaces (sentencepiece's dummy prefix, a decoder's strip
+    of the first space) and splits multi-byte characters spelled as several byte tokens.
+    So decode the prompt's last tokens + all new ids, return only what follows
+    decode(those prompt tokens), and hold it back while it ends in U+FFFD (an unfinished
+    UTF-8 sequence). Seeding with the prompt's tail, not all of it, keeps each step's
+    decode short; decoders only treat the first token specially, so the text after the
+    seed is the same. All pushes + flush() == decode(prompt + new) - decode(prompt).
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    SEED_TOKENS = 8
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: List[int] = []
-        self.emitted = 0  # characters of the decoded text already returned
+        self.ids: List[int] = [int(i) for i in prompt_ids][-self.SEED_TOKENS:]
+        # an unfinished character at the prompt's end is completed by the new ids
+        self.emitted = len(tokenizer.decode(self.ids).rstrip("\ufffd")) if self.ids else 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
@@ -115,7 +301,7 @@ class IncrementalDecoder:
 
     def _take_new(self, text: str) -> str:
         new = text[self.emitted :]
-        self.emitted = len(text)
+        self.emitted = max(self.emitted, len(text))
         return new
 
 
@@ -167,7 +353,7 @@ def train_tokenizer(
         raise _vocab_error(str(e), vocab_size) from e
     out_path = Path(out_path)
     out_path.write_bytes(model.getvalue())
-    return Tokenizer.load(out_path)
+    return load_tokenizer(out_path)
 
 
 def _vocab_error(message: str, vocab_size: int) -> Exception:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import data.prepare as prepare_module
 from data.config import DataConfig, DataError
 from data.prepare import prepare_data
 from data.tokenizer import Tokenizer
+from hf_fixtures import byte_bpe_tokenizer, llama_spm_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,3 +226,81 @@ def test_compose_rejects_bad_types():
                 compose("prepare", overrides=["data.vocab_size=abc"])
     finally:
         GlobalHydra.instance().clear()
+
+
+# ---------------------------------------------------------------- a given tokenizer
+
+def test_given_tokenizer_frames_documents_as_transformers_and_caches_by_bytes(tmp_path, hf_llama):
+    """data.tokenizer=<HF dir>: each document is transformers' encoding (BOS first exactly
+    when the tokenizer adds one: the Llama sentencepiece one does, the byte-level BPE not)
+    followed by EOS; the bins decode back to the documents; the key is the tokenizer's
+    bytes: the same file elsewhere is a hit, a different one a miss."""
+    kind, hf_dir, _, hf_tok = hf_llama
+    corpus = make_corpus(tmp_path / "corpus", n_docs=12)
+    cfg = files_cfg(corpus, tmp_path / "cache", val_fraction=0.2, tokenizer=str(hf_dir))
+    out = prepare_data(cfg, progress=False)
+    assert out.meta["add_bos"] is (kind == "spm") and not (out.dir / "config.json").exists()
+    docs = {p.read_bytes().decode() for p in corpus.glob("*.py")}
+    expected = {}
+    for doc in docs:  # transformers' own framing: its BOS (Llama only), the text, EOS
+        ids = hf_tok(doc)["input_ids"] + [hf_tok.eos_token_id]
+        expected[tuple(ids)] = doc
+    found = []
+    for bin_path in (out.train_bin, out.val_bin):
+        tokens = np.fromfile(bin_path, dtype=out.dtype).tolist()
+        ends = [i for i, t in enumerate(tokens) if t == hf_tok.eos_token_id]
+        start = 0
+        for end in ends:
+            found.append(tuple(tokens[start:end + 1]))
+            start = end + 1
+    assert sorted(found) == sorted(expected)  # every document once, framed as transformers
+    assert sorted(documents_in(out.train_bin, out) + documents_in(out.val_bin, out)) == sorted(docs)
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(hf_dir, moved)
+    again = prepare_data(files_cfg(corpus, tmp_path / "cache", val_fraction=0.2,
+                                   tokenizer=str(moved)), progress=False)
+    assert again.cached and again.dir == out.dir
+    other = tmp_path / "other"
+    (llama_spm_model if kind == "spm" else byte_bpe_tokenizer)(other, vocab_size=380 if kind == "spm" else 300)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, other / name)
+    miss = prepare_data(files_cfg(corpus, tmp_path / "cache", val_fraction=0.2,
+                                  tokenizer=str(other)), progress=False)
+    assert not miss.cached and miss.dir != out.dir
+    assert miss.meta["tokenizer_sha256"] != out.meta["tokenizer_sha256"]
+
+
+def test_given_tokenizer_over_65535_ids_writes_uint32(tmp_path, bpe_json_path):
+    spec = json.loads(bpe_json_path.read_text())
+    spec["model"]["vocab"]["<big>"] = 70_000  # an added token far above 2**16
+    spec["added_tokens"].append({"id": 70_000, "content": "<big>", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False,
+                                 "special": False})
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"d{i}.py").write_text(f"x = {i}  # <big> id\n")
+    out = prepare_data(files_cfg(corpus, tmp_path / "cache", val_fraction=0.3,
+                                 tokenizer=str(tmp_path / "tok" / "tokenizer.json")),
+                       progress=False)
+    tokens = np.fromfile(out.train_bin, dtype=out.dtype)
+    assert out.dtype is np.uint32 and out.meta["vocab_size"] == 70_001
+    assert 70_000 in tokens.tolist()
+    assert sorted(documents_in(out.train_bin, out) + documents_in(out.val_bin, out)) == \
+        sorted(p.read_text() for p in corpus.glob("*.py"))
+
+
+def test_given_tokenizer_errors_are_one_line(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", n_docs=4)
+    with pytest.raises(DataError, match="holds no tokenizer.model or tokenizer.json"):
+        prepare_data(files_cfg(corpus, tmp_path / "cache", tokenizer=str(corpus)), progress=False)
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not a readable tokenizer.model"):
+        prepare_data(files_cfg(corpus, tmp_path / "cache", tokenizer=str(tmp_path / "bad.model")),
+                     progress=False)
+    assert not (tmp_path / "cache").exists()  # nothing written
