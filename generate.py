@@ -17,15 +17,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import cli
-from model.checkpoint import CONFIG, TOKENIZER, CheckpointError, load_checkpoint
+from model.checkpoint import CONFIG, CheckpointError, load_checkpoint
 from model.config import ConfigError
-from model.hf import import_hf, is_hf_model
+from model.hf import checkpoint_tokenizer, import_hf, is_hf_model
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, compile_decode, stream
 from model.transformer import Transformer
@@ -40,7 +41,8 @@ class GenerateConfig:
     prompt: str = ""  # prompt text, verbatim
     prompt_file: str = ""  # read the prompt from this file; "-" reads stdin
     prompt_ids: list[int] = field(default_factory=list)  # token ids instead of text
-    bos: bool = False  # prepend the tokenizer's BOS id to a text prompt
+    bos: Optional[bool] = None  # prepend BOS to a text prompt; null: as the tokenizer does
+    # (Llama's add_bos_token), like transformers' tokenizer(prompt)
     num_samples: int = 1
     max_new_tokens: int = 256
     temperature: float = 0.8  # 0 = greedy
@@ -117,23 +119,12 @@ def resolve_checkpoint(path: str) -> Path:
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype):
-    """-> (model, tokenizer path or None)."""
+    """-> (model, its tokenizer or None)."""
     if is_hf_model(path):
         model = import_hf(path, dtype).to(device)  # rope tables built in dtype, not via bf16
     else:
         model = load_checkpoint(path, device, dtype).model
-    tokenizer = path / TOKENIZER
-    return model, (tokenizer if tokenizer.is_file() else None)
-
-
-def load_tokenizer(path: Path | None):
-    if path is None:
-        return None
-    from data.tokenizer import Tokenizer
-    try:
-        return Tokenizer.load(path)
-    except (OSError, RuntimeError) as e:
-        raise UsageError(f"{path} is not a readable sentencepiece model: {e}") from None
+    return model, checkpoint_tokenizer(path)
 
 
 def read_prompt(cfg: GenerateConfig) -> str:
@@ -156,10 +147,12 @@ def prompt_tokens(cfg: GenerateConfig, tokenizer, model: Transformer) -> list[in
             raise UsageError("give a text prompt or prompt_ids=, not both")
         ids = list(cfg.prompt_ids)
     elif tokenizer is None:
-        raise UsageError(f"this checkpoint has no {TOKENIZER} beside it: give the prompt as "
-                         f"token ids, e.g. prompt_ids=[1,450,3681]")
+        raise UsageError("this checkpoint has no tokenizer.model or tokenizer.json beside it: "
+                         "give the prompt as token ids, e.g. prompt_ids=[1,450,3681]")
     else:
-        ids = ([tokenizer.bos_id] if cfg.bos and tokenizer.bos_id >= 0 else []) + tokenizer.encode(text)
+        bos = tokenizer.add_bos if cfg.bos is None else cfg.bos
+        ids = ([tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []) + \
+            tokenizer.encode(text)
     if not ids:
         raise UsageError("the prompt is empty: pass prompt=..., prompt_file=... or prompt_ids=[...]"
                          " (bos=true starts from the BOS token alone)")
@@ -188,15 +181,16 @@ def sampling_config(cfg: GenerateConfig) -> SamplingConfig:
 # ---------------------------------------------------------------- output
 
 class TextSink:
-    """Turns new token ids into printable text: exact incremental sentencepiece decoding,
-    or the ids themselves when there is no tokenizer."""
+    """Turns new token ids into printable text: exact incremental decoding seeded with the
+    prompt (so the first new token keeps its leading space), or the ids themselves when
+    there is no tokenizer."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, prompt_ids: list[int]) -> None:
         if tokenizer is None:
             self.decoder = None
         else:
             from data.tokenizer import IncrementalDecoder
-            self.decoder = IncrementalDecoder(tokenizer)
+            self.decoder = IncrementalDecoder(tokenizer, prompt_ids)
 
     def push(self, token: int) -> str:
         return f" {token}" if self.decoder is None else self.decoder.push(token)
@@ -227,14 +221,12 @@ def run(cfg: GenerateConfig) -> None:
     dtype = pick_dtype(cfg.dtype, device)
     sampling = sampling_config(cfg)
     path = resolve_checkpoint(cfg.ckpt)
-    model, tokenizer_path = load_model(path, device, dtype)
-    tokenizer = load_tokenizer(tokenizer_path)
+    model, tokenizer = load_model(path, device, dtype)
     ids = prompt_tokens(cfg, tokenizer, model)
     eos_id = tokenizer.eos_id if tokenizer is not None and cfg.stop_at_eos else None
-    eos_id = eos_id if eos_id is not None and eos_id >= 0 else None
     generator = torch.Generator(device).manual_seed(cfg.seed)
     live = cfg.stream and cfg.num_samples == 1
-    sinks = [TextSink(tokenizer) for _ in range(cfg.num_samples)]
+    sinks = [TextSink(tokenizer, ids) for _ in range(cfg.num_samples)]
     texts = [prompt_text(tokenizer, ids) for _ in range(cfg.num_samples)]
     done = [False] * cfg.num_samples
     started = time.perf_counter()

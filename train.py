@@ -4,6 +4,8 @@
     python train.py -m attention=mha,gqa,mqa                  # a sweep, one dir per job
     python train.py run_dir=runs/x resume=true                # continue runs/x
     python train.py init_from=ckpt attention=gqa uptrain.alpha=0.05   # GQA uptraining
+    python train.py init_from=<HF Llama dir> attention=gqa attention.n_kv_head=8 \
+        data=text_files data.files='[corpus/*.txt]' max_steps=1000   # its tokenizer, your corpus
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
         train.py hydra.run.dir=runs/ddp                       # two CPU processes
 
@@ -34,9 +36,10 @@ import cli
 from data.config import DataError
 from data.loader import TokenStream, eval_batches
 from data.prepare import as_data_config, prepare_data
-from data.tokenizer import Tokenizer
-from model.checkpoint import (TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint,
-                              read_config, read_meta, save_checkpoint, write_json)
+from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
+from model.checkpoint import (WEIGHTS, CheckpointError, load_checkpoint, read_config, read_meta,
+                              save_checkpoint, write_json)
+from model.hf import import_hf, is_hf_model, read_hf_config
 from model.config import ConfigError
 from model.sampling import SamplingConfig, generate
 from model.summary import flops_per_token, format_summary
@@ -258,18 +261,28 @@ def override_keys(overrides: Sequence[str]) -> list[str]:
     return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
 
 
-def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> DictConfig:
-    """Uptraining reuses the source run's recipe except what the user set explicitly, and
-    runs round(alpha · source steps) steps."""
-    source_cfg = read_config(source)  # a missing or foreign checkpoint fails here, early
+def source_steps(cfg: Any, source: Path) -> int | None:
+    """The steps the init_from source was trained for: uptrain.source_steps, else its meta."""
     meta = read_meta(source)
-    source_step = meta.get("source_step", meta.get("step"))
-    if cfg.uptrain.alpha is not None and not source_step:
-        raise TrainError(f"{source}/meta.json records no training step: uptrain.alpha needs "
-                         f"it; set max_steps=N instead")
-    cfg = cfg.copy()
+    return cfg.uptrain.source_steps or meta.get("source_step", meta.get("step"))
+
+
+def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> DictConfig:
+    """Uptraining reuses the source run's recipe except what the user set explicitly, runs
+    round(alpha · source steps) steps, and tokenizes the corpus with the source's tokenizer."""
+    # a missing or foreign checkpoint fails here, early
+    source_cfg = read_hf_config(source) if is_hf_model(source) else read_config(source)
+    source_step = source_steps(cfg, source)
     user = override_keys(overrides)
     overridden = lambda key: any(k == key or k.startswith(key + ".") for k in user)
+    if cfg.uptrain.alpha is not None and not source_step and not overridden("max_steps"):
+        raise TrainError(f"uptrain.alpha needs the steps {source} was trained for, and it records "
+                         f"none (HF checkpoints never do): pass uptrain.source_steps=N, or set "
+                         f"max_steps=N instead")
+    if not tokenizer_files(source) and not overridden("data.tokenizer"):
+        raise TrainError(f"{source} has no tokenizer.model or tokenizer.json: init_from needs "
+                         f"the source's tokenizer; pass data.tokenizer=<its tokenizer>")
+    cfg = cfg.copy()
     if not overridden("attention"):  # keep the source's KV heads unless asked to convert
         cfg.attention.n_kv_head = source_cfg.n_kv_head
     if cfg.uptrain.alpha is not None and (source / TRAIN_CONFIG).is_file():
@@ -279,31 +292,37 @@ def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> D
                 OmegaConf.update(cfg, key, recipe[key], merge=True)
     if cfg.uptrain.alpha is not None and not overridden("max_steps"):
         cfg.max_steps = max(1, round(cfg.uptrain.alpha * source_step))
+    if not overridden("data.tokenizer"):  # the user names the corpus, the source its tokens
+        cfg.data.tokenizer = str(source.resolve())
     return cfg
 
 
 def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
-    """A fresh model, or init_from's weights converted to the configured KV heads."""
+    """A fresh model, or init_from's weights (ours or an HF Llama dir's) converted to the
+    configured KV heads."""
     if not cfg.init_from:
         return Transformer(model_config(cfg, vocab_size)), {}
     source = Path(cfg.init_from)
-    ckpt = load_checkpoint(source, dtype=torch.float32)  # fp32 master weights, even from bf16
-    if ckpt.config.vocab_size != vocab_size:
-        raise TrainError(f"{source} has vocab_size {ckpt.config.vocab_size} but the tokenizer has "
-                         f"{vocab_size}: use the source's data config")
-    model, n_kv = ckpt.model, cfg.attention.n_kv_head or ckpt.config.n_head
-    if n_kv != ckpt.config.n_kv_head:
+    # fp32 master weights, whatever the source's dtype
+    model = (import_hf(source, dtype=torch.float32) if is_hf_model(source)
+             else load_checkpoint(source, dtype=torch.float32).model)
+    source_cfg = model.config
+    if vocab_size > source_cfg.vocab_size:  # fewer is fine: HF pads embeddings
+        raise TrainError(f"{source} has vocab_size {source_cfg.vocab_size} but the tokenizer has "
+                         f"{vocab_size} ids: use the source's tokenizer (drop data.tokenizer)")
+    n_kv = cfg.attention.n_kv_head or source_cfg.n_head
+    if n_kv != source_cfg.n_kv_head:
         from model.convert import ConvertError, convert_model, needs_calibration, token_windows
         up = cfg.uptrain
         try:
-            calib = (token_windows(cfg.data, "train", ckpt.config.max_seq_len, up.calib_windows,
+            calib = (token_windows(cfg.data, "train", source_cfg.max_seq_len, up.calib_windows,
                                    vocab_size) if needs_calibration(up.group, up.align) else None)
             model = convert_model(model, n_kv, up.method, up.seed, up.group, up.align, calib)
         except ConvertError as e:
             raise TrainError(str(e)) from None
     meta = read_meta(source)
-    provenance = {"init_from": str(source.resolve()), "source_n_kv_head": ckpt.config.n_kv_head,
-                  "source_step": meta.get("source_step", meta.get("step")),
+    provenance = {"init_from": str(source.resolve()), "source_n_kv_head": source_cfg.n_kv_head,
+                  "source_step": source_steps(cfg, source),
                   "uptrain_alpha": cfg.uptrain.alpha, "uptrain_method": cfg.uptrain.method,
                   "uptrain_group": cfg.uptrain.group, "uptrain_align": cfg.uptrain.align,
                   "uptrain_calib_windows": cfg.uptrain.calib_windows}
@@ -312,16 +331,13 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
     return model.train(), provenance
 
 
-def check_tokenizer(prepared_tokenizer: Path, source: Path) -> Path:
-    """Uptraining must see the source's token ids: the data prepared from the recipe has
-    to come with a byte-identical tokenizer."""
-    src = source / TOKENIZER
-    if not src.is_file():
-        raise TrainError(f"{source} has no {TOKENIZER}: init_from needs the source's tokenizer")
-    if src.read_bytes() != Path(prepared_tokenizer).read_bytes():
-        raise TrainError(f"the tokenizer prepared from data.* differs from {src}: uptrain with "
-                         f"the source's data config (drop data.* overrides)")
-    return src
+def check_tokenizer(prepared: Tokenizer, source: Path) -> None:
+    """Uptraining and resuming must see the source's token ids: the tokenizer the data was
+    prepared with has to be the source's own (same bytes)."""
+    if tokenizer_files(source) and load_tokenizer(source).sha256() != prepared.sha256():
+        raise TrainError(f"the data's tokenizer differs from {source}'s: the model needs its own "
+                         f"token ids; drop data.tokenizer and data.vocab_size overrides, or pass "
+                         f"data.tokenizer={source}")
 
 
 # ---------------------------------------------------------------- the loop
@@ -408,7 +424,8 @@ def evaluate(model, accelerator: Accelerator, prepared, cfg: Any) -> float:
 def sample_text(model, accelerator: Accelerator, tokenizer: Tokenizer, cfg: Any) -> str:
     """A continuation of the fixed prompt, from its own generator (training RNG untouched)."""
     model = raw_model(model)
-    prompt = tokenizer.encode(cfg.sample_prompt) or [tokenizer.bos_id]
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else [tokenizer.eos_id]
+    prompt = (bos if tokenizer.add_bos else []) + tokenizer.encode(cfg.sample_prompt) or bos
     new = min(cfg.sample_tokens, model.config.max_seq_len - len(prompt))
     if new <= 0:
         return ""
@@ -423,7 +440,7 @@ def sample_text(model, accelerator: Accelerator, tokenizer: Tokenizer, cfg: Any)
 
 def save_training_checkpoint(accelerator: Accelerator, model, run_dir: Path, step: int,
                              meta: dict, trainer_state: dict, cfg_yaml: str,
-                             tokenizer_path: Path, keep_last: int) -> Path:
+                             tokenizer_files: dict, keep_last: int) -> Path:
     """Every rank writes its part of Accelerate's state (optimizer, RNG) into a staging dir;
     the main process moves it into the checkpoint's temp dir, renames the whole checkpoint
     into place, then swaps `latest`. A kill at any moment leaves `latest` readable."""
@@ -442,7 +459,7 @@ def save_training_checkpoint(accelerator: Accelerator, model, run_dir: Path, ste
             (tmp / TRAIN_CONFIG).write_text(cfg_yaml)
             write_json(tmp / TRAINER_STATE, {**trainer_state, "loaders": loaders})
 
-        save_checkpoint(path, model, meta, files={TOKENIZER: tokenizer_path}, overwrite=True,
+        save_checkpoint(path, model, meta, files=tokenizer_files, overwrite=True,
                         extra=extra, state=state)
         point_latest(root, path.name)
         prune_checkpoints(root, keep_last)
@@ -480,14 +497,16 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
         if len(state["loaders"]) != accelerator.num_processes:
             raise TrainError(f"{resume_from} was written by {len(state['loaders'])} processes; "
                              f"resume it with as many (this run has {accelerator.num_processes})")
+        if not cfg.data.tokenizer and OmegaConf.load(resume_from / TRAIN_CONFIG).data.get("tokenizer"):
+            cfg = cfg.copy()  # an uptrain from a given tokenizer: the checkpoint carries it
+            cfg.data.tokenizer = str(resume_from)
     check_run_dir(run_dir, cfg, resuming=resume_from is not None)
 
     with accelerator.main_process_first():  # one process tokenizes, the others hit the cache
         prepared = prepare_data(as_data_config(cfg.data), progress=main)
-    tokenizer_path = Path(prepared.tokenizer_path)
-    if cfg.init_from:
-        tokenizer_path = check_tokenizer(tokenizer_path, Path(cfg.init_from))
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = prepared.tokenizer()
+    if cfg.init_from or resume_from is not None:
+        check_tokenizer(tokenizer, resume_from or Path(cfg.init_from))
 
     set_seed(cfg.seed)  # identical init on every rank
     if resume_from is not None:
@@ -598,7 +617,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
                     "seed": cfg.seed, "num_processes": accelerator.num_processes, **provenance}
             trainer_state = {"step": step, "tokens_seen": tokens_seen, "loader": stream.state_dict()}
             checkpoint = save_training_checkpoint(accelerator, model, run_dir, step, meta,
-                                                  trainer_state, cfg_yaml, tokenizer_path,
+                                                  trainer_state, cfg_yaml, prepared.tokenizer_files,
                                                   cfg.keep_last)
             t_last = time.perf_counter()
     bar.close()

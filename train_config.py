@@ -75,6 +75,7 @@ class LoggerConfig:
 @dataclass
 class UptrainConfig:
     alpha: Optional[float] = None  # max_steps = round(alpha · source steps); recipe from source
+    source_steps: Optional[int] = None  # the source's training steps (HF dirs record none)
     method: str = "mean"  # K/V head pooling when init_from has other n_kv_head: mean|first|random
     seed: int = 0  # for method=random
     group: str = "contiguous"  # which heads share a pooled head: contiguous | similar (calibrated)
@@ -112,7 +113,7 @@ class TrainConfig:
     sample_tokens: int = 64
 
     resume: Any = False  # true: <run_dir>/checkpoints/latest; or a run/checkpoint dir
-    init_from: Optional[str] = None  # a checkpoint dir to start from (uptraining)
+    init_from: Optional[str] = None  # a checkpoint or HF Llama dir to start from (uptraining)
     overwrite: bool = False  # allow a new run in a run dir that already has checkpoints
 
 

@@ -106,6 +106,13 @@ class Tokenizer:
         """The id of a token's text, or None when not in the vocabulary."""
         raise NotImplementedError
 
+    def token_text(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def is_byte(self, token_id: int) -> bool:
+        """A byte-fallback piece (<0xHH>): its text depends on the bytes that follow it."""
+        return re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", self.token_text(token_id) or "") is not None
+
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
@@ -134,7 +141,38 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(list(texts), out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        """As transformers decodes it (skip_special_tokens=True): <unk> is dropped like the
+        control tokens, and a run of byte pieces that is not valid UTF-8 becomes one U+FFFD
+        per byte (sentencepiece alone would keep the valid bytes inside it)."""
+        ids = [i for i in map(int, ids) if not (self.sp.is_unknown(i) or self.sp.is_control(i))]
+        text = self.sp.decode(self._hf_byte_runs(ids))
+        space = ids and ids[0] == self.sp.piece_to_id("<0x20>") and text.startswith(" ")
+        if space and self.adds_dummy_prefix:
+            return text[1:]  # transformers strips the leading space whatever spelled it
+        return text
+
+    @property
+    def adds_dummy_prefix(self) -> bool:
+        """Llama's add_dummy_prefix: encode puts a space before the text, decode drops it."""
+        return self.sp.encode("x", out_type=str)[0].startswith("\u2581")
+
+    def _hf_byte_runs(self, ids: List[int]) -> List[int]:
+        out, run = [], []
+        for i in ids + [-1]:
+            if i >= 0 and self.sp.is_byte(i):
+                run.append(i)
+                continue
+            if run:
+                data = bytes(int(self.sp.id_to_piece(b)[3:5], 16) for b in run)
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError:  # a lone continuation byte decodes as one U+FFFD
+                    run = [self.sp.piece_to_id("<0x80>")] * len(run)
+                out += run
+                run = []
+            if i >= 0:
+                out.append(i)
+        return out
 
     @property
     def vocab_size(self) -> int:
@@ -143,6 +181,12 @@ class SentencePieceTokenizer(Tokenizer):
     def token_id(self, text: str) -> Optional[int]:
         i = self.sp.piece_to_id(text)
         return None if i == self.sp.unk_id() and text != self.sp.id_to_piece(i) else i
+
+    def token_text(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+    def is_byte(self, token_id: int) -> bool:
+        return 0 <= token_id < self.vocab_size and self.sp.is_byte(token_id)
 
     def model_specials(self) -> dict:
         ids = dict(bos=self.sp.bos_id(), eos=self.sp.eos_id(), pad=self.sp.pad_id())
@@ -181,6 +225,9 @@ class JsonTokenizer(Tokenizer):
     def token_id(self, text: str) -> Optional[int]:
         return self.tk.token_to_id(text)
 
+    def token_text(self, token_id: int) -> str:
+        return self.tk.id_to_token(token_id)
+
     def model_specials(self) -> dict:
         return {}
 
@@ -203,11 +250,17 @@ def tokenizer_files(path) -> dict:
 
 
 def copy_tokenizer(tok: Tokenizer, out_dir) -> None:
-    """Write tok's model file and the configs beside it (its special ids) into out_dir."""
-    Path(out_dir, tok.file_name).write_bytes(tok.data)
+    """Write tok's model file and the configs beside it into out_dir. Ids that came from
+    elsewhere (an HF config.json, which does not travel) go into generation_config.json."""
+    out_dir = Path(out_dir)
+    (out_dir / tok.file_name).write_bytes(tok.data)
     for name in TOKENIZER_CONFIGS:
-        if (tok.path.parent / name).is_file():
-            shutil.copyfile(tok.path.parent / name, Path(out_dir, name))
+        if tok.path is not None and (tok.path.parent / name).is_file():
+            shutil.copyfile(tok.path.parent / name, out_dir / name)
+    if not (out_dir / "generation_config.json").is_file():
+        ids = {f"{k}_token_id": getattr(tok, f"{k}_id") for k in SPECIALS}
+        (out_dir / "generation_config.json").write_text(
+            json.dumps({k: v for k, v in ids.items() if v is not None}, indent=2) + "\n")
 
 
 def load_tokenizer(path) -> Tokenizer:
@@ -276,7 +329,8 @@ class IncrementalDecoder:
     of the first space) and splits multi-byte characters spelled as several byte tokens.
     So decode the prompt's last tokens + all new ids, return only what follows
     decode(those prompt tokens), and hold it back while it ends in U+FFFD (an unfinished
-    UTF-8 sequence). Seeding with the prompt's tail, not all of it, keeps each step's
+    UTF-8 sequence) or in a byte piece (a run of them that turns out not to be UTF-8
+    decodes as one U+FFFD per byte, transformers' rule, so its text is known at its end). Seeding with the prompt's tail, not all of it, keeps each step's
     decode short; decoders only treat the first token specially, so the text after the
     seed is the same. All pushes + flush() == decode(prompt + new) - decode(prompt).
     """
@@ -291,6 +345,8 @@ class IncrementalDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
+        if self.tokenizer.is_byte(self.ids[-1]):  # a byte run is final only once it ends
+            return ""
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""

@@ -6,6 +6,10 @@ test/bench-only dependency.
 
     python -m model.hf import hf=<hf model dir> out=<our checkpoint dir>
     python -m model.hf export ckpt=<our checkpoint dir> out=<hf model dir>
+
+The tokenizer travels both ways: import copies the HF dir's tokenizer files (data.tokenizer's
+TOKENIZER_FILES); export writes them with a tokenizer_config.json and a
+generation_config.json (bos/eos), so AutoTokenizer.from_pretrained loads the dir too.
 """
 from __future__ import annotations
 
@@ -20,11 +24,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import (CONFIG, TOKENIZER, WEIGHTS, CheckpointError, config_of,
+from data.config import DataError
+from data.tokenizer import CONFIG_FILE, Tokenizer, copy_tokenizer, load_tokenizer, tokenizer_files
+from model.checkpoint import (CONFIG, WEIGHTS, CheckpointError, config_of,
                               load_checkpoint, model_from_state, model_state, replace_dir,
                               save_checkpoint, write_json)
 from model.cli_args import ArgError, as_bool, parse_key_values
-from model.config import ConfigError
+from model.config import ConfigError, ModelConfig
 from model.hf_families import family_of, family_of_hf
 from model.transformer import Transformer
 
@@ -53,16 +59,50 @@ def is_hf_model(path: str | Path) -> bool:
     return isinstance(d, dict) and bool(d.get("model_type") or d.get("architectures"))
 
 
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of an HF dir of any family, from its config.json alone."""
+    config = Path(path) / CONFIG
+    try:
+        d = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config} is unreadable: {e}") from None
+    return family_of_hf(d, config).config_from_hf(d, config)
+
+
 # ---------------------------------------------------------------- config
 
-def tokenizer_special_ids(tokenizer: Path | None) -> dict[str, int]:
-    """bos/eos/pad ids of a sentencepiece model (absent ids, -1, are left out)."""
-    if tokenizer is None:
+def tokenizer_special_ids(tok: Tokenizer | None) -> dict[str, int]:
+    """bos/eos/pad ids for config.json (absent ids are left out)."""
+    if tok is None:
         return {}
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
-    return {k: v for k, v in ids.items() if v >= 0}
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def hf_tokenizer_config(tok: Tokenizer) -> dict:
+    """tokenizer_config.json for a tokenizer that came without one (gqalab's own): the class
+    transformers builds it with, its special tokens and whether it adds BOS."""
+    config = {"tokenizer_class": "LlamaTokenizer" if tok.file_name == "tokenizer.model"
+              else "PreTrainedTokenizerFast",
+              "add_bos_token": tok.add_bos, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False}
+    if tok.file_name == "tokenizer.model" and not tok.adds_dummy_prefix:
+        config["add_prefix_space"] = False  # no dummy prefix (gqalab's own): no leading space
+    for name in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(tok, f"{name}_id")
+        if token_id is not None:
+            config[f"{name}_token"] = tok.token_text(token_id)
+    return config
+
+
+def checkpoint_tokenizer(path: Path) -> Tokenizer | None:
+    """The tokenizer a checkpoint or HF dir ships, or None."""
+    if not tokenizer_files(path):
+        return None
+    try:
+        return load_tokenizer(path)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
 
 
 # ---------------------------------------------------------------- weights
@@ -122,8 +162,9 @@ def import_hf(path: str | Path, dtype: torch.dtype | None = None) -> Transformer
 def export_hf(source: str | Path | torch.nn.Module, out: str | Path,
               tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
     """Our checkpoint dir (or a model) -> an HF dir of its family (Llama, GPT-2 or GPT-NeoX)
-    that transformers loads: config.json, model.safetensors and tokenizer.model beside
-    them. Written atomically."""
+    that transformers loads, AutoTokenizer included: config.json, model.safetensors, and the
+    tokenizer (a file or a dir; default the checkpoint's) with tokenizer_config.json and
+    generation_config.json. Written atomically."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists: choose another output or pass overwrite")
@@ -131,7 +172,11 @@ def export_hf(source: str | Path | torch.nn.Module, out: str | Path,
         model = source
     else:
         ckpt = load_checkpoint(source)
-        model, tokenizer = ckpt.model, tokenizer or ckpt.tokenizer_path
+        model, tokenizer = ckpt.model, tokenizer or ckpt.path
+    tok = None
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer) if Path(tokenizer).is_file() else checkpoint_tokenizer(
+            Path(tokenizer))
     cfg = config_of(model)
     family = family_of(cfg)
     state = family.state_to_hf({k: v.cpu() for k, v in model_state(model).items()}, cfg)
@@ -140,11 +185,12 @@ def export_hf(source: str | Path | torch.nn.Module, out: str | Path,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-        tokenizer = Path(tokenizer) if tokenizer else None
-        write_json(tmp / CONFIG, {**family.config_to_hf(cfg), **tokenizer_special_ids(tokenizer),
+        write_json(tmp / CONFIG, {**family.config_to_hf(cfg), **tokenizer_special_ids(tok),
                                   "dtype": str(dtype).removeprefix("torch.")})
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        if tok is not None:
+            copy_tokenizer(tok, tmp)
+            if not (tmp / CONFIG_FILE).is_file():
+                write_json(tmp / CONFIG_FILE, hf_tokenizer_config(tok))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,9 +223,9 @@ def main(argv: list[str]) -> int:
         overwrite = as_bool(args, "overwrite")
         if command == "import":
             model = import_hf(args["hf"])
-            tok = Path(args["hf"]) / TOKENIZER
+            tok = checkpoint_tokenizer(Path(args["hf"]))
             out = save_checkpoint(args["out"], model, meta={"imported_from": args["hf"]},
-                                  files={TOKENIZER: tok} if tok.is_file() else None,
+                                  extra=tok and (lambda tmp: copy_tokenizer(tok, tmp)),
                                   overwrite=overwrite)
         else:
             out = export_hf(args["ckpt"], args["out"], overwrite=overwrite)

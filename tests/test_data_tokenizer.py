@@ -1,11 +1,15 @@
 """The BPE tokenizer: exact round trip, long documents, ids, streaming decode."""
 
+import json
+import pickle
 import random
+import shutil
 
 import pytest
 
 from data.config import DataError
-from data.tokenizer import IncrementalDecoder, Tokenizer, chunk_document, train_tokenizer
+from data.tokenizer import (IncrementalDecoder, Tokenizer, chunk_document, load_tokenizer,
+                            train_tokenizer)
 
 CODE = '''\
 import os
@@ -129,3 +133,61 @@ def test_incremental_decoder_holds_back_split_characters(tokenizer):
     decoder = IncrementalDecoder(tokenizer)
     assert [decoder.push(i) for i in ids] == ["", "", "", "🎉"]
     assert decoder.flush() == ""
+
+
+# ---------------------------------------------------------------- tokenizer.json, special ids
+
+def test_special_ids_follow_the_order_of_authority(tmp_path, bpe_json_path):
+    """tokenizer_config.json > special_tokens_map.json > generation_config.json > config.json;
+    each file is removed in turn and the next one decides."""
+    shutil.copyfile(bpe_json_path, tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path)
+    a, b, c, d = (tok.token_id(t) for t in ("a", "b", "c", "d"))
+    files = [("tokenizer_config.json", {"eos_token": {"content": "a"}, "bos_token": "b"}),
+             ("special_tokens_map.json", {"eos_token": "b"}),
+             ("generation_config.json", {"eos_token_id": [c, a], "pad_token_id": d}),
+             ("config.json", {"eos_token_id": d, "bos_token_id": a})]
+    for name, content in files:
+        (tmp_path / name).write_text(json.dumps(content))
+    expected = [(a, b, d), (b, a, d), (c, a, d), (d, a, None), (None, None, None)]
+    for i, (eos, bos, pad) in enumerate(expected):
+        tok = load_tokenizer(tmp_path / "tokenizer.json")
+        assert (tok.eos_id, tok.bos_id, tok.pad_id) == (eos, bos, pad), files[i:]
+        if i < len(files):
+            (tmp_path / files[i][0]).unlink()
+
+
+def test_add_bos_from_config_else_post_processor(tmp_path, bpe_json_path):
+    spec = json.loads(bpe_json_path.read_text())
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<|endoftext|>"}')
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert load_tokenizer(tmp_path).add_bos is False  # GPT-2 style: nothing added
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [], "special_tokens": {}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert load_tokenizer(tmp_path).add_bos is True
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"bos_token": "<|endoftext|>", "add_bos_token": false}')
+    assert load_tokenizer(tmp_path).add_bos is False  # the config has the last word
+
+
+def test_tokenizer_json_wins_over_tokenizer_model(tmp_path, spm_model_path, bpe_json_path):
+    shutil.copyfile(spm_model_path, tmp_path / "tokenizer.model")
+    assert load_tokenizer(tmp_path).file_name == "tokenizer.model"
+    shutil.copyfile(bpe_json_path, tmp_path / "tokenizer.json")
+    assert load_tokenizer(tmp_path).file_name == "tokenizer.json"
+    assert load_tokenizer(tmp_path / "tokenizer.model").file_name == "tokenizer.model"
+    with pytest.raises(DataError, match="not found: pass a tokenizer.model, a tokenizer.json"):
+        load_tokenizer(tmp_path / "tok")
+
+
+@pytest.mark.parametrize("kind", ["spm", "json"])
+def test_tokenizer_pickles_by_content(kind, spm_model_path, bpe_json_path):
+    tok = load_tokenizer(spm_model_path if kind == "spm" else bpe_json_path)
+    text = "def f(x):\n\treturn 'é日本'  \n"
+    tok.encode(text)  # builds the backend, which must not travel
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.encode(text) == tok.encode(text) and again.decode(tok.encode(text)) == text
+    assert again.identity() == tok.identity()

@@ -1,6 +1,7 @@
 """HF Llama interop against transformers itself: logits after import and after export,
 a lossless round trip, refusal of unsafe or unsupported inputs, and the command."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -90,17 +91,23 @@ def test_bf16_import_stays_bf16_and_equals_the_fp32_import_cast(tmp_path):
         == {torch.bfloat16}
 
 
-def test_command_import_then_export_keeps_tokenizer(tmp_path):
+def test_command_import_then_export_keeps_tokenizer(tmp_path, spm_model_path):
     hf, path = tiny_hf_llama(tmp_path, 2, False)
-    (path / "tokenizer.model").write_bytes(b"not read by import")
+    shutil.copyfile(spm_model_path, path / "tokenizer.model")
+    (path / "tokenizer_config.json").write_text('{"add_bos_token": true}')
     assert main(["import", f"hf={path}", f"out={tmp_path / 'ckpt'}"]) == 0
     ckpt = load_checkpoint(tmp_path / "ckpt")
-    assert ckpt.tokenizer_path is not None and ckpt.config.n_kv_head == 2
+    assert ckpt.config.n_kv_head == 2
+    for name in ("tokenizer.model", "tokenizer_config.json"):  # travelled byte for byte
+        assert (ckpt.path / name).read_bytes() == (path / name).read_bytes()
     assert main(["import", f"hf={path}", f"out={tmp_path / 'ckpt'}"]) == 2  # exists: refused
-    # export of a checkpoint whose tokenizer is a real sentencepiece model is covered in
-    # test_generate; here the file only has to travel.
-    ckpt.path.joinpath("tokenizer.model").unlink()
+    assert main(["export", f"ckpt={tmp_path / 'ckpt'}", f"out={tmp_path / 'tok'}"]) == 0
+    assert (tmp_path / "tok" / "tokenizer.model").read_bytes() == spm_model_path.read_bytes()
+    # without a tokenizer the weights still go: ids in, ids out
+    for name in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        ckpt.path.joinpath(name).unlink()
     assert main(["export", f"ckpt={tmp_path / 'ckpt'}", f"out={tmp_path / 'back'}"]) == 0
+    assert not (tmp_path / "back" / "tokenizer_config.json").exists()
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
     tokens = torch.arange(10)[None]
     torch.testing.assert_close(hf_logits(reloaded, tokens), hf_logits(hf, tokens),

@@ -313,7 +313,7 @@ def test_uptrain_needs_source_steps(base, tmp_path):
     model = Transformer(ModelConfig(vocab_size=320, n_layer=2, n_head=8, d_model=64,
                                     max_seq_len=64))
     bare = save_checkpoint(tmp_path / "bare", model, meta={})
-    with pytest.raises(train_mod.TrainError, match="records no training step"):
+    with pytest.raises(train_mod.TrainError, match="uptrain.source_steps=N, or set max_steps=N"):
         run([*base, f"run_dir={tmp_path / 'r'}", f"init_from={bare}", "uptrain.alpha=0.05"])
 
 
