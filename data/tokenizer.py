@@ -144,7 +144,10 @@ class SentencePieceTokenizer(Tokenizer):
         """As transformers decodes it (skip_special_tokens=True): <unk> is dropped like the
         control tokens, and a run of byte pieces that is not valid UTF-8 becomes one U+FFFD
         per byte (sentencepiece alone would keep the valid bytes inside it)."""
-        ids = [i for i in map(int, ids) if not (self.sp.is_unknown(i) or self.sp.is_control(i))]
+        ids = [int(i) for i in ids]
+        if self._odd_ids.isdisjoint(ids):  # no specials, no byte pieces: sentencepiece's own
+            return self.sp.decode(ids)
+        ids = [i for i in ids if not (self.sp.is_unknown(i) or self.sp.is_control(i))]
         text = self.sp.decode(self._hf_byte_runs(ids))
         space = ids and ids[0] == self.sp.piece_to_id("<0x20>") and text.startswith(" ")
         if space and self.adds_dummy_prefix:
@@ -155,6 +158,14 @@ class SentencePieceTokenizer(Tokenizer):
     def adds_dummy_prefix(self) -> bool:
         """Llama's add_dummy_prefix: encode puts a space before the text, decode drops it."""
         return self.sp.encode("x", out_type=str)[0].startswith("\u2581")
+
+    @property
+    def _odd_ids(self) -> frozenset:
+        if getattr(self, "_odd", None) is None:
+            sp = self.sp
+            self._odd = frozenset(i for i in range(self.vocab_size)
+                                  if sp.is_unknown(i) or sp.is_control(i) or sp.is_byte(i))
+        return self._odd
 
     def _hf_byte_runs(self, ids: List[int]) -> List[int]:
         out, run = [], []
@@ -330,18 +341,23 @@ class IncrementalDecoder:
     So decode the prompt's last tokens + all new ids, return only what follows
     decode(those prompt tokens), and hold it back while it ends in U+FFFD (an unfinished
     UTF-8 sequence) or in a byte piece (a run of them that turns out not to be UTF-8
-    decodes as one U+FFFD per byte, transformers' rule, so its text is known at its end). Seeding with the prompt's tail, not all of it, keeps each step's
-    decode short; decoders only treat the first token specially, so the text after the
-    seed is the same. All pushes + flush() == decode(prompt + new) - decode(prompt).
+    decodes as one U+FFFD per byte, transformers' rule, so its text is known at its end).
+    Decoders only treat the first token specially, so the text after a few seed tokens is
+    the same as after all of them: seeding with the prompt's tail, and restarting from the
+    tail once text is final, keeps every step's decode short.
+    All pushes + flush() == decode(prompt + new) - decode(prompt).
     """
 
     SEED_TOKENS = 8
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: List[int] = [int(i) for i in prompt_ids][-self.SEED_TOKENS:]
+        self._restart([int(i) for i in prompt_ids])
+
+    def _restart(self, ids: List[int]) -> None:
+        self.ids = ids[-self.SEED_TOKENS:]
         # an unfinished character at the prompt's end is completed by the new ids
-        self.emitted = len(tokenizer.decode(self.ids).rstrip("\ufffd")) if self.ids else 0
+        self.emitted = len(self.tokenizer.decode(self.ids).rstrip("\ufffd")) if self.ids else 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
@@ -350,7 +366,10 @@ class IncrementalDecoder:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        return self._take_new(text)
+        new = self._take_new(text)
+        if len(self.ids) > 4 * self.SEED_TOKENS:
+            self._restart(self.ids)
+        return new
 
     def flush(self) -> str:
         return self._take_new(self.tokenizer.decode(self.ids))

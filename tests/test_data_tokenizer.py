@@ -127,12 +127,27 @@ def test_incremental_decoder_on_random_ids(tokenizer):
         assert "".join(pieces) + tail == tokenizer.decode(ids)
 
 
-def test_incremental_decoder_holds_back_split_characters(tokenizer):
+def test_incremental_decoder_holds_back_byte_runs(tokenizer):
     ids = tokenizer.encode("🎉")  # not in this vocab: four byte-fallback pieces
     assert len(ids) == 4
+    x = tokenizer.encode("e")
     decoder = IncrementalDecoder(tokenizer)
-    assert [decoder.push(i) for i in ids] == ["", "", "", "🎉"]
+    assert [decoder.push(i) for i in ids + x] == ["", "", "", "", "🎉e"]
     assert decoder.flush() == ""
+    decoder = IncrementalDecoder(tokenizer)
+    assert [decoder.push(i) for i in ids] == ["", "", "", ""] and decoder.flush() == "🎉"
+
+
+def test_broken_byte_run_decodes_as_transformers_and_streams_the_same(tokenizer):
+    """A byte run that is not UTF-8 is one U+FFFD per byte, the valid bytes in it too
+    (transformers' ByteFallback), and the stream, which emits a run only once it ends,
+    never prints a character the final text does not have."""
+    byte_a = tokenizer.sp.piece_to_id("<0x41>")  # "A" as a byte piece, valid alone
+    head = tokenizer.encode("🎉")[:2]  # half a character
+    ids = tokenizer.encode("e") + [byte_a] + head + tokenizer.encode("s")
+    assert tokenizer.decode(ids) == "e\ufffd\ufffd\ufffds"
+    decoder = IncrementalDecoder(tokenizer)
+    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == tokenizer.decode(ids)
 
 
 # ---------------------------------------------------------------- tokenizer.json, special ids

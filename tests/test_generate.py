@@ -108,6 +108,10 @@ def test_cli_greedy_equals_transformers(tmp_path, ckpt, tokenizer, capsys):
     assert len(set(ref)) > 3  # a model stuck on one token would prove little
     ours, _ = run_cli(capsys, ckpt=str(ckpt), prompt=prompt, temperature=0, stop_at_eos=False)
     assert ours == tokenizer.decode(ids + ref) + "\n"
+    # transformers reads our own tokenizer (no dummy prefix, byte fallback) from the export
+    auto = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert auto(TRICKY, add_special_tokens=False)["input_ids"] == tokenizer.encode(TRICKY)
+    assert auto.decode(ids + ref, skip_special_tokens=True) == tokenizer.decode(ids + ref)
     # the HF dir without a tokenizer: ids in, ids out
     (hf_dir / "tokenizer.model").unlink()
     as_ids, _ = run_cli(capsys, ckpt=str(hf_dir), prompt_ids=ids, temperature=0,
