@@ -24,9 +24,10 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.tokenizer import tokenizer_files
 from model.align import (ALIGNMENTS, GROUPINGS, LayerPlan, attention_input_grams, head_rows,
                          kv_error, move_heads, plan_layer, rope_planes)
-from model.checkpoint import (TOKENIZER, WEIGHTS, CheckpointError, load_checkpoint,
+from model.checkpoint import (WEIGHTS, CheckpointError, load_checkpoint,
                               model_from_state, model_state, read_config, read_meta,
                               save_checkpoint)
 from model.cli_args import ArgError, as_bool, as_int, parse_key_values
@@ -256,7 +257,9 @@ def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
         meta["kv_error"] = {"split": "val", "windows": calib_windows,
                             "layers": kv_errors(ckpt.model, model_state(model), plans,
                                               windows("val"))}
-    files = {name: src / name for name in (TOKENIZER, TRAIN_CONFIG) if (src / name).is_file()}
+    files = tokenizer_files(src)  # the tokenizer travels whole: model file and its configs
+    if (src / TRAIN_CONFIG).is_file():
+        files[TRAIN_CONFIG] = src / TRAIN_CONFIG
     return save_checkpoint(out, model, meta, files, overwrite=overwrite)
 
 
