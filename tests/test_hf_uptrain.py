@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -115,8 +116,9 @@ def test_streaming_equals_transformers_decode_of_prompt_plus_new(hf_llama, promp
     assert not any("\ufffd" in p for p in pieces)  # unfinished characters were held back
 
 
-def test_uptrain_alpha_on_hf_dir_needs_source_steps(tmp_path, hf_llama):
-    _, hf_dir, _, _ = hf_llama
+def test_hf_dir_uptrain_needs_source_steps_and_its_own_tokenizer(tmp_path, hf_llama,
+                                                                 spm_model_path, bpe_json_path):
+    kind, hf_dir, _, _ = hf_llama
     args = [*overrides(tmp_path, hf_dir), "uptrain.alpha=0.05"]
     args.remove("max_steps=12")
     with pytest.raises(train_mod.TrainError, match=r"uptrain.source_steps=N, or set max_steps=N"):
@@ -124,3 +126,15 @@ def test_uptrain_alpha_on_hf_dir_needs_source_steps(tmp_path, hf_llama):
     cfg = train_mod.uptrain_config(compose_cfg([*args, "uptrain.source_steps=1000"]), hf_dir,
                                    [*args, "uptrain.source_steps=1000"])
     assert cfg.max_steps == 50 and cfg.data.tokenizer == str(hf_dir.resolve())
+
+    # a data.tokenizer other than the source's is refused before any training
+    write_corpus(tmp_path / "corpus")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(bpe_json_path if kind == "spm" else spm_model_path,
+                    other / ("tokenizer.json" if kind == "spm" else "tokenizer.model"))
+    (other / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    wrong = [*overrides(tmp_path, hf_dir), f"data.tokenizer={other}"]
+    with pytest.raises(train_mod.TrainError, match="the data's tokenizer differs from"):
+        train_mod.train(compose_cfg(wrong), wrong)
+    assert not (tmp_path / "run" / "checkpoints").exists()
