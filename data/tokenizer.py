@@ -328,7 +328,8 @@ def adds_bos(tok: Tokenizer, folder: Path) -> bool:
     config = read_json(folder / CONFIG_FILE)
     if isinstance(config.get("add_bos_token"), bool):
         return config["add_bos_token"] and tok.bos_id is not None
-    return isinstance(tok, JsonTokenizer) and tok.post_processor_adds_bos() and tok.bos_id is not None
+    return (isinstance(tok, JsonTokenizer) and tok.post_processor_adds_bos()
+            and tok.bos_id is not None)
 
 
 # ---------------------------------------------------------------- streaming

@@ -222,8 +222,8 @@ def main(argv: list[str]) -> int:
         command, args = parse_args(argv)
         overwrite = as_bool(args, "overwrite")
         if command == "import":
+            tok = checkpoint_tokenizer(Path(args["hf"]))  # a bad one fails before the weights
             model = import_hf(args["hf"])
-            tok = checkpoint_tokenizer(Path(args["hf"]))
             out = save_checkpoint(args["out"], model, meta={"imported_from": args["hf"]},
                                   extra=tok and (lambda tmp: copy_tokenizer(tok, tmp)),
                                   overwrite=overwrite)
