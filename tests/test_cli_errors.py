@@ -42,7 +42,7 @@ CASES = [
                                             "choose one of gqa, mha, mqa"),
     ("train.py", [*TRAIN, "model.n_layr=3"], "unknown key model.n_layr: did you mean model.n_layer?"),
     ("train.py", [*TRAIN, "n_head=4"], "unknown key n_head: did you mean model.n_head?"),
-    ("train.py", [*TRAIN, "model="], "choose one of gpt2s, small, tiny"),
+    ("train.py", [*TRAIN, "model="], "choose one of gpt2, gpt2s, pythia, small, tiny"),
     ("train.py", [*TRAIN, "max_steps=1.5"], "max_steps=1.5: Value '1.5'"),
     ("train.py", [*TRAIN, "seq_len=${{nosuch}}"], "seq_len: Interpolation key 'nosuch' not found"),
     ("train.py", [*TRAIN, "model.n_layer"], "cannot parse override 'model.n_layer'"),
