@@ -136,7 +136,7 @@ def section_b(quick: bool, compiled: bool) -> None:
             hf = to_hf(model, tmp)
             for b in (1, 8):
                 prompt = prompt_batch(b, plen, BENCH["vocab_size"])
-                runs = {"HF": lambda: hf_generate(hf, prompt, new),
+                runs = {"mem": big.sum, "HF": lambda: hf_generate(hf, prompt, new),
                         "ours": lambda: generate(model, prompt, new, GREEDY)}
                 t_compile = 0.0
                 if compiled:
@@ -227,22 +227,15 @@ def section_c(quick: bool, compiled: bool) -> None:
 
 # ---------------------------------------------------------------- (q)
 
-def read_bandwidth(mib_read: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a sum over a float32 tensor far larger than the caches: the memory
-    roofline, measured now, under the same load as the figures beside it."""
-    big = torch.ones(mib_read * 2**20 // 4)
-    seconds, _ = timed(lambda: big.sum(), repeats)
-    return big.numel() * 4 / seconds
-
-
 def section_q(quick: bool, modes: list[str]) -> None:
     new, plen = (64 if quick else 128), 16
-    bandwidth = read_bandwidth()
+    big = torch.ones(256 * 2**20 // 4)  # far larger than the caches
     print(f"\n(q) int8 weight-only vs fp32, both compiled, vs transformers generate; greedy, "
           f"{new} new tokens, prompt {plen} (bench model: {BENCH['n_layer']} layers, "
-          f"d={BENCH['d_model']}); times include the prefill\n    memory read "
-          f"{bandwidth / 1e9:.1f} GB/s (sum over 512 MiB); roofline = that / bytes per step")
-    print(f"{'type':<7}{'b':>3}{'HF tok/s':>10}{'fp32 tok/s':>12}{'fp32/HF':>9}"
+          f"d={BENCH['d_model']}); times include the prefill. GB/s: a sum over 256 MiB,\n"
+          f"    timed in turn with the rest (the memory roofline under the same load); "
+          f"roofl = achieved tok/s / (GB/s / bytes per step)")
+    print(f"{'type':<7}{'b':>3}{'GB/s':>6}{'HF tok/s':>10}{'fp32 tok/s':>12}{'fp32/HF':>9}"
           + "".join(f"{m + ' tok/s':>17}{'/fp32':>7}{'/HF':>7}{'MiB/step':>9}{'roofl':>7}"
                     for m in modes) + "  target int8 b1 >= 1.6x fp32")
     import transformers
@@ -255,20 +248,22 @@ def section_q(quick: bool, modes: list[str]) -> None:
             quantized = {m: quantize_model(build(BENCH, n_kv), m) for m in modes}
             for b in (1, 8):
                 prompt = prompt_batch(b, plen, BENCH["vocab_size"])
-                runs = {"HF": lambda: hf_generate(hf, prompt, new),
+                runs = {"mem": big.sum, "HF": lambda: hf_generate(hf, prompt, new),
                         "fp32": lambda: generate(model, prompt, new, GREEDY, compile=True)}
                 compile_decode(model, b, plen + new)
                 for m, q in quantized.items():
                     compile_decode(q, b, plen + new)
                     runs[m] = functools.partial(generate, q, prompt, new, GREEDY, compile=True)
                 times, _ = interleaved(runs, repeats=3)
-                print(row_q(name, b, new, plen, times, quantized, bandwidth))
+                print(row_q(name, b, new, plen, times, quantized, big.numel() * 4))
 
 
 def row_q(name: str, b: int, new: int, plen: int, times: dict, quantized: dict,
-          bandwidth: float) -> str:
+          mem_bytes: int) -> str:
     tps = {k: b * new / t for k, t in times.items()}
-    row = f"{name:<7}{b:>3}{tps['HF']:>10,.1f}{tps['fp32']:>12,.1f}{tps['fp32'] / tps['HF']:>8.2f}x"
+    bandwidth = mem_bytes / times["mem"]
+    row = (f"{name:<7}{b:>3}{bandwidth / 1e9:>6.1f}{tps['HF']:>10,.1f}{tps['fp32']:>12,.1f}"
+           f"{tps['fp32'] / tps['HF']:>8.2f}x")
     verdicts = []
     for m, q in quantized.items():
         step = decode_bytes(q, b, plen + new // 2)
