@@ -28,6 +28,8 @@ from model.checkpoint import CONFIG, CheckpointError, load_checkpoint
 from model.config import ConfigError
 from model.hf import checkpoint_tokenizer, import_hf, is_hf_model
 from model.kv_cache import kv_bytes_per_token
+from model.quantize import (is_quantized, load_quantized, quantization_of, quantize_model,
+                            weight_bytes)
 from model.sampling import SamplingConfig, compile_decode, stream
 from model.transformer import Transformer
 
@@ -54,6 +56,7 @@ class GenerateConfig:
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 elsewhere; or float32/bfloat16/float16
     compile: bool = False  # torch.compile the decode step: ~1 min once, then 2-3x faster on CPU
     stream: bool = True  # print tokens as they come (num_samples == 1 only)
+    quantize: str = "none"  # none | int8 (blocks' linear layers) | int8_head (and the output head)
 
 
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
@@ -122,6 +125,8 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype):
     """-> (model, its tokenizer or None)."""
     if is_hf_model(path):
         model = import_hf(path, dtype).to(device)  # rope tables built in dtype, not via bf16
+    elif is_quantized(path):  # written by model.quantize: int8 as stored, not re-quantized
+        model = load_quantized(path, device, dtype).model
     else:
         model = load_checkpoint(path, device, dtype).model
     return model, checkpoint_tokenizer(path)
@@ -222,6 +227,8 @@ def run(cfg: GenerateConfig) -> None:
     sampling = sampling_config(cfg)
     path = resolve_checkpoint(cfg.ckpt)
     model, tokenizer = load_model(path, device, dtype)
+    if cfg.quantize != "none":
+        quantize_model(model, cfg.quantize)
     ids = prompt_tokens(cfg, tokenizer, model)
     eos_id = tokenizer.eos_id if tokenizer is not None and cfg.stop_at_eos else None
     generator = torch.Generator(device).manual_seed(cfg.seed)
@@ -275,6 +282,7 @@ def run(cfg: GenerateConfig) -> None:
           f"({cfg.num_samples * len(ids) / prefill_s:,.1f} tok/s)\n"
           f"decode: {steps} steps x {cfg.num_samples} in {decode_s:.3f} s "
           f"({decode_tps:,.1f} tok/s)\n"
+          f"weights: {mib(weight_bytes(model))}, quantization {quantization_of(model)}\n"
           f"KV cache: {mib(kv)} ({cfg_m.attention_type}; MHA equivalent {mib(kv_mha)}, "
           f"{kv_mha / kv:.0f}x more) | {memory_report(device)}", file=sys.stderr)
 

@@ -4,6 +4,7 @@
     python bench/decode.py --section a     # cached vs uncached, 512 new tokens (issue 2)
     python bench/decode.py --section b     # ours vs transformers generate, greedy 256 tokens
     python bench/decode.py --section c     # long context: roofline MHA vs GQA vs MQA
+    python bench/decode.py --section q     # int8 weight-only vs fp32 compiled vs transformers
     python bench/decode.py --quick         # shorter runs, same tables
 
 Shapes (fp32, random weights, vocab 4096, SwiGLU ffn 1408 / 704):
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import ModelConfig  # noqa: E402
 from model.kv_cache import kv_bytes_per_token  # noqa: E402
 from model.sampling import SamplingConfig, compile_decode, generate, stream  # noqa: E402
-from model.summary import param_counts  # noqa: E402
+from model.quantize import quantize_model, weight_bytes  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -134,7 +136,7 @@ def section_b(quick: bool, compiled: bool) -> None:
             hf = to_hf(model, tmp)
             for b in (1, 8):
                 prompt = prompt_batch(b, plen, BENCH["vocab_size"])
-                runs = {"HF": lambda: hf_generate(hf, prompt, new),
+                runs = {"mem": big.sum, "HF": lambda: hf_generate(hf, prompt, new),
                         "ours": lambda: generate(model, prompt, new, GREEDY)}
                 t_compile = 0.0
                 if compiled:
@@ -169,11 +171,14 @@ def row_b(name: str, b: int, n_tokens: int, times: dict, t_compile: float) -> st
 
 # ---------------------------------------------------------------- (c)
 
-def decode_bytes(cfg: ModelConfig, batch: int, context: int) -> int:
-    """Bytes one decode step must read: every weight once (the tied embedding counts once,
-    as the output head) plus the filled K/V cache of every sequence."""
-    weights = param_counts(cfg)["total"] * 4
-    return weights + kv_bytes_per_token(cfg) * batch * context
+def decode_bytes(model: Transformer, batch: int, context: int) -> int:
+    """Bytes one decode step must read: every weight once in its stored dtype (int8
+    layers: weights + scales), the embedding table only when it is also the output head
+    (a lookup reads one row), plus the filled K/V cache of every sequence."""
+    weights = weight_bytes(model)
+    if model.lm_head.weight is not model.embed.weight:
+        weights -= model.embed.weight.numel() * model.embed.weight.element_size()
+    return weights + kv_bytes_per_token(model.config) * batch * context
 
 
 def decode_rate(model: Transformer, prompt: torch.Tensor, new: int,
@@ -205,7 +210,7 @@ def section_c(quick: bool, compiled: bool) -> None:
         rates = [decode_rate(model, prompt, new, m == "compiled") for m in modes]
         kv = kv_bytes_per_token(model.config) * b * (plen + new)
         rows[name] = (rates[0][0], [tps for _, tps in rates], kv,
-                      decode_bytes(model.config, b, plen + new // 2))
+                      decode_bytes(model, b, plen + new // 2))
     mha_tps, mha_bytes = rows["MHA"][1], rows["MHA"][3]
     for name, (prefill_s, tps, kv, step_bytes) in rows.items():
         predicted = mha_bytes / step_bytes
@@ -220,9 +225,61 @@ def section_c(quick: bool, compiled: bool) -> None:
         print(line)
 
 
+# ---------------------------------------------------------------- (q)
+
+def section_q(quick: bool, modes: list[str]) -> None:
+    new, plen = (64 if quick else 128), 16
+    big = torch.ones(256 * 2**20 // 4)  # far larger than the caches
+    print(f"\n(q) int8 weight-only vs fp32, both compiled, vs transformers generate; greedy, "
+          f"{new} new tokens, prompt {plen} (bench model: {BENCH['n_layer']} layers, "
+          f"d={BENCH['d_model']}); times include the prefill. GB/s: a sum over 256 MiB,\n"
+          f"    timed in turn with the rest (the memory roofline under the same load); "
+          f"roofl = achieved tok/s / (GB/s / bytes per step)")
+    print(f"{'type':<7}{'b':>3}{'GB/s':>6}{'HF tok/s':>10}{'fp32 tok/s':>12}{'fp32/HF':>9}"
+          + "".join(f"{m + ' tok/s':>17}{'/fp32':>7}{'/HF':>7}{'MiB/step':>9}{'roofl':>7}"
+                    for m in modes) + "  target int8 b1 >= 1.6x fp32")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, n_kv in KV_HEADS.items():
+            torch._dynamo.reset()
+            model = build(BENCH, n_kv)
+            hf = to_hf(model, tmp)
+            quantized = {m: quantize_model(build(BENCH, n_kv), m) for m in modes}
+            for b in (1, 8):
+                prompt = prompt_batch(b, plen, BENCH["vocab_size"])
+                runs = {"mem": big.sum, "HF": lambda: hf_generate(hf, prompt, new),
+                        "fp32": lambda: generate(model, prompt, new, GREEDY, compile=True)}
+                compile_decode(model, b, plen + new)
+                for m, q in quantized.items():
+                    compile_decode(q, b, plen + new)
+                    runs[m] = functools.partial(generate, q, prompt, new, GREEDY, compile=True)
+                times, _ = interleaved(runs, repeats=3)
+                print(row_q(name, b, new, plen, times, quantized, big.numel() * 4))
+
+
+def row_q(name: str, b: int, new: int, plen: int, times: dict, quantized: dict,
+          mem_bytes: int) -> str:
+    tps = {k: b * new / t for k, t in times.items()}
+    bandwidth = mem_bytes / times["mem"]
+    row = (f"{name:<7}{b:>3}{bandwidth / 1e9:>6.1f}{tps['HF']:>10,.1f}{tps['fp32']:>12,.1f}"
+           f"{tps['fp32'] / tps['HF']:>8.2f}x")
+    verdicts = []
+    for m, q in quantized.items():
+        step = decode_bytes(q, b, plen + new // 2)
+        roofline = bandwidth / step * b  # tok/s if each step only streamed its bytes
+        ratio = tps[m] / tps["fp32"]
+        row += (f"{tps[m]:>17,.1f}{ratio:>6.2f}x{tps[m] / tps['HF']:>6.2f}x"
+                f"{step / 2**20:>9.1f}{tps[m] / roofline:>7.0%}")
+        verdicts.append(verdict(ratio >= 1.6) if b == 1 else "")
+    return row + "  " + " / ".join(v for v in verdicts if v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--section", choices=["a", "b", "c", "all"], default="all")
+    ap.add_argument("--section", choices=["a", "b", "c", "q", "all"], default="all")
+    ap.add_argument("--quant", default="int8,int8_head",
+                    help="section q: comma-separated quantize modes (int8, int8_head)")
     ap.add_argument("--quick", action="store_true", help="shorter runs, same tables")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled columns")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -236,6 +293,8 @@ def main() -> None:
         section_b(args.quick, compiled=not args.no_compile)
     if args.section in ("c", "all"):
         section_c(args.quick, compiled=not args.no_compile)
+    if args.section in ("q", "all"):
+        section_q(args.quick, args.quant.split(","))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +22,7 @@ from model.config import ConfigError, ModelConfig
 from model.transformer import Transformer
 
 WEIGHTS, CONFIG, META, TOKENIZER = "model.safetensors", "config.json", "meta.json", "tokenizer.model"
+QUANTIZED = "quantization"  # meta.json key of an int8 checkpoint (model.quantize)
 
 
 class CheckpointError(ValueError):
@@ -135,27 +136,35 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
     """dtype None keeps the stored dtype (a bf16 checkpoint loads as bf16)."""
     path = Path(path)
     cfg = read_config(path)
+    if QUANTIZED in read_meta(path):
+        raise CheckpointError(f"{path} holds int8-quantized weights for generation: load it "
+                              f"with model.quantize.load_quantized or generate.py")
     model = model_from_state(cfg, read_weights(path), path, dtype).to(device)
     return Checkpoint(model.eval(), cfg, path, read_meta(path))
 
 
 def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
-    """The dtype most weights are stored in (an HF file may keep a few norms in fp32)."""
+    """The dtype most float weights are stored in (an HF file may keep a few norms in fp32;
+    int8 weights of a quantized checkpoint do not count)."""
     elements = Counter()
     for tensor in state.values():
-        elements[tensor.dtype] += tensor.numel()
+        if tensor.is_floating_point():
+            elements[tensor.dtype] += tensor.numel()
     return elements.most_common(1)[0][0]
 
 
 def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: Path | str,
-                     dtype: torch.dtype | None = None) -> Transformer:
-    """A Transformer that holds state's tensors themselves, cast to dtype (None: the stored
-    one). Built on the meta device, so there is no random init and no second copy: tensors
-    from read_weights stay mapped from the file until something writes to them."""
+                     dtype: torch.dtype | None = None,
+                     build: Callable[[ModelConfig], Transformer] = Transformer) -> Transformer:
+    """A model from build(cfg) that holds state's tensors themselves, float ones cast to
+    dtype (None: the stored one; integer ones, e.g. int8 weights, kept). Built on the meta
+    device, so there is no random init and no second copy: tensors from read_weights stay
+    mapped from the file until something writes to them."""
     dtype = dtype or stored_dtype(state)
     with torch.device("meta"):
-        model = Transformer(cfg)
-    load_state(model, {k: v.to(dtype) for k, v in state.items()}, source, assign=True)
+        model = build(cfg)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    load_state(model, state, source, assign=True)
     model.init_rope()  # its buffers were built on meta too
     return model.to(dtype=dtype)  # rope tables in the weights' dtype, as .to(dtype) gives
 
