@@ -3,7 +3,9 @@
 `load_tokenizer(path)` takes a tokenizer.model, a tokenizer.json, or a directory holding
 either (a gqalab checkpoint, an HF model dir, a prepared-data dir); with both present,
 tokenizer.json wins, as it does for transformers' AutoTokenizer, so ids and text agree
-with what transformers gives for the same directory. Both backends:
+with what transformers gives for the same directory. A GPT-2 dir that ships only
+vocab.json + merges.txt (the slow tokenizer's files) gets the tokenizer.json backend, built
+from them as transformers' GPT2Tokenizer builds it. Both backends:
   encode(text) -> ids, no special tokens   decode(ids) -> text, special tokens dropped
   encode_batch, vocab_size, bos_id / eos_id / pad_id (None when absent), add_bos,
   sha256() of the defining file's bytes.
@@ -13,7 +15,8 @@ Special ids come from the checkpoint's own files, first found wins:
   2. special_tokens_map.json  the same keys
   3. generation_config.json  bos_token_id / eos_token_id / pad_token_id (a list: its first)
   4. config.json              the same keys
-  5. the tokenizer model      sentencepiece's own bos/eos/pad ids; tokenizer.json: none
+  5. the tokenizer model      sentencepiece's own bos/eos/pad ids; tokenizer.json: none;
+                              vocab.json + merges.txt: <|endoftext|> is bos and eos (GPT-2's)
 add_bos (documents and prompts start with BOS): tokenizer_config.json's add_bos_token,
 else whether tokenizer.json's post-processor puts a special token first, else False.
 The files of TOKENIZER_FILES travel with every checkpoint, import and export.
@@ -42,9 +45,10 @@ from data.config import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = SPECIAL_IDS = 0, 1, 2, 3
 SPM_FILE, JSON_FILE, CONFIG_FILE = "tokenizer.model", "tokenizer.json", "tokenizer_config.json"
+VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # GPT-2's byte-level BPE, as a pair
 # Copied wholesale wherever a tokenizer travels (checkpoints, import, export, prepared data).
 TOKENIZER_CONFIGS = (CONFIG_FILE, "special_tokens_map.json", "generation_config.json")
-TOKENIZER_FILES = (SPM_FILE, JSON_FILE, *TOKENIZER_CONFIGS)
+TOKENIZER_FILES = (SPM_FILE, JSON_FILE, VOCAB_FILE, MERGES_FILE, *TOKENIZER_CONFIGS)
 # Where special ids are looked up, in order of authority: (file, is_token_text).
 SPECIAL_SOURCES = ((CONFIG_FILE, True), ("special_tokens_map.json", True),
                    ("generation_config.json", False), ("config.json", False))
@@ -75,7 +79,8 @@ class Tokenizer:
     """The common interface. Subclasses hold the model's bytes, so a tokenizer pickles
     (to datasets' worker processes) and fingerprints by content."""
 
-    file_name: str  # SPM_FILE or JSON_FILE
+    file_name: str  # SPM_FILE, JSON_FILE or VOCAB_FILE
+    hf_class: str  # the transformers class that reads the same files
 
     def __init__(self, data: bytes, path: Optional[Path] = None, specials: Optional[dict] = None,
                  add_bos: bool = False):
@@ -113,8 +118,12 @@ class Tokenizer:
         """A byte-fallback piece (<0xHH>): its text depends on the bytes that follow it."""
         return re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", self.token_text(token_id) or "") is not None
 
+    def model_files(self) -> dict:
+        """{file name: bytes} of the files that define the tokenizer."""
+        return {self.file_name: self.data}
+
     def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+        return hashlib.sha256(b"".join(self.model_files().values())).hexdigest()
 
     def identity(self) -> dict:
         """Everything that decides the ids a document becomes (for cache keys)."""
@@ -129,7 +138,7 @@ class Tokenizer:
 
 
 class SentencePieceTokenizer(Tokenizer):
-    file_name = SPM_FILE
+    file_name, hf_class = SPM_FILE, "LlamaTokenizer"
 
     @property
     def sp(self) -> spm.SentencePieceProcessor:
@@ -214,14 +223,17 @@ class SentencePieceTokenizer(Tokenizer):
 class JsonTokenizer(Tokenizer):
     """An HF fast tokenizer's tokenizer.json, through the `tokenizers` library."""
 
-    file_name = JSON_FILE
+    file_name, hf_class = JSON_FILE, "PreTrainedTokenizerFast"
 
     @property
     def tk(self):
         if getattr(self, "_tk", None) is None:
-            from tokenizers import Tokenizer as HFTokenizer
-            self._tk = HFTokenizer.from_str(self.data.decode("utf-8"))
+            self._tk = self.build()
         return self._tk
+
+    def build(self):
+        from tokenizers import Tokenizer as HFTokenizer
+        return HFTokenizer.from_str(self.data.decode("utf-8"))
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
@@ -251,20 +263,64 @@ class JsonTokenizer(Tokenizer):
         return bool(single) and "SpecialToken" in single[0]
 
 
+class Gpt2FilesTokenizer(JsonTokenizer):
+    """GPT-2's vocab.json (data) + merges.txt (merges), built as transformers' GPT2Tokenizer
+    builds them: byte-level BPE without a prefix space, <|endoftext|> a special token (so
+    decode drops it) and both BOS and EOS."""
+
+    file_name, hf_class = VOCAB_FILE, "GPT2Tokenizer"
+    END_OF_TEXT = "<|endoftext|>"
+
+    def __init__(self, data: bytes, path: Optional[Path] = None, merges: bytes = b""):
+        super().__init__(data, path)
+        self.merges = merges
+
+    def model_files(self) -> dict:
+        return {VOCAB_FILE: self.data, MERGES_FILE: self.merges}
+
+    def build(self):
+        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, \
+            pre_tokenizers
+        vocab = json.loads(self.data.decode("utf-8"))
+        lines = self.merges.decode("utf-8").splitlines()
+        merges = [tuple(line.split(" ")) for line in lines
+                  if line and not line.startswith("#version")]
+        bad = next((m for m in merges if len(m) != 2), None)
+        if bad is not None:
+            raise ValueError(f"{MERGES_FILE} line {' '.join(bad)!r} is not 'a b'")
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None,
+                                    continuing_subword_prefix="", end_of_word_suffix="",
+                                    fuse_unk=False))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        tk.add_special_tokens([AddedToken(self.END_OF_TEXT, special=True)])
+        return tk
+
+    def model_specials(self) -> dict:
+        eot = self.token_id(self.END_OF_TEXT)
+        return dict(bos=eot, eos=eot)
+
+    def post_processor_adds_bos(self) -> bool:
+        return False
+
+
 # ---------------------------------------------------------------- loading
 
 def tokenizer_files(path) -> dict:
-    """{name: path} of the TOKENIZER_FILES a directory holds (none without a model file)."""
+    """{name: path} of the TOKENIZER_FILES a directory holds (none without a model file:
+    tokenizer.model, tokenizer.json, or the pair vocab.json + merges.txt)."""
     path = Path(path)
     found = {name: path / name for name in TOKENIZER_FILES if (path / name).is_file()}
-    return found if SPM_FILE in found or JSON_FILE in found else {}
+    pair = {VOCAB_FILE, MERGES_FILE} <= found.keys()
+    return found if SPM_FILE in found or JSON_FILE in found or pair else {}
 
 
 def copy_tokenizer(tok: Tokenizer, out_dir) -> None:
     """Write tok's model file and the configs beside it into out_dir. Ids that came from
     elsewhere (an HF config.json, which does not travel) go into generation_config.json."""
     out_dir = Path(out_dir)
-    (out_dir / tok.file_name).write_bytes(tok.data)
+    for name, data in tok.model_files().items():
+        (out_dir / name).write_bytes(data)
     for name in TOKENIZER_CONFIGS:
         if tok.path is not None and (tok.path.parent / name).is_file():
             shutil.copyfile(tok.path.parent / name, out_dir / name)
@@ -280,21 +336,33 @@ def load_tokenizer(path) -> Tokenizer:
     if path.is_dir():
         files = tokenizer_files(path)
         if not files:
-            raise DataError(f"{path} holds no {SPM_FILE} or {JSON_FILE}: pass a tokenizer file, "
-                            f"or a checkpoint/HF dir that ships one")
-        path = files.get(JSON_FILE, files.get(SPM_FILE))
+            raise DataError(f"{path} holds no {SPM_FILE}, {JSON_FILE} or {VOCAB_FILE} + "
+                            f"{MERGES_FILE}: pass a tokenizer file, or a checkpoint/HF dir that "
+                            f"ships one")
+        path = files.get(JSON_FILE, files.get(SPM_FILE, files.get(VOCAB_FILE)))
     if not path.is_file():
-        raise DataError(f"tokenizer {path} not found: pass a {SPM_FILE}, a {JSON_FILE} or a "
-                        f"directory holding one")
-    cls = JsonTokenizer if path.suffix == ".json" else SentencePieceTokenizer
-    tok = cls(path.read_bytes(), path)
+        raise DataError(f"tokenizer {path} not found: pass a {SPM_FILE}, a {JSON_FILE}, a "
+                        f"{VOCAB_FILE} with {MERGES_FILE} beside it, or a directory holding one")
+    tok = read_model(path)
     try:
         tok.vocab_size  # parses the model now, so a bad file fails here, with its name
     except Exception as e:  # sentencepiece: RuntimeError/OSError; tokenizers: Exception
-        raise DataError(f"{path} is not a readable {cls.file_name}: {e}") from None
+        raise DataError(f"{path} is not a readable {tok.file_name}: {e}") from None
     tok.bos_id, tok.eos_id, tok.pad_id = (special_ids(tok, path.parent).get(k) for k in SPECIALS)
     tok.add_bos = adds_bos(tok, path.parent)
     return tok
+
+
+def read_model(path: Path) -> Tokenizer:
+    """The tokenizer of one model file, specials not yet looked up."""
+    if path.name == VOCAB_FILE:
+        merges = path.with_name(MERGES_FILE)
+        if not merges.is_file():
+            raise DataError(f"{path} has no {MERGES_FILE} beside it: GPT-2's tokenizer is the "
+                            f"pair; pass its directory with both, or its {JSON_FILE}")
+        return Gpt2FilesTokenizer(path.read_bytes(), path, merges.read_bytes())
+    cls = JsonTokenizer if path.suffix == ".json" else SentencePieceTokenizer
+    return cls(path.read_bytes(), path)
 
 
 def read_json(path: Path) -> dict:

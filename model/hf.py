@@ -82,9 +82,7 @@ def tokenizer_special_ids(tok: Tokenizer | None) -> dict[str, int]:
 def hf_tokenizer_config(tok: Tokenizer) -> dict:
     """tokenizer_config.json for a tokenizer that came without one (gqalab's own): the class
     transformers builds it with, its special tokens and whether it adds BOS."""
-    config = {"tokenizer_class": "LlamaTokenizer" if tok.file_name == "tokenizer.model"
-              else "PreTrainedTokenizerFast",
-              "add_bos_token": tok.add_bos, "add_eos_token": False,
+    config = {"tokenizer_class": tok.hf_class, "add_bos_token": tok.add_bos, "add_eos_token": False,
               "clean_up_tokenization_spaces": False}
     if tok.file_name == "tokenizer.model" and not tok.adds_dummy_prefix:
         config["add_prefix_space"] = False  # no dummy prefix (gqalab's own): no leading space

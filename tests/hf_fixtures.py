@@ -10,6 +10,9 @@ re-exports the fixtures). Each takes well under a second:
       tokenizer: weights, config.json, generation_config.json and the tokenizer files
       ("spm": tokenizer.model, tokenizer_config.json, special_tokens_map.json as OpenLLaMA
       and Sheared-LLaMA ship them; "bpe": tokenizer.json and tokenizer_config.json).
+  (d) tiny_hf_family: a random MHA GPT2LMHeadModel beside GPT-2's slow-tokenizer files
+      only (vocab.json + merges.txt, no tokenizer.json), or a GPTNeoXForCausalLM (rotary_pct
+      0.25) beside the byte-level BPE tokenizer.json.
 The fixtures are shared by the whole session: copy a dir before changing it.
 """
 from __future__ import annotations
@@ -110,6 +113,36 @@ def tiny_hf_llama(out_dir: Path, kind: str = "spm", seed: int = 0, n_head: int =
     return model, tok
 
 
+def tiny_hf_family(out_dir: Path, family: str, seed: int = 0):
+    """A random tiny "gpt2" or "neox" model and its tokenizer saved as an HF dir (see (d));
+    <|endoftext|> is BOS and EOS, as in both families. -> (model, AutoTokenizer)."""
+    from tokenizers import Tokenizer
+    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                              GPTNeoXForCausalLM)
+    out_dir = Path(out_dir)
+    json_path = byte_bpe_tokenizer(out_dir)
+    tok = Tokenizer.from_file(str(json_path))
+    ids = dict(vocab_size=tok.get_vocab_size(), bos_token_id=tok.token_to_id("<|endoftext|>"),
+               eos_token_id=tok.token_to_id("<|endoftext|>"), attn_implementation="eager")
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        tok.model.save(str(out_dir))  # vocab.json + merges.txt, as GPT-2's Hub dir has them
+        json_path.unlink()
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                           **ids))
+    elif family == "neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160,
+            max_position_embeddings=128, rotary_pct=0.25, **ids))
+    else:
+        raise ValueError(f"family={family!r}: gpt2 or neox")
+    for p in model.parameters():  # larger than the default init: clear greedy picks
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.1)
+    model.eval().save_pretrained(out_dir)
+    return model, AutoTokenizer.from_pretrained(out_dir)
+
+
 # ---------------------------------------------------------------- session fixtures
 
 @pytest.fixture(scope="session")
@@ -127,4 +160,12 @@ def hf_llama(request, tmp_path_factory):
     """(kind, dir, transformers model, transformers tokenizer), once per tokenizer kind."""
     out = tmp_path_factory.mktemp(f"hf_llama_{request.param}")
     model, tok = tiny_hf_llama(out, request.param)
+    return request.param, out, model, tok
+
+
+@pytest.fixture(scope="session", params=["gpt2", "neox"])
+def hf_family(request, tmp_path_factory):
+    """(family, dir, transformers model, AutoTokenizer) of tiny_hf_family, once per family."""
+    out = tmp_path_factory.mktemp(f"hf_{request.param}")
+    model, tok = tiny_hf_family(out, request.param)
     return request.param, out, model, tok
