@@ -4,7 +4,7 @@
     python train.py -m attention=mha,gqa,mqa                  # a sweep, one dir per job
     python train.py run_dir=runs/x resume=true                # continue runs/x
     python train.py init_from=ckpt attention=gqa uptrain.alpha=0.05   # GQA uptraining
-    python train.py init_from=<HF Llama dir> attention=gqa attention.n_kv_head=8 \
+    python train.py init_from=<HF Llama|GPT-2|NeoX dir> attention=gqa attention.n_kv_head=8 \
         data=text_files data.files='[corpus/*.txt]' max_steps=1000   # its tokenizer, your corpus
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
         train.py hydra.run.dir=runs/ddp                       # two CPU processes
@@ -298,7 +298,7 @@ def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> D
 
 
 def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
-    """A fresh model, or init_from's weights (ours or an HF Llama dir's) converted to the
+    """A fresh model, or init_from's weights (ours or an HF Llama/GPT-2/NeoX dir's) converted to the
     configured KV heads."""
     if not cfg.init_from:
         return Transformer(model_config(cfg, vocab_size)), {}

@@ -347,7 +347,8 @@ def load_tokenizer(path) -> Tokenizer:
     try:
         tok.vocab_size  # parses the model now, so a bad file fails here, with its name
     except Exception as e:  # sentencepiece: RuntimeError/OSError; tokenizers: Exception
-        raise DataError(f"{path} is not a readable {tok.file_name}: {e}") from None
+        raise DataError(f"{path} is not a readable {' + '.join(tok.model_files())}: {e}") \
+            from None
     tok.bos_id, tok.eos_id, tok.pad_id = (special_ids(tok, path.parent).get(k) for k in SPECIALS)
     tok.add_bos = adds_bos(tok, path.parent)
     return tok

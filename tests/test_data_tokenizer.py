@@ -9,7 +9,7 @@ import pytest
 
 from data.config import DataError
 from data.tokenizer import (IncrementalDecoder, Tokenizer, chunk_document, load_tokenizer,
-                            train_tokenizer)
+                            tokenizer_files, train_tokenizer)
 
 CODE = '''\
 import os
@@ -206,3 +206,36 @@ def test_tokenizer_pickles_by_content(kind, spm_model_path, bpe_json_path):
     again = pickle.loads(pickle.dumps(tok))
     assert again.encode(text) == tok.encode(text) and again.decode(tok.encode(text)) == text
     assert again.identity() == tok.identity()
+
+
+def test_gpt2_vocab_and_merges_pair(tmp_path, bpe_json_path):
+    """GPT-2's slow-tokenizer files alone make the same tokenizer as its tokenizer.json, with
+    <|endoftext|> as BOS and EOS unless a config says otherwise; the pair is one model."""
+    from tokenizers import Tokenizer as HFTokenizer
+    reference = load_tokenizer(bpe_json_path)
+    (tmp_path / "vocab.json").write_text(json.dumps(HFTokenizer.from_file(
+        str(bpe_json_path)).get_vocab(with_added_tokens=False)))
+    with pytest.raises(DataError, match="holds no tokenizer.model, tokenizer.json or vocab.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(DataError, match="has no merges.txt beside it"):
+        load_tokenizer(tmp_path / "vocab.json")
+    HFTokenizer.from_file(str(bpe_json_path)).model.save(str(tmp_path))  # the real pair
+    assert set(tokenizer_files(tmp_path)) == {"vocab.json", "merges.txt"}
+    tok = load_tokenizer(tmp_path)
+    assert tok.file_name == "vocab.json" and not tok.add_bos
+    assert tok.bos_id == tok.eos_id == reference.token_id("<|endoftext|>") and tok.pad_id is None
+    assert tok.encode(CODE) == reference.encode(CODE) and tok.decode(tok.encode(CODE)) == CODE
+    assert tok.decode([tok.eos_id, *tok.encode("x")]) == "x"  # special: dropped
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.encode(CODE) == tok.encode(CODE) and again.identity() == tok.identity()
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 5}))
+    assert load_tokenizer(tmp_path).eos_id == 5  # config.json outranks the model's default
+
+    merges = (tmp_path / "merges.txt").read_text()
+    (tmp_path / "merges.txt").write_text(merges.rsplit("\n", 2)[0] + "\n")  # one merge less
+    assert load_tokenizer(tmp_path).sha256() != tok.sha256()
+    (tmp_path / "merges.txt").write_text(merges + "a b c\n")
+    with pytest.raises(DataError, match="not a readable vocab.json [+] merges.txt: merges.txt"):
+        load_tokenizer(tmp_path)
+    shutil.copyfile(bpe_json_path, tmp_path / "tokenizer.json")
+    assert load_tokenizer(tmp_path).file_name == "tokenizer.json"  # as AutoTokenizer does
