@@ -152,8 +152,9 @@ def prompt_tokens(cfg: GenerateConfig, tokenizer, model: Transformer) -> list[in
             raise UsageError("give a text prompt or prompt_ids=, not both")
         ids = list(cfg.prompt_ids)
     elif tokenizer is None:
-        raise UsageError("this checkpoint has no tokenizer.model or tokenizer.json beside it: "
-                         "give the prompt as token ids, e.g. prompt_ids=[1,450,3681]")
+        raise UsageError("this checkpoint has no tokenizer.model, tokenizer.json or vocab.json + "
+                         "merges.txt beside it: give the prompt as token ids, e.g. "
+                         "prompt_ids=[1,450,3681]")
     else:
         bos = tokenizer.add_bos if cfg.bos is None else cfg.bos
         ids = ([tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []) + \

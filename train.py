@@ -280,8 +280,9 @@ def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> D
                          f"none (HF checkpoints never do): pass uptrain.source_steps=N, or set "
                          f"max_steps=N instead")
     if not tokenizer_files(source) and not overridden("data.tokenizer"):
-        raise TrainError(f"{source} has no tokenizer.model or tokenizer.json: init_from needs "
-                         f"the source's tokenizer; pass data.tokenizer=<its tokenizer>")
+        raise TrainError(f"{source} has no tokenizer.model, tokenizer.json or vocab.json + "
+                         f"merges.txt: init_from needs the source's tokenizer; pass "
+                         f"data.tokenizer=<its tokenizer>")
     cfg = cfg.copy()
     if not overridden("attention"):  # keep the source's KV heads unless asked to convert
         cfg.attention.n_kv_head = source_cfg.n_kv_head

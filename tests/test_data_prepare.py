@@ -297,7 +297,7 @@ def test_given_tokenizer_over_65535_ids_writes_uint32(tmp_path, bpe_json_path):
 
 def test_given_tokenizer_errors_are_one_line(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_docs=4)
-    with pytest.raises(DataError, match="holds no tokenizer.model or tokenizer.json"):
+    with pytest.raises(DataError, match="holds no tokenizer.model, tokenizer.json or vocab.json"):
         prepare_data(files_cfg(corpus, tmp_path / "cache", tokenizer=str(corpus)), progress=False)
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match="not a readable tokenizer.model"):
