@@ -89,6 +89,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None 
 
 def replace_dir(src: Path, dst: Path) -> None:
     """Move a complete directory into place; an old one is removed only afterwards."""
+    open_permissions(src)
     if dst.exists():
         trash = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, trash)
@@ -96,6 +97,17 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def open_permissions(root: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only entries; a published checkpoint gets
+    the modes the user's umask gives any new file, so others on a shared machine can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for entry in root.rglob("*"):
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
 def config_of(model: torch.nn.Module) -> ModelConfig:

@@ -1,5 +1,7 @@
 """Checkpoint directories: round trip, plain names, atomic writes, clear load errors."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -44,6 +46,20 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
     save_checkpoint(tmp_path / "ckpt", tiny_model(), meta={"v": 3}, overwrite=True)
     assert load_checkpoint(tmp_path / "ckpt").meta == {"v": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporaries left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_published_checkpoint_has_the_umask_modes(tmp_path, umask):
+    """Not mkdtemp's owner-only 0700: a checkpoint on a shared machine is as readable as
+    any file the user creates."""
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "ckpt", tiny_model(), files={"extra.txt": __file__})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o777 & ~umask
+    for name in (WEIGHTS, CONFIG, "meta.json", "extra.txt"):
+        assert stat.S_IMODE((tmp_path / "ckpt" / name).stat().st_mode) == 0o666 & ~umask
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path):
