@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.tokenizer import tokenizer_files
 from model.align import (ALIGNMENTS, GROUPINGS, LayerPlan, attention_input_grams, head_rows,
                          kv_error, move_heads, plan_layer, rope_planes)
-from model.checkpoint import (WEIGHTS, CheckpointError, load_checkpoint,
+from model.checkpoint import (WEIGHTS, CheckpointError, config_of, load_checkpoint,
                               model_from_state, model_state, read_config, read_meta,
                               save_checkpoint)
 from model.cli_args import ArgError, as_bool, as_int, parse_key_values
@@ -96,7 +96,7 @@ def convert_model(model: Transformer, n_kv_head: int, method: str = "mean", seed
     """A new model with n_kv_head KV heads, sharing every tensor it does not change with the
     source, which is left untouched. calib (N, T) token windows: needed by group=similar
     and align=procrustes."""
-    check_target(model_config(model).n_kv_head, n_kv_head, method, group, align)
+    check_target(config_of(model).n_kv_head, n_kv_head, method, group, align)
     return pooled_model(model, n_kv_head, method, seed,
                         plan_conversion(model, n_kv_head, group, align, calib))
 
@@ -110,7 +110,7 @@ def plan_conversion(model: Transformer, n_kv_head: int, group: str, align: str,
     if calib is None or not len(calib):
         raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
                            f"calib_windows=N (e.g. 64) and a source with a data config")
-    cfg = model_config(model)
+    cfg = config_of(model)
     grams = attention_input_grams(model, calib)
     state, rope = model_state(model), rope_planes(cfg)
     return [plan_layer(kv_rows(state, i, "k_proj", cfg.n_kv_head),
@@ -149,7 +149,7 @@ def pooled_state(model: Transformer, n_kv_head: int, method: str, seed: int,
                  plans: list[LayerPlan] | None) -> tuple[ModelConfig, dict]:
     """(the target config, its state): the source's tensors, the attention ones rewritten
     per plans, then K/V pooled."""
-    src_cfg = model_config(model)
+    src_cfg = config_of(model)
     try:
         cfg = src_cfg.with_kv_heads(n_kv_head)
     except ConfigError as e:
@@ -170,7 +170,7 @@ def kv_errors(model: Transformer, converted: dict[str, torch.Tensor],
     """Per layer, the K and V reconstruction error of a conversion (its state) on windows
     (held out): sum over source heads of |aligned source head - its pooled head|^2 over the
     source's own attention inputs, relative to the source heads' energy."""
-    src, dst, cfg = model_state(model), converted, model_config(model)
+    src, dst, cfg = model_state(model), converted, config_of(model)
     S, G = cfg.n_kv_head, dst["blocks.0.attn.k_proj.weight"].shape[0] // cfg.head_dim
     rows = []
     for i, gram in enumerate(attention_input_grams(model, windows)):
@@ -182,12 +182,6 @@ def kv_errors(model: Transformer, converted: dict[str, torch.Tensor],
             err[proj[0]] = round(kv_error(aligned, kv_rows(dst, i, proj, G), gram), 6)
         rows.append(err)
     return rows
-
-
-def model_config(model: torch.nn.Module):
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model.config
 
 
 def sha256_file(path: Path) -> str:

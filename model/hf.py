@@ -38,17 +38,6 @@ HF_INDEX = "model.safetensors.index.json"
 HF_PICKLE = "pytorch_model.bin"
 HF_PICKLE_INDEX = "pytorch_model.bin.index.json"
 
-def is_hf_llama(path: str | Path) -> bool:
-    """A directory whose config.json says it is an HF Llama model."""
-    config = Path(path) / CONFIG
-    try:
-        d = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(d, dict) and (d.get("model_type") == "llama"
-                                    or "LlamaForCausalLM" in (d.get("architectures") or []))
-
-
 def is_hf_model(path: str | Path) -> bool:
     """A directory whose config.json is an HF transformers config, of any family: import_hf
     reads Llama, GPT-2 and GPT-NeoX and names them when it refuses another."""

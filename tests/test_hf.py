@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from model.checkpoint import CheckpointError, load_checkpoint, model_state  # noqa: E402
-from model.hf import export_hf, import_hf, is_hf_llama, main  # noqa: E402
+from model.hf import export_hf, import_hf, is_hf_model, main  # noqa: E402
 
 CASES = {  # name: (num_key_value_heads, tie_word_embeddings)
     "MHA-untied": (4, False),
@@ -46,7 +46,7 @@ def hf_logits(hf, tokens):
 def test_import_matches_hf_logits_and_round_trips(tmp_path, case):
     n_kv, tied = CASES[case]
     hf, path = tiny_hf_llama(tmp_path, n_kv, tied)
-    assert is_hf_llama(path)
+    assert is_hf_model(path)
     ours = import_hf(path)
     assert ours.config.n_kv_head == n_kv and ours.config.tie_embeddings == tied
     assert ours.config.rope_theta == 500.0
