@@ -38,7 +38,7 @@ from data.loader import TokenStream, eval_batches
 from data.prepare import as_data_config, prepare_data
 from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from model.checkpoint import (WEIGHTS, CheckpointError, load_checkpoint, read_config, read_meta,
-                              save_checkpoint, write_json)
+                              save_checkpoint, unwrap, write_json)
 from model.hf import import_hf, is_hf_model, read_hf_config
 from model.config import ConfigError
 from model.sampling import SamplingConfig, generate
@@ -358,12 +358,6 @@ def make_accelerator(cfg: Any, run_dir: Path) -> Accelerator:
     return accelerator
 
 
-def raw_model(model: torch.nn.Module) -> Transformer:
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 # Dense bf16 tensor-core peaks, TFLOP/s per device (vendor datasheets); matched in order
 # against torch.cuda.get_device_name(). Anything else: set peak_tflops.
 GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
@@ -424,7 +418,7 @@ def evaluate(model, accelerator: Accelerator, prepared, cfg: Any) -> float:
 @torch.no_grad()
 def sample_text(model, accelerator: Accelerator, tokenizer: Tokenizer, cfg: Any) -> str:
     """A continuation of the fixed prompt, from its own generator (training RNG untouched)."""
-    model = raw_model(model)
+    model = unwrap(model)
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else [tokenizer.eos_id]
     prompt = (bos if tokenizer.add_bos else []) + tokenizer.encode(cfg.sample_prompt) or bos
     new = min(cfg.sample_tokens, model.config.max_seq_len - len(prompt))

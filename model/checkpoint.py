@@ -42,12 +42,18 @@ class Checkpoint:
         return path if path.is_file() else None
 
 
+def unwrap(model: torch.nn.Module) -> Transformer:
+    """The model inside torch.compile (_orig_mod) and DDP/Accelerate (module) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def model_state(model: torch.nn.Module,
                 state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Plain tensor names: no torch.compile/DDP wrapper prefixes, tied head dropped.
     state: the model's full state dict when it was gathered elsewhere (FSDP)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
+    model = unwrap(model)
     state = model.state_dict() if state is None else state
     state = {k: v.detach().contiguous() for k, v in state.items()}
     if model.config.tie_embeddings:
@@ -111,9 +117,7 @@ def open_permissions(root: Path) -> None:
 
 
 def config_of(model: torch.nn.Module) -> ModelConfig:
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model.config
+    return unwrap(model).config
 
 
 def read_config(path: str | Path) -> ModelConfig:
