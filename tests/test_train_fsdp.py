@@ -52,14 +52,23 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(base, tmp_path):
         assert two_loss[step] == pytest.approx(one_loss[step], rel=1e-4), step
     assert records(two, "val_loss")[6] == pytest.approx(one.val_loss, rel=1e-4)
 
-    # one consolidated weights file per checkpoint, equal to the one-process weights
+    # one consolidated weights file per checkpoint, the one-process weights up to AdamW's
+    # amplification of rounding: an element whose gradient is near zero moves by up to
+    # ~lr in a direction set by the all-reduce's summation order (CI's CPU flipped a few
+    # that this machine did not). A wrong consolidation (a stale step, swapped or missing
+    # shards) differs almost everywhere. The resume below loads such a file and proves
+    # it exact.
     ckpts = two / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_3", "step_6"]
     fsdp_weights = load_file(ckpts / "step_6/model.safetensors")
     one_weights = load_file(one.checkpoint / "model.safetensors")
     assert fsdp_weights.keys() == one_weights.keys()
-    for name, tensor in one_weights.items():
-        torch.testing.assert_close(fsdp_weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    names = sorted(one_weights)
+    fsdp_flat = torch.cat([fsdp_weights[n].flatten() for n in names])
+    one_flat = torch.cat([one_weights[n].flatten() for n in names])
+    off = ~torch.isclose(fsdp_flat, one_flat, rtol=1e-4, atol=1e-6)
+    diff = (fsdp_flat - one_flat).norm() / one_flat.norm()
+    assert off.float().mean() <= 1e-3 and diff <= 1e-3, (int(off.sum()), off.numel(), float(diff))
 
     # AdamW state: each rank holds and saves half of what the single process does
     single = torch.load(one.checkpoint / "accelerate/optimizer.bin", weights_only=True)
