@@ -22,6 +22,7 @@ import sys
 from typing import Any, Callable, NoReturn
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -67,6 +68,8 @@ def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception]
         def run(*args: Any) -> Any:
             nonlocal started, debug
             started, debug = False, full_error()
+            if not args:  # Hydra parses sys.argv itself: vet its flags first
+                check_flags()
             if debug:
                 return app(*args)
             before = os.environ.get(FULL_ERROR)
@@ -83,6 +86,19 @@ def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception]
                     os.environ[FULL_ERROR] = before
         return run
     return decorate
+
+
+def check_flags() -> None:
+    """An unknown or incomplete --flag: argparse prints a usage block and `prog: error:`;
+    say it in one line instead, with what the command takes."""
+    parser = get_args_parser()
+    def refuse(message: str) -> NoReturn:
+        fix = ("settings are key=value overrides, without dashes (e.g. seed=1)"
+               if message.startswith("unrecognized") else "--help lists the flags")
+        fail(f"{message}: {fix}")
+
+    parser.error = refuse  # type: ignore[method-assign]
+    parser.parse_args()
 
 
 def describe(e: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Generate text from a gqalab checkpoint, a train.py run dir, or an HF Llama dir.
+"""Generate text from a gqalab checkpoint, a train.py run dir, or an HF model dir (Llama,
+GPT-2, GPT-NeoX).
 
     python generate.py ckpt=runs/x/checkpoints/step_1000 prompt="def fib(n):"
     python generate.py ckpt=runs/x prompt_file=- num_samples=3 temperature=0.9 < prompt.py
@@ -39,7 +40,7 @@ SEPARATOR = "\n" + "-" * 40 + "\n"
 
 @dataclass
 class GenerateConfig:
-    ckpt: str = ""  # checkpoint dir, train.py run dir (uses checkpoints/latest) or HF Llama dir
+    ckpt: str = ""  # checkpoint dir, run dir (its checkpoints/latest) or HF Llama/GPT-2/NeoX dir
     prompt: str = ""  # prompt text, verbatim
     prompt_file: str = ""  # read the prompt from this file; "-" reads stdin
     prompt_ids: list[int] = field(default_factory=list)  # token ids instead of text
@@ -97,7 +98,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_checkpoint(path: str) -> Path:
     """A checkpoint or HF dir as is; a train.py run dir -> its checkpoints/latest."""
     if not path:
-        raise UsageError("no checkpoint given: pass ckpt=<checkpoint dir | run dir | HF Llama dir>")
+        raise UsageError("no checkpoint given: pass ckpt=<checkpoint dir | run dir | HF model dir>")
     p = Path(path).expanduser()
     if not p.is_dir():
         raise UsageError(f"checkpoint {p} not found: pass an existing directory as ckpt=")

@@ -62,6 +62,9 @@ CASES = [
     ("train.py", [*TRAIN, "init_from={new}"], "not found"),
     ("train.py", [*TRAIN, "resume={run}", f"init_from={CKPT}"], "pass either resume or init_from"),
     ("train.py", [*TRAIN, "batch_mode=shuffled"], "batch_mode='shuffled' is not one of"),
+    ("train.py", [*TRAIN, "--max_steps=3"], "unrecognized arguments: --max_steps=3: settings "
+                                             "are key=value overrides, without dashes"),
+    ("generate.py", ["ckpt={run}", "--cfg"], "argument --cfg/-c: expected one argument: --help"),
     ("generate.py", ["ckpt={run}", "tempreature=0.5"], "unknown key tempreature: did you mean "
                                                        "temperature?"),
     ("generate.py", ["ckpt={run}", "temperature=hot"], "temperature=hot: Value 'hot'"),
