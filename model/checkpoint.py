@@ -10,9 +10,10 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -75,9 +76,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None 
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists: choose another output or pass overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         unwrapped = model_state(model, state)
         save_file({k: v.cpu() for k, v in unwrapped.items()}, tmp / WEIGHTS)
         write_json(tmp / CONFIG, config_of(model).to_dict())
@@ -86,11 +85,30 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None 
             shutil.copyfile(src, tmp / name)
         if extra is not None:
             extra(tmp)
+    return path
+
+
+@contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """A temporary dir beside path, renamed onto it when the block completes and deleted
+    when it fails, so path is never half-written. A filesystem refusal (no such parent,
+    read-only, disk full) is a CheckpointError naming path, not a traceback."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        where = path.parent if ".tmp-" in str(e.filename) else e.filename
+        raise CheckpointError(f"cannot write {path}: {e.strerror} ({where}): choose an "
+                              f"output path in a writable directory") from None
+    try:
+        yield tmp
         replace_dir(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"writing {path} failed, nothing was written: {e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from data.config import DataError
 from data.tokenizer import CONFIG_FILE, Tokenizer, copy_tokenizer, load_tokenizer, tokenizer_files
 from model.checkpoint import (CONFIG, WEIGHTS, CheckpointError, config_of,
-                              load_checkpoint, model_from_state, model_state, replace_dir,
+                              load_checkpoint, model_from_state, model_state, staged_dir,
                               save_checkpoint, write_json)
 from model.cli_args import ArgError, as_bool, parse_key_values
 from model.config import ConfigError, ModelConfig
@@ -168,9 +166,7 @@ def export_hf(source: str | Path | torch.nn.Module, out: str | Path,
     family = family_of(cfg)
     state = family.state_to_hf({k: v.cpu() for k, v in model_state(model).items()}, cfg)
     dtype = next(iter(state.values())).dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
         write_json(tmp / CONFIG, {**family.config_to_hf(cfg), **tokenizer_special_ids(tok),
                                   "dtype": str(dtype).removeprefix("torch.")})
@@ -178,10 +174,6 @@ def export_hf(source: str | Path | torch.nn.Module, out: str | Path,
             copy_tokenizer(tok, tmp)
             if not (tmp / CONFIG_FILE).is_file():
                 write_json(tmp / CONFIG_FILE, hf_tokenizer_config(tok))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -91,6 +91,14 @@ CASES = [
     ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={hf}"], "already exists"),
     ("python -m model.convert", ["ckpt={trunc}/checkpoints/step_4", "n_kv_head=2", "out={new}"],
      "truncated or corrupt"),
+    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out=/dev/null/gqa"],
+     "cannot write /dev/null/gqa: File exists (/dev/null): choose an output path in a writable"),
+    ("python -m model.quantize", [f"ckpt={CKPT}", "out=/dev/null/int8"], "cannot write "
+                                                                        "/dev/null/int8"),
+    ("python -m model.quantize", [f"ckpt={CKPT}", "out={new}", "mode=int4"],
+     "mode='int4' is unknown: use int8"),
+    ("python -m model.hf", ["export", f"ckpt={CKPT}", "out=/dev/null/hf"], "cannot write "
+                                                                          "/dev/null/hf"),
     ("python -m model.hf", [], "no command: python -m model.hf import"),
     ("python -m model.hf", ["frobnicate"], "unknown command 'frobnicate'"),
     ("python -m model.hf", ["import", "hf={new}", "out={run}/hf"], "config.json"),

@@ -64,10 +64,26 @@ def test_published_checkpoint_has_the_umask_modes(tmp_path, umask):
 
 def test_failed_save_leaves_nothing_behind(tmp_path):
     def crash(tmp_dir):
-        raise RuntimeError("disk full")
+        raise RuntimeError("a bug")
     with pytest.raises(RuntimeError):
         save_checkpoint(tmp_path / "ckpt", tiny_model(), extra=crash)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_filesystem_refusal_is_a_checkpoint_error_and_the_old_checkpoint_survives(tmp_path):
+    save_checkpoint(tmp_path / "ckpt", tiny_model(), meta={"v": 1})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+
+    def disk_full(tmp_dir):
+        raise OSError(28, "No space left on device", str(tmp_dir / WEIGHTS))
+    with pytest.raises(CheckpointError, match="writing .*ckpt failed, nothing was written: "
+                                              ".*No space left on device"):
+        save_checkpoint(tmp_path / "ckpt", tiny_model(), overwrite=True, extra=disk_full)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    (tmp_path / "file").write_text("")  # a parent that is not a directory
+    with pytest.raises(CheckpointError, match=f"cannot write {tmp_path}/file/ckpt: .*writable"):
+        save_checkpoint(tmp_path / "file" / "ckpt", tiny_model())
 
 
 def test_missing_truncated_and_mismatched_checkpoints_are_named(tmp_path):
