@@ -7,6 +7,7 @@ replaces `@hydra.main(version_base="1.3", ...)`. The task's `errors`, OmegaConf'
 met while it runs (a bad interpolation) and every error Hydra raises before it starts (a
 wrong type, an unknown key, an unknown group option, an unparsable override) become one
 line that names the key and what is allowed: a group's options, the closest known key.
+So do an unknown --flag and a `+key=value` that adds a key no setting reads.
 Any other exception in the task is a bug and keeps its traceback. HYDRA_FULL_ERROR=1
 lets every error through with its full trace, for debugging.
 
@@ -19,15 +20,19 @@ import difflib
 import functools
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import hydra
 from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException, OverrideParseException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
+STARTED = time.time() - 1  # a dir made since then (mtime, whole seconds) is this process's
 
 
 def fail(message: Any) -> NoReturn:
@@ -54,12 +59,17 @@ def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception]
         def guarded(cfg: Any) -> Any:
             nonlocal started
             started = True
+            output_dir = Path(HydraConfig.get().runtime.output_dir)
             try:
+                if not debug:
+                    check_additions(cfg)
                 return task(cfg)
             except (*errors, OmegaConfBaseException) as e:
                 if debug:
                     raise
                 fail(describe(e))
+            finally:
+                discard_if_unused(output_dir)
 
         app = hydra.main(version_base="1.3", config_path=config_path,
                          config_name=config_name)(guarded)
@@ -86,6 +96,36 @@ def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception]
                     os.environ[FULL_ERROR] = before
         return run
     return decorate
+
+
+def discard_if_unused(output_dir: Path) -> None:
+    """Hydra makes its run dir before the task runs: remove it again if this process made
+    it and left it empty (a refused run, or a task that writes elsewhere), and its parent
+    (`runs/`) too if that is left empty. Never the working dir (`hydra.run.dir=.`) or above."""
+    for folder in (output_dir, output_dir.parent):
+        try:
+            if Path.cwd().resolve().is_relative_to(folder.resolve()) \
+                    or folder.stat().st_mtime < STARTED or any(folder.iterdir()):
+                return
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def check_additions(cfg: DictConfig) -> None:
+    """Hydra's `+key=value` adds a key the schema lacks, which no command reads: a typo
+    (`+model.n_layr=3`) would pass silently. Group options (`+experiment=x`) and hydra.*
+    are Hydra's own business and pass."""
+    hydra_cfg = HydraConfig.get()
+    for override in OmegaConf.to_container(hydra_cfg.overrides.task):  # unresolved: `x=${y}`
+        key = override.removeprefix("+").split("=", 1)[0]
+        if override.startswith("++") or not override.startswith("+") \
+                or key in hydra_cfg.runtime.choices or key.startswith("hydra."):
+            continue
+        close = difflib.get_close_matches(key, [k for k in leaf_keys(cfg) if k != key], n=1)
+        guess = f"did you mean {close[0]}? " if close else ""
+        fail(f"{override} adds a key {key} that no setting reads: {guess}settings are "
+             f"key=value, without +")
 
 
 def check_flags() -> None:

@@ -48,7 +48,6 @@ from train_config import check_config, model_config
 
 TRAIN_CONFIG, TRAINER_STATE, ACCEL_STATE = "train_config.yaml", "trainer_state.json", "accelerate"
 METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
-STARTED = time.time() - 1  # a run dir made since then (mtime, whole seconds) is this process's
 # The parts of a source run's config that uptraining reuses unless overridden (§2.1: same
 # recipe, alpha of the steps).
 RECIPE = ("optim", "batch_size", "grad_accum", "seq_len", "batch_mode", "data")
@@ -200,19 +199,6 @@ def record_config(out: Path, cfg: DictConfig, overrides: Sequence[str], resumed:
         return
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (out / "overrides.yaml").write_text(as_yaml(overrides))
-
-
-def discard_if_unused(hydra_dir: Path) -> None:
-    """Hydra makes its run dir before the task runs: remove it again if this process made
-    it and left it empty (a refused run, or run_dir= pointing elsewhere), and `runs/` too
-    if that is left empty."""
-    for folder in (hydra_dir, hydra_dir.parent):
-        try:
-            if folder.stat().st_mtime < STARTED or any(folder.iterdir()):
-                return
-            folder.rmdir()
-        except OSError:
-            return
 
 
 # ---------------------------------------------------------------- metrics
@@ -628,11 +614,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
 @cli.hydra_main(config_path="configs", config_name="train", errors=(*USER_ERRORS, OSError))
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
-    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        train(cfg, HydraConfig.get().overrides.task)
-    finally:
-        discard_if_unused(hydra_dir)
+    train(cfg, HydraConfig.get().overrides.task)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,10 @@ CASES = [
     ("train.py", [*TRAIN, "batch_mode=shuffled"], "batch_mode='shuffled' is not one of"),
     ("train.py", [*TRAIN, "--max_steps=3"], "unrecognized arguments: --max_steps=3: settings "
                                              "are key=value overrides, without dashes"),
+    ("train.py", [*TRAIN, "run_dir={new}", "+model.n_layr=3"], "+model.n_layr=3 adds a key "
+                                                               "model.n_layr that no setting "
+                                                               "reads: did you mean model.n_layer?"),
+    ("generate.py", ["ckpt={run}", "+tempreature=0.5"], "did you mean temperature?"),
     ("generate.py", ["ckpt={run}", "--cfg"], "argument --cfg/-c: expected one argument: --help"),
     ("generate.py", ["ckpt={run}", "tempreature=0.5"], "unknown key tempreature: did you mean "
                                                        "temperature?"),
