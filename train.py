@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import cli
 from data.config import DataError
-from data.loader import TokenStream, eval_batches
+from data.loader import IGNORE_INDEX, TokenStream, eval_batches
 from data.prepare import as_data_config, prepare_data
 from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from model.checkpoint import (WEIGHTS, CheckpointError, load_checkpoint, read_config, read_meta,
@@ -384,21 +384,20 @@ def start_trackers(accelerator: Accelerator, cfg: DictConfig, run_dir: Path) -> 
 
 @torch.no_grad()
 def evaluate(model, accelerator: Accelerator, prepared, cfg: Any) -> float:
-    """Mean val loss per token over eval_batches per process, all processes pooled."""
+    """Mean val loss per token over eval_batches per process (each val window once, padding
+    ignored), all processes pooled."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # (loss sum, tokens)
     for x, y in eval_batches(prepared.val_bin, prepared.dtype, cfg.seq_len, cfg.batch_size,
                              cfg.eval_batches, accelerator.process_index, accelerator.num_processes):
         logits = model(x.to(accelerator.device))
         y = y.to(accelerator.device)
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        total[1] += y.numel()
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                    ignore_index=IGNORE_INDEX, reduction="sum")
+        total[1] += (y != IGNORE_INDEX).sum()
     model.train()
     total = accelerator.gather_for_metrics(total[None]).sum(0)  # (2,)
-    if total[1] == 0:
-        raise TrainError(f"the validation split has no window of seq_len={cfg.seq_len} tokens: "
-                         f"lower seq_len or raise data.val_fraction")
-    return (total[0] / total[1]).item()
+    return (total[0] / total[1]).item()  # eval_batches raised DataError if val has no window
 
 
 @torch.no_grad()

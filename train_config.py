@@ -106,7 +106,7 @@ class TrainConfig:
 
     log_every: int = 10  # steps between train-loss records (each the mean since the last)
     eval_every: int = 100  # steps between validations (and checkpoints); 0: only at the end
-    eval_batches: int = 20  # per process
+    eval_batches: int = 20  # per process: at most eval_batches*batch_size*processes val windows
     ckpt_every: int = 0  # 0: checkpoint at every eval
     keep_last: int = 2  # checkpoints kept on disk
     sample_prompt: str = "def "  # generated from at each eval (tracker table, end of run)

@@ -17,6 +17,7 @@ import torch
 from data.config import DataError
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+IGNORE_INDEX = -100  # F.cross_entropy's default: eval padding targets count for nothing
 
 
 def open_tokens(bin_path, dtype) -> np.ndarray:
@@ -95,18 +96,27 @@ class TokenStream:
 
 def eval_batches(bin_path, dtype, seq_len: int, batch_size: int, max_batches: Optional[int] = None,
                  rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-    """The same non-overlapping windows of the val set at every eval, spread evenly
-    over the whole file, sharded over ranks. Every rank yields the same number of
-    batches (the last may be smaller), so collective ops stay in step."""
+    """The same non-overlapping val windows at every eval, each evaluated once over all ranks.
+
+    K windows spread evenly over the whole file: all of them, or at most max_batches *
+    batch_size * world_size, so the set depends only on that product (1 rank x batch 8 and
+    2 ranks x batch 4 see the same windows). Window i of the K goes to rank i % world_size.
+    A rank left one short gets a padding row (targets all IGNORE_INDEX, so it counts for
+    nothing): every rank yields the same number of batches of the same shapes, so collective
+    ops stay in step. The last batch may be smaller; a rank may hold only padding."""
     tokens = open_tokens(bin_path, dtype)
     n_windows = _window_count(len(tokens), seq_len, "validation", bin_path)
-    per_rank = n_windows // world_size
-    if per_rank == 0:
-        raise DataError(f"{bin_path} has {n_windows} windows of {seq_len} tokens for {world_size} "
-                        "ranks; raise data.val_fraction or lower the sequence length")
-    if max_batches is not None:
-        per_rank = min(per_rank, max_batches * batch_size)
-    chosen = np.arange(per_rank * world_size) * n_windows // (per_rank * world_size)
-    mine = chosen[rank::world_size]
+    k = n_windows if max_batches is None else min(n_windows, max_batches * batch_size * world_size)
+    mine = (np.arange(k) * n_windows // k)[rank::world_size]
+    per_rank = -(-k // world_size)  # the most any rank holds
     for i in range(0, per_rank, batch_size):
-        yield _stack(tokens, mine[i : i + batch_size] * seq_len, seq_len)
+        rows = min(batch_size, per_rank - i)
+        yield _padded(tokens, mine[i : i + batch_size] * seq_len, rows, seq_len)
+
+
+def _padded(tokens: np.ndarray, starts: np.ndarray, rows: int, seq_len: int) -> Batch:
+    """The windows at starts, then padding up to rows: the file's first inputs, no targets."""
+    n_real = len(starts)
+    x, y = _stack(tokens, starts.tolist() + [0] * (rows - n_real), seq_len)  # (rows, T)
+    y[n_real:] = IGNORE_INDEX
+    return x, y

@@ -24,7 +24,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import train as train_mod  # noqa: E402  (registers the schema)
-from data.loader import eval_batches  # noqa: E402
+from data.loader import eval_batches, open_tokens  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from model.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
 from model.config import ConfigError, ModelConfig  # noqa: E402
@@ -197,15 +197,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def odd_val_seq_len(base) -> int:
+    """The longest seq_len that cuts the val split into an odd number of windows (the split,
+    by a hash of each file's path, changes with tmp_path), so 2 processes get uneven shares."""
+    prepared = train_mod.prepare_data(train_mod.as_data_config(compose_cfg(base).data),
+                                      progress=False)
+    n_tokens = len(open_tokens(prepared.val_bin, prepared.dtype))
+    return next(s for s in range(64, 32, -1) if (n_tokens - 1) // s % 2 == 1)
+
+
 def test_two_cpu_processes_match_one(base, tmp_path):
-    """Sequential windows: 2 processes x batch 4 see exactly 1 process x batch 8's batches."""
-    # eval_batches=1: both evaluate the same 8 windows (with the val split's window count not
-    # a multiple of 2, an uncapped 2-process eval drops one window to keep ranks in step).
-    # val_fraction 0.25: the split is by a hash of each file's path, which changes with
-    # tmp_path; at 5% it sometimes held fewer than 8 windows, and the two runs then
-    # evaluated 7 vs 6 of them.
+    """Sequential windows: 2 processes x batch 4 see exactly 1 process x batch 8's batches,
+    and both evaluate the whole val split, an odd number of windows, each once."""
     common = [*base, "max_steps=6", "eval_every=6", "log_every=1", "batch_mode=sequential",
-              "eval_batches=1", "data.val_fraction=0.25"]
+              "eval_batches=1000", f"seq_len={odd_val_seq_len(base)}"]  # 1000: all of val
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     two_dir = tmp_path / "two"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from test_train import ENV, ROOT, base, free_port, records, run  # noqa: F401  (base: fixture)
+from test_train import ENV, ROOT, free_port, odd_val_seq_len, records, run
+from test_train import base  # noqa: F401  (a fixture)
 
 
 def launch_fsdp(overrides: list[str], cwd) -> None:
@@ -41,7 +42,7 @@ def shard_bytes(optimizer_dir) -> dict[str, int]:
 
 def test_fsdp_two_processes_match_one_and_resume_exactly(base, tmp_path):
     common = [*base, "max_steps=6", "eval_every=6", "ckpt_every=3", "log_every=1",
-              "batch_mode=sequential", "eval_batches=1", "data.val_fraction=0.25"]
+              "batch_mode=sequential", "eval_batches=1000", f"seq_len={odd_val_seq_len(base)}"]
     two = tmp_path / "fsdp"
     launch_fsdp([*common, "batch_size=4", f"hydra.run.dir={two}"], tmp_path)
     one = run([*common, f"run_dir={tmp_path / 'one'}"])  # 1 process x batch 8: same batches
