@@ -46,13 +46,13 @@ def _build(source: Path | str, family: str, read: Callable[[], ModelConfig]) -> 
 
 
 def llama_config(d: dict[str, Any], source: Path | str = "config.json") -> ModelConfig:
-    """An HF LlamaConfig dict -> ModelConfig; refuses features our model does not have."""
+    """An HF LlamaConfig dict -> ModelConfig; refuses features our model does not have.
+    attention_bias puts biases on q, k, v and o, mlp_bias on gate, up and down, as in
+    transformers' LlamaAttention and LlamaMLP: our attn_bias and mlp_bias switches."""
     rope, rope_type = _rope(d)
     _refuse([(d.get("hidden_act", "silu") != "silu", f"hidden_act={d.get('hidden_act')!r}"),
-             (bool(d.get("attention_bias", False)), "attention_bias=true"),
-             (bool(d.get("mlp_bias", False)), "mlp_bias=true"),
              (rope_type != "default", f"rope scaling {rope_type!r}")],
-            source, "Llama", "SwiGLU, no biases and default RoPE")
+            source, "Llama", "SwiGLU (silu) and default RoPE")
     return _build(source, "Llama", lambda: ModelConfig(
         vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
         n_head=d["num_attention_heads"],
@@ -64,7 +64,8 @@ def llama_config(d: dict[str, Any], source: Path | str = "config.json") -> Model
         rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        init_std=float(d.get("initializer_range", 0.02))))
+        init_std=float(d.get("initializer_range", 0.02)),
+        attn_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False))))
 
 
 def llama_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -79,8 +80,8 @@ def llama_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # transformers 4.x reads this key
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5.x
-        "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
-        "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
+        "rope_scaling": None, "attention_bias": cfg.attn_bias, "attention_dropout": 0.0,
+        "mlp_bias": cfg.mlp_bias, "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
     }
 
 
@@ -249,10 +250,11 @@ def _layer_keys(pairs: dict[str, str], params=("weight",)) -> dict[str, str]:
 LLAMA = Family(
     "Llama", "llama", "LlamaForCausalLM", llama_config, llama_config_to_hf,
     layer="model.layers.{i}.",
-    layer_keys=_layer_keys({
-        "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-        **{f"attn.{p}_proj": f"self_attn.{p}_proj" for p in "qkvo"},
-        **{f"mlp.{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")}}),
+    layer_keys={
+        **_layer_keys({"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}),
+        **_layer_keys({**{f"attn.{p}_proj": f"self_attn.{p}_proj" for p in "qkvo"},
+                       **{f"mlp.{p}_proj": f"mlp.{p}_proj" for p in ("gate", "up", "down")}},
+                      ("weight", "bias"))},  # biases with attention_bias / mlp_bias
     top_keys={"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
               "lm_head.weight": "lm_head.weight"},
     ignored=("rotary_emb.inv_freq",))
@@ -307,7 +309,8 @@ def family_of(cfg: ModelConfig) -> Family:
                               f"generate.py")
     try:
         back = family.config_from_hf(family.config_to_hf(cfg)).to_dict()
-        diff = ", ".join(sorted(k for k, v in cfg.to_dict().items() if back[k] != v))
+        diff = ", ".join(f"{k}={v!r} where it has {back[k]!r}"
+                         for k, v in sorted(cfg.to_dict().items()) if back[k] != v)
     except CheckpointError as e:
         diff = str(e).removeprefix("config.json: ")
     if diff:

@@ -277,9 +277,10 @@ def random_plan(S, gen, rotate=True, permute=True):
 
 
 def add_bias(model, gen):
-    """Give every Q/K/V projection a random bias (GPT-2 and NeoX have them)."""
+    """Give every Q/K/V/O projection a random bias (GPT-2, NeoX and Llama with
+    attention_bias have them; alignment leaves O's alone: it is added after the heads)."""
     for block in model.blocks:
-        for name in ("q_proj", "k_proj", "v_proj"):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             old = getattr(block.attn, name)
             new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
             with torch.no_grad():

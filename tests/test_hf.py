@@ -1,5 +1,6 @@
-"""HF Llama interop against transformers itself: logits after import and after export,
-a lossless round trip, refusal of unsafe or unsupported inputs, and the command."""
+"""HF Llama interop against transformers itself: logits and greedy generations after
+import, logits after export (biased and converted models included), a lossless round trip,
+refusal of unsafe or unsupported inputs, and the command."""
 import json
 import shutil
 
@@ -11,27 +12,33 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from model.checkpoint import CheckpointError, load_checkpoint, model_state  # noqa: E402
+from model.convert import convert_model  # noqa: E402
 from model.hf import export_hf, import_hf, is_hf_model, main  # noqa: E402
+from model.sampling import SamplingConfig, generate  # noqa: E402
 
-CASES = {  # name: (num_key_value_heads, tie_word_embeddings)
-    "MHA-untied": (4, False),
-    "GQA-tied": (2, True),
-    "MQA-untied": (1, False),
-    "MQA-tied": (1, True),
+BIASES = dict(attention_bias=True, mlp_bias=True)  # q, k, v, o; gate, up, down
+CASES = {  # name: (num_key_value_heads, tie_word_embeddings, other LlamaConfig settings)
+    "MHA-untied": (4, False, {}),
+    "GQA-tied": (2, True, {}),
+    "MQA-untied": (1, False, {}),
+    "MQA-tied": (1, True, {}),
+    "MHA-biases": (4, False, BIASES),
+    "GQA-attention-bias-tied": (2, True, dict(attention_bias=True)),
 }
 
 
-def tiny_hf_llama(tmp_path, n_kv_head, tied, seed=0, rope_theta=500.0):
+def tiny_hf_llama(tmp_path, n_kv_head, tied, seed=0, rope_theta=500.0, **settings):
     """A random tiny LlamaForCausalLM saved locally (no Hub)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=n_kv_head, head_dim=16,
                       max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tied,
                       rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-                      attn_implementation="eager")
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None,  # no early stop
+                      attn_implementation="eager", **settings)
     hf = LlamaForCausalLM(cfg).eval()
-    for p in hf.parameters():  # norms away from 1 so a swapped norm key would show
-        torch.nn.init.normal_(p, mean=0.0 if p.dim() > 1 else 1.0, std=0.2)
+    for name, p in hf.named_parameters():  # norms away from 1, biases from 0: a swap would show
+        torch.nn.init.normal_(p, mean=1.0 if "norm" in name else 0.0, std=0.2)
     path = tmp_path / "hf"
     hf.save_pretrained(path)
     return hf, path
@@ -44,30 +51,63 @@ def hf_logits(hf, tokens):
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_import_matches_hf_logits_and_round_trips(tmp_path, case):
-    n_kv, tied = CASES[case]
-    hf, path = tiny_hf_llama(tmp_path, n_kv, tied)
+    n_kv, tied, settings = CASES[case]
+    hf, path = tiny_hf_llama(tmp_path, n_kv, tied, **settings)
     assert is_hf_model(path)
     ours = import_hf(path)
     assert ours.config.n_kv_head == n_kv and ours.config.tie_embeddings == tied
     assert ours.config.rope_theta == 500.0
+    assert (ours.config.attn_bias, ours.config.mlp_bias) == (
+        hf.config.attention_bias, hf.config.mlp_bias)
     tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf_logits(hf, tokens), atol=1e-4, rtol=1e-4)
+    theirs = hf.generate(tokens[:, :6], max_new_tokens=16, do_sample=False)
+    assert torch.equal(generate(ours, tokens[:, :6], 16, SamplingConfig(temperature=0)), theirs)
 
     # export -> transformers loads it with our n_kv_head and gives the same logits
     out = export_hf(ours, tmp_path / "exported")
     exported = json.loads((out / "config.json").read_text())
     assert exported["num_key_value_heads"] == n_kv and exported["tie_word_embeddings"] == tied
+    assert (exported["attention_bias"], exported["mlp_bias"]) == (
+        hf.config.attention_bias, hf.config.mlp_bias)
     reloaded = LlamaForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert reloaded.config.num_key_value_heads == n_kv
     torch.testing.assert_close(hf_logits(reloaded, tokens), hf_logits(hf, tokens),
                                atol=1e-5, rtol=1e-5)
 
-    # import -> export -> import is bit-exact
-    again = import_hf(out)
+    assert_reimports_exactly(out, ours)
+
+
+def assert_reimports_exactly(exported, ours):
+    """import -> export -> import is bit-exact: the same config and every tensor equal."""
+    again = import_hf(exported)
     assert again.config == ours.config
+    assert model_state(again).keys() == model_state(ours).keys()
     for name, tensor in model_state(ours).items():
         assert torch.equal(model_state(again)[name], tensor), name
+
+
+@pytest.mark.parametrize("n_kv_head, group, align", [
+    (2, "contiguous", "none"), (2, "similar", "procrustes"), (1, "contiguous", "procrustes")],
+    ids=["GQA-2-mean", "GQA-2-similar-procrustes", "MQA-procrustes"])
+def test_converted_llama_with_biases_exports_to_transformers(tmp_path, n_kv_head, group, align):
+    """An MHA Llama with every bias, converted by us (K/V biases pooled; with procrustes
+    rotated with their heads and the Q biases following), loads in LlamaForCausalLM as
+    GQA/MQA with biases and gives our logits."""
+    _, path = tiny_hf_llama(tmp_path, 4, False, **BIASES)
+    tokens = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(1))
+    ours = convert_model(import_hf(path), n_kv_head, "mean", group=group, align=align,
+                         calib=tokens[:6])
+    out = export_hf(ours, tmp_path / "converted")
+    reloaded = LlamaForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert reloaded.config.num_key_value_heads == n_kv_head
+    assert reloaded.model.layers[1].self_attn.v_proj.bias.shape == (n_kv_head * 16,)
+    assert reloaded.model.layers[1].mlp.down_proj.bias is not None
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(reloaded, tokens[6:]), ours(tokens[6:]),
+                                   atol=1e-5, rtol=1e-5)
+    assert_reimports_exactly(out, ours)
 
 
 def test_bf16_import_stays_bf16_and_equals_the_fp32_import_cast(tmp_path):
@@ -162,8 +202,8 @@ def test_sharded_pickle_bin(tmp_path):  # OpenLLaMA and Sheared-LLaMA ship only 
 
 @pytest.mark.parametrize("change, message", [
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"attention_bias": True}, "attention_bias"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope scaling"),
+    ({"attention_bias": True}, r"weights do not match its config \(missing .*q_proj.bias"),
     ({"num_key_value_heads": 3}, "not divisible"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, change, message):
