@@ -27,9 +27,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin,
+                               broadcast_object_list, gather_object, set_seed)
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 import cli
@@ -43,7 +45,7 @@ from model.hf import import_hf, is_hf_model, read_hf_config
 from model.config import ConfigError
 from model.sampling import SamplingConfig, generate
 from model.summary import flops_per_token, format_summary
-from model.transformer import Transformer
+from model.transformer import Block, Transformer
 from train_config import check_config, model_config
 
 TRAIN_CONFIG, TRAINER_STATE, ACCEL_STATE = "train_config.yaml", "trainer_state.json", "accelerate"
@@ -337,11 +339,47 @@ def make_accelerator(cfg: Any, run_dir: Path) -> Accelerator:
         torch.set_float32_matmul_precision("high")
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
                               log_with="wandb" if cfg.logger.backend == "wandb" else None,
-                              project_dir=str(run_dir))
+                              project_dir=str(run_dir),
+                              fsdp_plugin=fsdp_plugin(precision, cfg.fsdp_reduce_dtype))
     # model.safetensors is the checkpoint's weights: keep them out of Accelerate's state.
     accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
     accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
     return accelerator
+
+
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fsdp_plugin(precision: str, reduce: str) -> FullyShardedDataParallelPlugin | None:
+    """Under an FSDP launch in bf16/fp16: compute in that dtype, gradients reduce-scattered
+    in fp32 (reduce="fp32") or in the compute dtype (reduce="compute": half the traffic).
+    Accelerate 1.15 would derive reduce_dtype = param_dtype, and a bf16 sum over 8+ ranks
+    loses precision (PyTorch's FSDP2 docs and torchtitan reduce in fp32 by default).
+    Everything else the plugin reads from the launcher's FSDP_* variables, as Accelerate's
+    own default plugin does. None: not FSDP (the same test Accelerate makes), or fp32."""
+    fsdp_launch = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if precision not in HALF_DTYPES or not fsdp_launch:
+        return None
+    compute = HALF_DTYPES[precision]
+    return FullyShardedDataParallelPlugin(mixed_precision_policy={
+        "param_dtype": compute, "output_dtype": compute,
+        "reduce_dtype": torch.float32 if reduce == "fp32" else compute})
+
+
+def fsdp_precision(model: torch.nn.Module) -> str | None:
+    """The dtypes FSDP2 applies to the sharded blocks, read back from a block (what ran, not
+    what was asked); None when the blocks are not FSDP2-sharded."""
+    block = next((m for m in model.modules() if isinstance(m, Block) and isinstance(m, FSDPModule)),
+                 None)
+    if block is None:
+        return None
+    policy = block._get_fsdp_state()._mp_policy  # no public getter in torch 2.13
+    weights = next(block.parameters()).dtype  # the sharded master copy
+    compute = policy.param_dtype or weights
+    reduce = policy.reduce_dtype or compute  # FSDP2 reduces in the gradient's dtype if unset
+    weights, compute, reduce = (str(d).removeprefix("torch.") for d in (weights, compute, reduce))
+    return (f"FSDP2 mixed precision: weights and AdamW {weights}, compute {compute}, "
+            f"gradient reduce-scatter {reduce}")
 
 
 # Dense bf16 tensor-core peaks, TFLOP/s per device (vendor datasheets); matched in order
@@ -504,6 +542,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = build_optimizer(model, cfg.optim, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(model, optimizer)
+    if main and (precision_line := fsdp_precision(model)):
+        print(precision_line)
     if use_compile(cfg, accelerator.device):  # after wrapping: DDP/FSDP hooks stay outside
         model = torch.compile(model)
 

@@ -101,6 +101,7 @@ class TrainConfig:
     batch_mode: str = "random"  # random windows (per-process seeds) | sequential
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
     compile: str = "auto"  # auto (on CUDA, not on CPU) | true | false: torch.compile the model
+    fsdp_reduce_dtype: str = "fp32"  # FSDP in bf16/fp16: gradient reduce-scatter fp32 | compute
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs' bf16 peak
 
@@ -120,6 +121,7 @@ class TrainConfig:
 CHOICES = {
     "batch_mode": ("random", "sequential"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "fsdp_reduce_dtype": ("fp32", "compute"),
     "logger.backend": ("wandb", "none"),
     "uptrain.method": ("mean", "first", "random"),
     "compile": ("auto", "true", "false"),

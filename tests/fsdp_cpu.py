@@ -5,7 +5,9 @@
 
 Accelerate 1.15 applies an FSDP plugin only on accelerator devices: on CPU processes
 (DistributedType.MULTI_CPU) it silently ignores the plugin and wraps the model in DDP. This
-flips that one decision; from there on the run takes Accelerate's own FSDP2 code path
+flips that one decision, with what Accelerate's device branch does there (derive the plugin's
+mixed precision policy from mixed_precision unless it has one); from there on the run takes
+Accelerate's own FSDP2 code path
 (fully_shard per Block, sharded optimizer, DCP sharded save/load, full state dict gather).
 """
 import runpy
@@ -21,6 +23,8 @@ accelerator_state_init = AcceleratorState.__init__
 def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
     accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
     if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        if self._mixed_precision != "no":  # as the accelerator-device branch does
+            fsdp_plugin.set_mixed_precision(self._mixed_precision)
         self.fsdp_plugin = fsdp_plugin
         self.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP

@@ -14,10 +14,12 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from test_train import ENV, ROOT, free_port, odd_val_seq_len, records, run
+from train import fsdp_plugin
 from test_train import base  # noqa: F401  (a fixture)
 
 
-def launch_fsdp(overrides: list[str], cwd) -> None:
+def launch_fsdp(overrides: list[str], cwd) -> str:
+    """The main process's stdout."""
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -25,6 +27,7 @@ def launch_fsdp(overrides: list[str], cwd) -> None:
          "--main_process_port", str(free_port()), str(ROOT / "tests/fsdp_cpu.py"), *overrides],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def shard_bytes(optimizer_dir) -> dict[str, int]:
@@ -90,6 +93,44 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(base, tmp_path):
         assert resumed[step] == pytest.approx(two_loss[step], abs=1e-6), step
     for name, tensor in load_file(ckpts / "step_6/model.safetensors").items():
         torch.testing.assert_close(tensor, fsdp_weights[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_fsdp_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(base, tmp_path):
+    """Accelerate alone would reduce-scatter bf16 gradients (reduce_dtype = param_dtype);
+    train.py's policy keeps the sum in fp32. Read back from the sharded blocks and reported
+    at startup; the bf16 run trains (finite losses)."""
+    run_dir = tmp_path / "bf16"
+    out = launch_fsdp([*base, "max_steps=2", "eval_every=2", "log_every=1", "batch_size=2",
+                       "eval_batches=1", "mixed_precision=bf16", f"hydra.run.dir={run_dir}"],
+                      tmp_path)
+    assert ("FSDP2 mixed precision: weights and AdamW float32, compute bfloat16, "
+            "gradient reduce-scatter float32") in out, out[-2000:]
+    losses = records(run_dir, "train_loss")
+    assert sorted(losses) == [1, 2] and all(map(math.isfinite, losses.values()))
+    assert math.isfinite(records(run_dir, "val_loss")[2])
+
+
+@pytest.mark.parametrize("precision, reduce, dtypes", [
+    ("bf16", "fp32", (torch.bfloat16, torch.float32)),
+    ("bf16", "compute", (torch.bfloat16, torch.bfloat16)),
+    ("fp16", "fp32", (torch.float16, torch.float32)),
+    ("no", "fp32", None)])
+def test_fsdp_plugin_policy(monkeypatch, precision, reduce, dtypes):
+    """The policy Accelerate receives under an FSDP launch (its env), and none without one:
+    outside FSDP, and in fp32, Accelerate's own defaults stand."""
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert fsdp_plugin(precision, reduce) is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    plugin = fsdp_plugin(precision, reduce)
+    if dtypes is None:
+        assert plugin is None
+        return
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == dtypes
+    assert policy.output_dtype == dtypes[0] and plugin.fsdp_version == 2
+    plugin.set_mixed_precision(precision)  # what AcceleratorState does next: keeps ours
+    assert plugin.mixed_precision_policy is policy
 
 
 @pytest.mark.parametrize("name, kind, machines", [
