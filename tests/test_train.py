@@ -247,6 +247,7 @@ def test_compose_rejects_typos_and_types(base, override, expected):
     ("attention.n_kv_head=3", "n_head=8 is not divisible by n_kv_head=3"),
     ("seq_len=128", "seq_len=128 exceeds model.max_seq_len=64"),
     ("batch_mode=shuffled", "batch_mode='shuffled' is not one of"),
+    ("fsdp_reduce_dtype=bf16", r"fsdp_reduce_dtype='bf16' is not one of \['fp32', 'compute'\]"),
     ("uptrain.alpha=0.05", "uptrain.alpha needs init_from"),
     ("model.norm=batchnorm", "norm='batchnorm' is not one of rmsnorm, layernorm"),
 ])
