@@ -371,9 +371,10 @@ def fsdp_precision(model: torch.nn.Module) -> str | None:
     what was asked); None when the blocks are not FSDP2-sharded."""
     block = next((m for m in model.modules() if isinstance(m, Block) and isinstance(m, FSDPModule)),
                  None)
-    if block is None:
+    state = getattr(block, "_get_fsdp_state", None)  # private: torch 2.13 has no public getter
+    policy = getattr(state(), "_mp_policy", None) if state is not None else None
+    if policy is None:  # not FSDP2, or a torch that moved it: say nothing rather than fail
         return None
-    policy = block._get_fsdp_state()._mp_policy  # no public getter in torch 2.13
     weights = next(block.parameters()).dtype  # the sharded master copy
     compute = policy.param_dtype or weights
     reduce = policy.reduce_dtype or compute  # FSDP2 reduces in the gradient's dtype if unset
