@@ -18,7 +18,8 @@ Special ids come from the checkpoint's own files, first found wins:
   5. the tokenizer model      sentencepiece's own bos/eos/pad ids; tokenizer.json: none;
                               vocab.json + merges.txt: <|endoftext|> is bos and eos (GPT-2's)
 add_bos (documents and prompts start with BOS): tokenizer_config.json's add_bos_token,
-else whether tokenizer.json's post-processor puts a special token first, else False.
+else whether tokenizer.json's post-processor puts BOS first (a template, alone or in a
+Sequence; Roberta/Bert's cls), else False.
 The files of TOKENIZER_FILES travel with every checkpoint, import and export.
 
 train_tokenizer trains gqalab's own sentencepiece BPE, which round-trips source code
@@ -258,9 +259,25 @@ class JsonTokenizer(Tokenizer):
     def unk_id(self) -> Optional[int]:
         return None
 
-    def post_processor_adds_bos(self) -> bool:
-        single = (json.loads(self.data).get("post_processor") or {}).get("single") or []
-        return bool(single) and "SpecialToken" in single[0]
+    def post_processor_first_id(self) -> Optional[int]:
+        return first_added_id(json.loads(self.data).get("post_processor") or {})
+
+
+def first_added_id(processor: dict) -> Optional[int]:
+    """The id a tokenizer.json post-processor puts before the text (None: nothing).
+    In a Sequence the first processor that prepends decides (tokenizers 0.23 adds no
+    second prefix); Llama-3's tokenizer.json nests its "<|begin_of_text|> $A" template in one."""
+    kind = processor.get("type")
+    if kind == "Sequence":
+        ids = [first_added_id(p) for p in processor.get("processors") or []]
+        return next((i for i in ids if i is not None), None)
+    if kind == "TemplateProcessing":
+        first = ((processor.get("single") or [{}])[0] or {}).get("SpecialToken")
+        special = (processor.get("special_tokens") or {}).get((first or {}).get("id"), {})
+        return (special.get("ids") or [None])[0]
+    if kind in ("RobertaProcessing", "BertProcessing"):  # cls: [text, id], always first
+        return (processor.get("cls") or [None, None])[1]
+    return None
 
 
 class Gpt2FilesTokenizer(JsonTokenizer):
@@ -300,8 +317,8 @@ class Gpt2FilesTokenizer(JsonTokenizer):
         eot = self.token_id(self.END_OF_TEXT)
         return dict(bos=eot, eos=eot)
 
-    def post_processor_adds_bos(self) -> bool:
-        return False
+    def post_processor_first_id(self) -> Optional[int]:
+        return None
 
 
 # ---------------------------------------------------------------- loading
@@ -397,8 +414,8 @@ def adds_bos(tok: Tokenizer, folder: Path) -> bool:
     config = read_json(folder / CONFIG_FILE)
     if isinstance(config.get("add_bos_token"), bool):
         return config["add_bos_token"] and tok.bos_id is not None
-    return (isinstance(tok, JsonTokenizer) and tok.post_processor_adds_bos()
-            and tok.bos_id is not None)
+    return (isinstance(tok, JsonTokenizer) and tok.bos_id is not None
+            and tok.post_processor_first_id() == tok.bos_id)
 
 
 # ---------------------------------------------------------------- streaming

@@ -180,12 +180,49 @@ def test_add_bos_from_config_else_post_processor(tmp_path, bpe_json_path):
     spec["post_processor"] = {"type": "TemplateProcessing",
                               "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
                                          {"Sequence": {"id": "A", "type_id": 0}}],
-                              "pair": [], "special_tokens": {}}
+                              "pair": [], "special_tokens": {"<|endoftext|>": {
+                                  "id": "<|endoftext|>", "ids": [spec["added_tokens"][0]["id"]],
+                                  "tokens": ["<|endoftext|>"]}}}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     assert load_tokenizer(tmp_path).add_bos is True
     (tmp_path / "tokenizer_config.json").write_text(
         '{"bos_token": "<|endoftext|>", "add_bos_token": false}')
     assert load_tokenizer(tmp_path).add_bos is False  # the config has the last word
+
+
+def _post_processors():
+    from tokenizers import processors as p
+    template = p.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return {"template": template,
+            "sequence": p.Sequence([p.ByteLevel(trim_offsets=False), template]),
+            "nested": p.Sequence([p.Sequence([template]), p.ByteLevel()]),
+            "roberta": p.RobertaProcessing(("</s>", 1), ("<s>", 0)),
+            "bert": p.BertProcessing(("</s>", 1), ("<s>", 0)),
+            "not_bos_first": p.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 1)]),
+            "eos_last": p.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)]),
+            "two_prefixes": p.Sequence([template, p.TemplateProcessing(
+                single="</s> $A", special_tokens=[("</s>", 1)])]),
+            "two_prefixes_eos_first": p.Sequence([p.TemplateProcessing(
+                single="</s> $A", special_tokens=[("</s>", 1)]), template]),
+            "byte_level": p.ByteLevel(), "none": None}
+
+
+@pytest.mark.parametrize("kind", list(_post_processors()))
+def test_add_bos_agrees_with_tokenizers_post_processor(tmp_path, kind):
+    """add_bos (no add_bos_token in any config) is True iff tokenizers' own
+    encode(add_special_tokens=True) puts BOS before the text."""
+    from tokenizers import Tokenizer as HFTokenizer, models
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abc ")}}
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.add_special_tokens(["<s>", "</s>"])
+    if _post_processors()[kind] is not None:
+        tk.post_processor = _post_processors()[kind]
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "special_tokens_map.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    plain, full = tk.encode("abc", add_special_tokens=False), tk.encode("abc")
+    assert plain.ids and 0 not in plain.ids
+    tok = load_tokenizer(tmp_path)
+    assert tok.bos_id == 0 and tok.add_bos == (full.ids[0] == tok.bos_id)
 
 
 def test_tokenizer_json_wins_over_tokenizer_model(tmp_path, spm_model_path, bpe_json_path):
