@@ -96,7 +96,7 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
             meta = build(cfg, source, key, tmp_dir, progress, given)
         meta["prepare_seconds"] = round(time.time() - started, 2)
         write_json(tmp_dir / "meta.json", meta)  # written last: its presence marks a complete build
-        publish(tmp_dir, out_dir)
+        publish(tmp_dir, out_dir, key)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return prepared_from(out_dir, load_meta(out_dir), cached=False)
@@ -345,11 +345,17 @@ def write_bin(tokens: datasets.Dataset, path: Path, dtype, progress: bool) -> in
 # the cache
 
 
-def publish(tmp_dir: Path, out_dir: Path) -> None:
-    """Atomically move a finished build into place (a rename within one folder)."""
-    if out_dir.exists():  # a stale or foreign folder without a valid meta.json
+def publish(tmp_dir: Path, out_dir: Path, key: str) -> None:
+    """Atomically move a finished build into place (a rename within one folder). When a
+    process running side by side published the same key first, its build stays (readers
+    may have its bins open) and ours is left for the caller to discard."""
+    if out_dir.exists() and load_prepared(out_dir, key) is None:  # stale or foreign
         shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
+    try:
+        os.replace(tmp_dir, out_dir)  # fails on a non-empty out_dir: never clobbers one
+    except OSError:
+        if load_prepared(out_dir, key) is None:
+            raise
 
 
 def load_prepared(out_dir: Path, key: str) -> Optional[PreparedData]:

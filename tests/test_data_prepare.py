@@ -136,6 +136,28 @@ def test_second_prepare_does_no_work_and_touch_rebuilds(tmp_path, monkeypatch):
         documents_in(edited.val_bin, edited)
 
 
+def test_a_build_published_side_by_side_first_is_kept(tmp_path, monkeypatch):
+    """Another process published the same key while we built: its files stay untouched
+    (same inodes, so open readers keep them) and our build leaves nothing behind."""
+    corpus = make_corpus(tmp_path / "corpus", n_docs=10)
+    cfg = files_cfg(corpus, tmp_path / "cache")
+    first = prepare_data(cfg, progress=False)
+    files = sorted(first.dir.iterdir())
+    stamps = [(f.name, f.stat().st_ino, f.stat().st_mtime_ns) for f in files]
+    real_lookup = prepare_module.load_prepared
+    lookups = []
+
+    def not_there_yet(out_dir, key):  # the cache lookup ran before the other one finished
+        lookups.append(out_dir)
+        return None if len(lookups) == 1 else real_lookup(out_dir, key)
+
+    monkeypatch.setattr(prepare_module, "load_prepared", not_there_yet)
+    second = prepare_data(cfg, progress=False)
+    assert [(f.name, f.stat().st_ino, f.stat().st_mtime_ns) for f in files] == stamps
+    assert lookups and second.dir == first.dir and second.meta == first.meta
+    assert leftovers(tmp_path / "cache") == [first.dir.name]
+
+
 def test_settings_that_change_the_output_change_the_cache(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_docs=10)
     base = prepare_data(files_cfg(corpus, tmp_path / "cache"), progress=False)
