@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -114,8 +115,8 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         for file in hf_weight_files(path):
             if file.suffix == ".safetensors":
                 state.update(load_file(file))
-            else:  # weights_only refuses any pickle that would run code
-                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            else:
+                state.update(read_pickled(file))
     except pickle.UnpicklingError:
         raise CheckpointError(f"{file} is unreadable as plain weights (it holds objects that "
                               f"would run code): convert it to safetensors from a trusted "
@@ -126,6 +127,13 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             RuntimeError) as e:
         raise CheckpointError(f"{path}: weights are unreadable ({type(e).__name__}: {e})") from None
     return state
+
+
+def read_pickled(file: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin's tensors; weights_only refuses any pickle that would run code.
+    The zip format (torch >= 1.6) is memory-mapped; the legacy one cannot be, so is read."""
+    return torch.load(file, map_location="cpu", weights_only=True,
+                      mmap=zipfile.is_zipfile(file))
 
 
 def import_hf(path: str | Path, dtype: torch.dtype | None = None) -> Transformer:

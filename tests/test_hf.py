@@ -154,11 +154,12 @@ def test_command_import_then_export_keeps_tokenizer(tmp_path, spm_model_path):
                                atol=1e-4, rtol=1e-4)
 
 
-def test_pickle_bin_loads_weights_only_and_refuses_code(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True])  # legacy: torch < 1.6's pre-zip format
+def test_pickle_bin_loads_weights_only_and_refuses_code(tmp_path, legacy):
     hf, path = tiny_hf_llama(tmp_path, 4, True)
     state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     (path / "model.safetensors").unlink()
-    torch.save(state, path / "pytorch_model.bin")
+    torch.save(state, path / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
     ours = import_hf(path)
     tokens = torch.arange(12)[None]
     with torch.no_grad():
@@ -168,8 +169,9 @@ def test_pickle_bin_loads_weights_only_and_refuses_code(tmp_path):
         def __reduce__(self):
             return (print, ("executed",))
 
-    torch.save({"x": RunsCode()}, path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="unreadable"):
+    torch.save({"x": RunsCode()}, path / "pytorch_model.bin",
+               _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="unreadable as plain weights"):
         import_hf(path)
 
 
