@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from model.convert import ConvertError, convert_checkpoint, convert_model, main, pool_kv_heads
 
 N_HEAD, HD = 8, 8
@@ -441,6 +441,27 @@ def test_bf16_source_stays_bf16_and_converts_like_fp32():
 def test_bad_grouping_options_are_refused(kwargs, message):
     with pytest.raises(ConvertError, match=message):
         convert_model(tiny_model(), 2, **kwargs)
+
+
+def test_plain_conversion_notes_unmeasured_kv_error_when_the_data_is_gone(source_ckpt, tmp_path,
+                                                                         capsys):
+    """Only a fit needs the source's data: without it a plain conversion still writes the
+    same model, says on one stderr line and in meta.json that K/V error was not measured;
+    a calibrated one still fails with one error line and writes nothing."""
+    (source_ckpt / "train_config.yaml").write_text(
+        f"max_steps: 120\ndata:\n  source: text_files\n  files: ['{tmp_path}/gone/*.py']\n")
+    code, err = run_main([f"ckpt={source_ckpt}", "n_kv_head=2", f"out={tmp_path / 'gqa'}"], capsys)
+    assert code == 0 and err.startswith("note: K/V error not measured: ") and "\n" not in err
+    assert "matches no files" in err
+    meta = read_meta(tmp_path / "gqa")
+    assert "kv_error" not in meta and "matches no files" in meta["kv_error_not_measured"]
+    expected = convert_model(load_checkpoint(source_ckpt).model, 2, "mean")
+    torch.testing.assert_close(logits(load_checkpoint(tmp_path / "gqa").model), logits(expected),
+                               atol=0, rtol=0)
+    code, err = run_main([f"ckpt={source_ckpt}", "n_kv_head=2", "align=procrustes",
+                          f"out={tmp_path / 'fit'}"], capsys)
+    assert code == 2 and err.startswith("error: ") and "matches no files" in err
+    assert "\n" not in err and not (tmp_path / "fit").exists()
 
 
 def test_cli_refuses_calibrated_options_without_data(source_ckpt, tmp_path, capsys):
