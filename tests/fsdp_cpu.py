@@ -40,9 +40,9 @@ try:
     status = 0
 except SystemExit as e:
     status = e.code if isinstance(e.code, int) else int(e.code is not None)
-# Skip the interpreter's teardown: in 2 of ~20 test runs here a CPU-FSDP2 run that had finished (checkpoint
-# written, process group destroyed by end_training) aborted there with "terminate called
-# without an active exception" (a C++ thread destroyed while joinable), exit -6.
+# Skip the interpreter's teardown: in 2 of ~20 test runs here, a CPU-FSDP2 rank that had
+# finished (checkpoint written, process group destroyed by end_training) aborted there with
+# "terminate called without an active exception" (a C++ thread destroyed while joinable).
 sys.stdout.flush()
 sys.stderr.flush()
 os._exit(status)
