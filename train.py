@@ -421,12 +421,19 @@ def start_trackers(accelerator: Accelerator, cfg: DictConfig, run_dir: Path) -> 
                                                      "entity": w.entity, "tags": list(w.tags)}})
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """What loss and token sums accumulate in: float64 (exact counts, no drift over many
+    batches), but float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @torch.no_grad()
 def evaluate(model, accelerator: Accelerator, prepared, cfg: Any) -> float:
     """Mean val loss per token over eval_batches per process (each val window once, padding
     ignored), all processes pooled."""
     model.eval()
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # (loss sum, tokens)
+    device = accelerator.device
+    total = torch.zeros(2, device=device, dtype=sum_dtype(device))  # (loss sum, tokens)
     for x, y in eval_batches(prepared.val_bin, prepared.dtype, cfg.seq_len, cfg.batch_size,
                              cfg.eval_batches, accelerator.process_index, accelerator.num_processes):
         logits = model(x.to(accelerator.device))

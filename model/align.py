@@ -77,7 +77,8 @@ def head_grams(rows: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """rows (S, hd, d+1), C -> G[s, t] = A_s^T A_t, (S, S, hd, hd) in fp64."""
     S, hd, _ = rows.shape
     flat = rows.reshape(S * hd, -1).to(gram.device)
-    return (flat @ gram @ flat.T).double().view(S, hd, S, hd).transpose(1, 2).cpu()
+    grams = (flat @ gram @ flat.T).cpu().double()  # on the CPU first: MPS has no float64
+    return grams.view(S, hd, S, hd).transpose(1, 2)
 
 
 # ---- Procrustes ---------------------------------------------------------------------

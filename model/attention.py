@@ -27,7 +27,11 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (..., hd); cos/sin (..., rd) from rope_tables for the positions x sits at,
     broadcastable. rotate_half(x) * sin == roll(x, rd/2) * signed_sin. With rd < hd
-    (NeoX's partial rotary) the first rd dims rotate and the rest pass through."""
+    (NeoX's partial rotary) the first rd dims rotate and the rest pass through.
+    The tables take x's dtype (as HF Llama does): under autocast q/k come out bf16/fp16, and
+    fp32 tables would promote them to fp32 while v stays half, which keeps SDPA off its
+    fused enable_gqa kernel. A no-op in fp32."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rd = cos.shape[-1]
     if rd < x.shape[-1]:
         return torch.cat([apply_rope(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)

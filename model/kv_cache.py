@@ -35,9 +35,11 @@ class KVCache:
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, n_kv, T, hd) at positions input_pos (T,); return the whole
-        buffers (B, n_kv, max_len, hd), to be read through cache_mask."""
-        self.k[layer].index_copy_(2, input_pos, k)
-        self.v[layer].index_copy_(2, input_pos, v)
+        buffers (B, n_kv, max_len, hd), to be read through cache_mask. k, v take the
+        buffers' dtype (a no-op when they match): a forward that autocasts on its own, as
+        Accelerate's prepare makes it, still writes into a cache built outside autocast."""
+        self.k[layer].index_copy_(2, input_pos, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, input_pos, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
     @property

@@ -9,12 +9,15 @@ float.
 
 The matmul (int8_matmul) takes the fastest correct path measured on torch 2.13's CPU:
 - bfloat16 activations on CPU: torch._weight_int8pack_mm (AVX512/AVX2 kernel), eager and
-  compiled (inductor autotunes it against its own C++ GEMM template);
+  compiled (inductor autotunes it against its own C++ GEMM template), where in_features is
+  a multiple of 16 (the kernel has no remainder loop; int8pack_rows);
 - float32 activations in a compiled decode step: x (B, 1, K) * w (N, K) summed over K,
   which inductor fuses into one vectorised loop that reads the int8 rows. Both obvious
   spellings lose here: `F.linear(x, w.float()) * s` has its dequantized copy constant-
   folded by freezing into an fp32 weight (4x the bytes again), and _weight_int8pack_mm
   has no vectorised fp32 kernel on x86 (a scalar loop, ~1-3 GB/s);
+- float16 activations: the scales applied to the weight before the matmul, since fp16's
+  range (65504) does not hold a sum over unscaled int8 values;
 - anywhere else (eager fp32, other devices): dequantize + matmul, which reads more bytes
   than an fp32 weight: int8 pays off compiled, or with bf16 activations.
 """
@@ -53,15 +56,29 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]  # (N, K)
 
 
+def int8pack_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) as the rows (M, K) torch._weight_int8pack_mm's CPU kernel can read. Its
+    AVX512 loop takes each row 16 values at a time with aligned 32-byte loads and no
+    remainder (AVX2: 8 and 16 bytes), so K % 16 == 0 (the caller checks) and every row
+    32-byte aligned: a view that is not (an offset, an odd row stride) faults or reads
+    garbage, so it is copied to a fresh (64-byte aligned) tensor. N and M may be anything:
+    it tiles them by 4 with remainders. Compiled, inductor passes its own buffers."""
+    rows = x.reshape(-1, x.shape[-1])  # (M, K)
+    if not torch.compiler.is_compiling() and (rows.data_ptr() % 32 or rows.stride(0) % 16):
+        rows = rows.clone(memory_format=torch.contiguous_format)
+    return rows
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (..., K) float @ weight (N, K) int8 with per-row scales (N,) -> (..., N) in x's
     dtype. The path per device and dtype is explained in the module docstring."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        rows = x.reshape(-1, x.shape[-1])  # (M, K)
-        y = torch._weight_int8pack_mm(rows, weight, scales.to(x.dtype))
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0:
+        y = torch._weight_int8pack_mm(int8pack_rows(x), weight, scales.to(x.dtype))
         return y.view(*x.shape[:-1], weight.shape[0])
     if torch.compiler.is_compiling() and x.dtype == torch.float32:
         return (x.unsqueeze(-2) * weight).sum(-1) * scales  # (..., 1, K) * (N, K) -> (..., N)
+    if x.dtype == torch.float16:  # a sum over unscaled int8 (up to 127 * K |x|) passes 65504
+        return F.linear(x, weight.to(x.dtype) * scales.to(x.dtype)[:, None])
     return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 

@@ -104,10 +104,20 @@ def compiled_decode_step():
     return step
 
 
+def kv_dtype(model: Transformer) -> torch.dtype:
+    """The dtype attention's K/V come out in: autocast's where it is on for the model's
+    device (train.py samples fp32 weights under bf16 autocast), else the weights'. A cache
+    in it holds exactly what the uncached forward attends to, at half fp32's bytes."""
+    device = model.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return model.embed.weight.dtype
+
+
 def new_cache(model: Transformer, batch_size: int, max_len: int,
               dtype: torch.dtype | None = None) -> KVCache:
-    return KVCache.for_model(model.config, batch_size, max_len,
-                             dtype or model.embed.weight.dtype, model.device)
+    return KVCache.for_model(model.config, batch_size, max_len, dtype or kv_dtype(model),
+                             model.device)
 
 
 @torch.inference_mode()

@@ -99,6 +99,32 @@ def test_enable_gqa_path_equals_expanded_path_and_reads_kv_heads_in_place(n_kv_h
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rotary_dim", [8, 4], ids=["rope", "partial-rope"])
+def test_under_autocast_q_k_v_reach_attention_in_the_autocast_dtype(rotary_dim, monkeypatch):
+    """fp32 weights and rope tables under bf16 autocast (Accelerate's mixed precision): q and
+    k stay bf16 through RoPE, as v does, so fused_gqa sees a half-precision q and SDPA one
+    dtype (its fused enable_gqa kernel needs both); without and with a cache."""
+    cfg, attn, _, _ = build(8, 2)  # head_dim 8
+    cos, sin = rope_tables(rotary_dim, cfg.max_seq_len, 10000.0)
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(attention_mod.F, "scaled_dot_product_attention", spy)
+    fused_gqa, asked = attention_mod.fused_gqa, []
+    monkeypatch.setattr(attention_mod, "fused_gqa", lambda q: asked.append(q.dtype) or fused_gqa(q))
+    x = torch.randn(2, 5, cfg.d_model)
+    cache = attention_mod.KVCache.for_model(cfg, 2, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x, cos[:5], sin[:5])
+        mask = attention_mod.cache_mask(torch.arange(5), 8, 4)
+        attn(x, cos[:5], sin[:5], cache, torch.arange(5), mask)
+    assert asked == [torch.bfloat16]
+    assert seen == [(torch.bfloat16,) * 3] * 2
+
+
 def test_fused_gqa_only_for_half_precision_cuda():
     assert not attention_mod.fused_gqa(torch.zeros(1, dtype=torch.bfloat16))  # CPU
     assert not attention_mod.fused_gqa(torch.zeros(1))

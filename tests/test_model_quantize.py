@@ -111,6 +111,44 @@ def test_int8_matmul_equals_dequantized_reference(dtype):
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("n, k, offset", [(16, 24, 0), (64, 20, 0), (33, 40, 0), (7, 48, 0),
+                                          (33, 32, 1)])
+def test_int8_bf16_any_shape_and_alignment_equals_dequantized_reference(n, k, offset,
+                                                                         monkeypatch):
+    """torch._weight_int8pack_mm's CPU kernel reads in_features 16 at a time with aligned
+    loads and no remainder: K % 16 != 0 (garbage or a segfault before) takes the
+    dequantized path, any N takes the kernel, and so does a misaligned view of x, copied."""
+    kernel, calls = torch._weight_int8pack_mm, []
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or kernel(*a))
+    g = torch.Generator().manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(k, n)).to(torch.bfloat16)
+    x = torch.randn(3 * 5 * k + offset, generator=g).bfloat16()[offset:].view(3, 5, k)
+    ref = x.double() @ dequantize(layer.weight, layer.scales).double().T + layer.bias.double()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 5, n)
+    assert len(calls) == (k % 16 == 0)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_int8_fp16_sum_does_not_overflow():
+    """fp16 with small weights (so small scales) and a few outlier features, as Llama's
+    down_proj inputs have: the sum over the unscaled int8 values, 4 * 127 * 300 from the
+    outliers alone, passes fp16's 65504 (inf before); the output is the dequantized
+    reference's, |y| ~ 7."""
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(1024, 64, bias=False)
+    torch.nn.init.normal_(linear.weight, std=0.002, generator=g)
+    linear.weight.data[:, :4] = 0.006  # the rows' largest: int8 127 for the outlier features
+    layer = Int8Linear.from_linear(linear.half())
+    x = torch.randn(2, 1024, generator=g)
+    x[:, :4] = 300.0
+    x = x.half()
+    ref = x.double() @ dequantize(layer.weight, layer.scales).double().T
+    out = layer(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int8_head"])
 def test_trained_model_logits_and_val_loss_stay_close(trained, mode):
     q = quantized(trained, mode)

@@ -4,7 +4,7 @@ import torch
 
 from model import KVCache, ModelConfig, Transformer
 from model.sampling import (SamplingConfig, compiled_decode_step, decode_step, filter_top_p,
-                            generate, prefill, sample, stream)
+                            generate, new_cache, prefill, sample, stream)
 
 
 def tiny_model(seed=0):
@@ -119,3 +119,40 @@ def test_compiled_decode_equals_eager(n_kv_head, family):
         compiled = compiled_decode_step()(model, token, pos, cache)
         torch.testing.assert_close(compiled, decode_step(model, token, pos, cache),
                                    atol=1e-4, rtol=1e-4)
+
+
+BF16_AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)  # train.py's sampling on CUDA
+
+
+def test_cache_under_autocast_holds_its_dtype_and_decodes_like_the_full_forward():
+    """fp32 weights under bf16 autocast (how train.py samples while training): the cache
+    holds bf16, what attention produces (half fp32's bytes), and every cached step's logits
+    are the uncached forward's under the same autocast; so are the greedy tokens."""
+    model = tiny_model()
+    tokens = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.autocast(**BF16_AUTOCAST), torch.inference_mode():
+        cache = new_cache(model, 2, 12)
+        steps = [prefill(model, tokens[:, :4], cache)]  # logits at position 3
+        steps += [decode_step(model, tokens[:, t], torch.tensor([t]), cache, t + 1)
+                  for t in range(4, 12)]
+        full = model(tokens)[:, 3:]  # (B, 9, V)
+        greedy = SamplingConfig(temperature=0)
+        cached_tokens = generate(model, tokens[:, :4], 8, greedy)
+        uncached_tokens = generate(model, tokens[:, :4], 8, greedy, use_cache=False)
+    assert {t.dtype for t in cache.k + cache.v} == {torch.bfloat16}
+    cached = torch.stack(steps, dim=1)  # (B, 9, V)
+    assert cached.dtype == full.dtype == torch.bfloat16
+    torch.testing.assert_close(cached.float(), full.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(cached_tokens, uncached_tokens)
+
+
+def test_a_forward_that_autocasts_itself_fills_a_cache_built_outside_autocast():
+    """Accelerate's prepare wraps the model's own forward in autocast, so generate() outside
+    any autocast builds an fp32 cache that receives bf16 K/V: they are stored exactly, and
+    the tokens are those of generating under an outer autocast (a bf16 cache)."""
+    model = tiny_model()
+    prompt, greedy = torch.tensor([[5, 9, 2, 7]]), SamplingConfig(temperature=0)
+    with torch.autocast(**BF16_AUTOCAST):
+        outer = generate(model, prompt, 16, greedy)
+    model.forward = torch.autocast(**BF16_AUTOCAST)(model.forward)
+    assert torch.equal(generate(model, prompt, 16, greedy), outer)

@@ -135,6 +135,33 @@ def test_end_to_end_learns_and_checkpoint_generates(trained):
     assert tok.decode(out[0].tolist()).startswith("def f7(x):\n    return x + ")
 
 
+def test_bf16_run_evaluates_and_samples_under_autocast(base, tmp_path):
+    """mixed_precision=bf16 (auto's choice on CUDA), here CPU autocast over fp32 weights: the
+    eval and the sample at step 2 run under autocast (the sample through a KV cache), and
+    the logged val loss is the checkpoint's own under the same autocast. A subprocess:
+    Accelerate's state keeps a process's first mixed precision."""
+    run_dir = tmp_path / "run"
+    proc = cli([*base, f"run_dir={run_dir}", "mixed_precision=bf16", "max_steps=2",
+                "eval_every=2", "sample_tokens=8"], cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "sample ('def '):\ndef " in out, out
+    logged = records(run_dir, "val_loss")
+    assert list(logged) == [2]
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "latest")
+    prepared = train_mod.prepare_data(train_mod.as_data_config(compose_cfg(base).data),
+                                      progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert val_loss_of(ckpt.model, prepared) == pytest.approx(logged[2], rel=1e-3)
+
+
+def test_eval_sums_in_a_dtype_the_device_has():
+    """float64 sums (exact token counts) except on MPS, which has no float64 at all."""
+    assert train_mod.sum_dtype(torch.device("mps")) == torch.float32
+    assert train_mod.sum_dtype(torch.device("cpu")) == torch.float64
+    assert train_mod.sum_dtype(torch.device("cuda", 0)) == torch.float64
+
+
 def test_lr_schedule_warms_up_then_decays_to_floor():
     optim = OmegaConf.create({"lr": 1.0, "min_lr_ratio": 0.1, "warmup_frac": 0.1})
     lrs = [train_mod.lr_at(s, 100, optim) for s in range(100)]
