@@ -33,8 +33,9 @@ def format_summary(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> str:
     header = f"{'component':<12}{cfg.attention_type:>14}{'MHA':>14}"
     rows = [f"{name:<12}{ours[name]:>14,}{ref[name]:>14,}" for name in ours]
     ours_kv, ref_kv = kv_bytes_per_token(cfg, dtype), kv_bytes_per_token(mha, dtype)
+    smaller = f"{ref_kv / ours_kv:.0f}x smaller, " if ours_kv < ref_kv else ""
     rows.append(f"{'KV B/token':<12}{ours_kv:>14,}{ref_kv:>14,}"
-                f"   ({ref_kv / ours_kv:.0f}x smaller, {str(dtype).removeprefix('torch.')})")
+                f"   ({smaller}{str(dtype).removeprefix('torch.')})")
     shape = (f"{cfg.attention_type}: {cfg.n_layer} layers, d_model {cfg.d_model}, "
              f"{cfg.n_head} query heads, {cfg.n_kv_head} KV heads, head_dim {cfg.head_dim}")
     return "\n".join([shape, header, *rows])

@@ -44,6 +44,8 @@ def test_summary_shows_kv_bytes_beside_mha():
     kv_line = next(line for line in text.splitlines() if line.startswith("KV B/token"))
     assert kv_line.split()[2:6] == ["256", "1,024", "(4x", "smaller,"]
     assert kv_line.endswith("bfloat16)")
+    mha = format_summary(ModelConfig(n_layer=2, n_head=8, d_model=128)).splitlines()[-1]
+    assert mha.split()[2:] == ["2,048", "2,048", "(float32)"]  # no "1x smaller"
 
 
 @pytest.mark.parametrize("n_kv_head, tie", [(4, True), (2, False), (1, True)],
