@@ -174,30 +174,40 @@ def check_run_dir(run_dir: Path, cfg: Any, resuming: bool) -> None:
 
 
 def prepare_run_dir(run_dir: Path, cfg: Any, resume_step: int | None,
-                    overrides: Sequence[str]) -> None:
+                    overrides: Sequence[str], resumed_from: Path | None = None) -> None:
     """Main process, once the run is accepted: start over (overwrite=true) or trim a
     resumed run's logs, then record the config."""
     ckpts = run_dir / "checkpoints"
     if resume_step is None and has_checkpoints(ckpts):
         shutil.rmtree(ckpts)
         shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
-        (run_dir / METRICS).unlink(missing_ok=True)
+    if resume_step is None:  # also the logs of an attempt that died before its first checkpoint
+        for name in (METRICS, LOSS_PLOT):
+            (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_step is not None:
         prune_checkpoints(ckpts, cfg.keep_last, newer_than=resume_step)
         trim_metrics(run_dir / METRICS, resume_step)
-    record_config(run_dir / ".hydra", cfg, overrides, resumed=resume_step is not None)
+    record_config(run_dir / ".hydra", cfg, overrides, resumed_from)
 
 
-def record_config(out: Path, cfg: DictConfig, overrides: Sequence[str], resumed: bool) -> None:
+def record_config(out: Path, cfg: DictConfig, overrides: Sequence[str],
+                  resumed_from: Path | None = None) -> None:
     """What Hydra's output_subdir would hold, written only now: Hydra writes it before the
     task runs, so a refused run would rewrite the config of the run it refused. A resumed
-    run keeps the original config.yaml and adds resume-<time>-overrides.yaml beside it."""
+    run keeps the original config.yaml and adds resume-<time>-overrides.yaml beside it: the
+    overrides as given, after a comment that says what they changed."""
     out.mkdir(exist_ok=True)
     as_yaml = lambda items: OmegaConf.to_yaml(OmegaConf.create(list(items)))
-    if resumed:
+    if resumed_from is not None:
+        changes = config_changes(OmegaConf.load(resumed_from / TRAIN_CONFIG), cfg)
+        header = [f"resumed from {resumed_from}: its {TRAIN_CONFIG} with these overrides applied",
+                  f"(fixed on resume: {', '.join(FIXED_ON_RESUME)}; except {', '.join(FREE_DATA)})",
+                  "settings changed:", *(f"  {key}: {old} -> {new}"
+                                         for key, (old, new) in changes.items())]
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
-        (out / f"resume-{stamp}-overrides.yaml").write_text(as_yaml(overrides))
+        (out / f"resume-{stamp}-overrides.yaml").write_text(
+            "".join(f"# {line}\n" for line in header) + as_yaml(overrides))
         return
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (out / "overrides.yaml").write_text(as_yaml(overrides))
@@ -504,28 +514,73 @@ def resume_point(cfg: Any, run_dir: Path) -> Path | None:
     return find_checkpoint(Path(str(cfg.resume)))
 
 
+# What a resume cannot change: the model, the token stream and its batches, and the
+# optimizer's recipe and numerics. A change there is a new run, not a continuation. data's
+# settings that leave the tokens as they are stay free (the tokenizer is checked by its bytes).
+FIXED_ON_RESUME = ("model", "attention", "data", "optim", "seed", "batch_size", "grad_accum",
+                   "seq_len", "batch_mode", "mixed_precision", "fsdp_reduce_dtype", "init_from",
+                   "uptrain")
+FREE_DATA = ("data.num_proc", "data.cache_dir", "data.streaming", "data.tokenizer")
+
+
+def fixed_on_resume(key: str) -> bool:
+    return key not in FREE_DATA and any(key == k or key.startswith(k + ".")
+                                        for k in FIXED_ON_RESUME)
+
+
+def config_changes(old: DictConfig, new: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """Each setting whose value differs: dotted key -> (old, new)."""
+    changes = {key: (OmegaConf.select(old, key), OmegaConf.select(new, key))
+               for key in cli.leaf_keys(new)}
+    return {key: pair for key, pair in changes.items() if pair[0] != pair[1]}
+
+
+def resume_config(cfg: DictConfig, checkpoint: Path, overrides: Sequence[str]) -> DictConfig:
+    """The resumed run's config: the checkpoint's train_config.yaml with only the settings
+    overridden on this command line applied. One that would change the run is refused."""
+    # typed by the schema; a setting newer than the checkpoint keeps its default
+    saved = OmegaConf.merge(cfg, OmegaConf.load(checkpoint / TRAIN_CONFIG))
+    resumed = saved.copy()
+    user = [key for key in override_keys(overrides) if not key.startswith("hydra.")]
+    for key in user:  # a group (data=text_files) brings every setting of the group
+        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), merge=False)
+    if saved.data.tokenizer and "data.tokenizer" not in user:
+        resumed.data.tokenizer = str(checkpoint)  # an uptrain's source tokenizer: it carries it
+    saved.run_dir = resumed.run_dir = str(checkpoint.parent.parent)  # the run that owns it
+    saved.resume = resumed.resume = cfg.resume
+    changes = config_changes(saved, resumed)
+    if fixed := [key for key in changes if fixed_on_resume(key)]:
+        shown = ", ".join(f"{key}={changes[key][1]} (the run's: {changes[key][0]})" for key in fixed)
+        raise TrainError(f"a resume continues {checkpoint} exactly as its {TRAIN_CONFIG} says and "
+                         f"cannot change {shown}: drop the override, or start a new run instead "
+                         f"(another run_dir; init_from={checkpoint} starts from its weights)")
+    return resumed
+
+
 def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     """Train per cfg (composed from configs/train.yaml). overrides: the user's Hydra
     overrides, which uptraining keeps over the source's recipe."""
     check_config(cfg)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # no per-save INFO lines
-    if cfg.init_from:
+    # resume=true names the run by run_dir, which the user then gave: the same on every rank
+    resume_from = resume_point(cfg, Path(cfg.run_dir).resolve())
+    if resume_from is not None:  # the accelerator needs its config (grad_accum, precision)
+        cfg = resume_config(cfg, resume_from, overrides)
+    elif cfg.init_from:
         cfg = uptrain_config(cfg, Path(cfg.init_from), overrides)
     run_dir = Path(cfg.run_dir).resolve()
     accelerator = make_accelerator(cfg, run_dir)
     main = accelerator.is_main_process
     # Each rank's Hydra picked its own timestamped dir; rank 0's is the run's.
     run_dir = Path(broadcast_object_list([str(run_dir)])[0])
-    resume_from = resume_point(cfg, run_dir)
     if resume_from is not None:
-        run_dir = resume_from.parent.parent  # continue the run that owns the checkpoint
         state = json.loads((resume_from / TRAINER_STATE).read_text())
         if len(state["loaders"]) != accelerator.num_processes:
             raise TrainError(f"{resume_from} was written by {len(state['loaders'])} processes; "
                              f"resume it with as many (this run has {accelerator.num_processes})")
-        if not cfg.data.tokenizer and OmegaConf.load(resume_from / TRAIN_CONFIG).data.get("tokenizer"):
-            cfg = cfg.copy()  # an uptrain from a given tokenizer: the checkpoint carries it
-            cfg.data.tokenizer = str(resume_from)
+        if cfg.max_steps < state["step"]:
+            raise TrainError(f"max_steps={cfg.max_steps} is below {resume_from}'s step "
+                             f"{state['step']}: pass max_steps>={state['step']}, or none")
     check_run_dir(run_dir, cfg, resuming=resume_from is not None)
 
     with accelerator.main_process_first():  # one process tokenizes, the others hit the cache
@@ -559,12 +614,15 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
                          seed=cfg.seed, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, mode=cfg.batch_mode)
     step, tokens_seen = 0, 0
+    step_last, loss_carried = 0, 0.0  # the last train_loss record; losses summed since
     if resume_from is not None:
         accelerator.load_state(str(resume_from / ACCEL_STATE))
         stream.load_state_dict(state["loaders"][accelerator.process_index])
         step, tokens_seen = state["step"], state["tokens_seen"]
+        # checkpoints before these keys: the first record averages the steps since the resume
+        step_last, loss_carried = state.get("step_last", step), state.get("loss_sum", 0.0)
     if main:  # accepted: only now does anything land in the run dir
-        prepare_run_dir(run_dir, cfg, step if resume_from else None, overrides)
+        prepare_run_dir(run_dir, cfg, step if resume_from else None, overrides, resume_from)
     accelerator.wait_for_everyone()
     start_trackers(accelerator, cfg, run_dir)
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -578,8 +636,9 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, dynamic_ncols=True,
                desc=f"train {model_cfg.attention_type}")
-    t_last, step_last = time.perf_counter(), step
-    loss_sum = torch.zeros((), device=accelerator.device)  # since the last train_loss record
+    t_last, timed_from = time.perf_counter(), step  # throughput: steps since t_last
+    # since the last train_loss record (this process's micro-batches)
+    loss_sum = torch.full((), loss_carried, device=accelerator.device)
     while step < cfg.max_steps:
         lr = lr_at(step, cfg.max_steps, cfg.optim)
         for group in optimizer.param_groups:
@@ -607,12 +666,12 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
             train_loss = accelerator.reduce(loss_sum / micro_batches, "mean").item()
             loss_sum.zero_()
             now = time.perf_counter()
-            tok_s = tokens_per_step * (step - step_last) / (now - t_last)
+            tok_s = tokens_per_step * (step - timed_from) / (now - t_last)
             # model FLOPs per second per device; MFU: its fraction of the device's peak
-            tflops = (flops_per_step * (step - step_last) / (now - t_last)
+            tflops = (flops_per_step * (step - timed_from) / (now - t_last)
                       / accelerator.num_processes / 1e12)
             mfu = tflops / peak if peak else None
-            t_last, step_last = now, step
+            t_last, timed_from, step_last = now, step, step
             record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
                       "grad_norm": float(grad_norm), "tokens_seen": tokens_seen,
                       "tflops_per_device": tflops, "mfu": mfu}
@@ -636,18 +695,21 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
                     accelerator.get_tracker("wandb").log_table(
                         "samples", columns=["step", "prompt", "sample"],
                         data=[[step, cfg.sample_prompt, sample]], step=step)
-            t_last = time.perf_counter()  # evaluation time is not training throughput
+            t_last, timed_from = time.perf_counter(), step  # eval time is not throughput
 
         if step % ckpt_every == 0 or step == cfg.max_steps:
             meta = {"step": step, "tokens_seen": tokens_seen, "max_steps": cfg.max_steps,
                     "val_loss": val_loss, "train_loss": train_loss,
                     "attention": model_cfg.attention_type, "n_kv_head": model_cfg.n_kv_head,
                     "seed": cfg.seed, "num_processes": accelerator.num_processes, **provenance}
-            trainer_state = {"step": step, "tokens_seen": tokens_seen, "loader": stream.state_dict()}
+            # the running train_loss too, so a resume's first record is the same mean
+            trainer_state = {"step": step, "tokens_seen": tokens_seen, "loader": stream.state_dict(),
+                             "step_last": step_last,
+                             "loss_sum": accelerator.reduce(loss_sum, "mean").item()}
             checkpoint = save_training_checkpoint(accelerator, model, run_dir, step, meta,
                                                   trainer_state, cfg_yaml, prepared.tokenizer_files,
                                                   cfg.keep_last)
-            t_last = time.perf_counter()
+            t_last, timed_from = time.perf_counter(), step
     bar.close()
 
     if main:

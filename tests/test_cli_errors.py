@@ -56,7 +56,10 @@ CASES = [
      "(dangling): resume from the newest intact checkpoint with `python train.py "
      "resume={dangling}/checkpoints/step_2`"),
     ("train.py", [*TRAIN, "run_dir={run}", "resume=true", "data.vocab_size=3"],
-     "data.vocab_size=3 is below the 4 special ids"),
+     "cannot change data.vocab_size=3 (the run's: 320)"),
+    ("train.py", ["hydra.run.dir={run}", "resume=true", "seed=7"],
+     "a resume continues {run}/checkpoints/step_4 exactly as its train_config.yaml says and "
+     "cannot change seed=7 (the run's: 1337): drop the override, or start a new run instead"),
     ("train.py", [*TRAIN, "run_dir={run}/metrics.jsonl/run"], "Not a directory"),
     ("train.py", [*TRAIN, "attention.n_kv_head=3"], "not divisible by n_kv_head=3"),
     ("train.py", [*TRAIN, "init_from={new}"], "not found"),

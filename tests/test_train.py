@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -218,6 +220,94 @@ def test_sigkill_then_resume_matches_uninterrupted_run(base, tmp_path):
     assert resumed.val_loss == pytest.approx(reference.val_loss, abs=1e-6)
 
 
+def killed_after(run_dir: Path, step: int, copy: Path) -> Path:
+    """A copy of run_dir as a kill right after checkpoint step_<step> leaves it: the later
+    checkpoints gone, `latest` -> step_<step>; their metrics records stay for resume to trim."""
+    shutil.copytree(run_dir, copy, symlinks=True)
+    ckpts = copy / "checkpoints"
+    for later in ckpts.glob("step_*"):
+        if int(later.name[5:]) > step:
+            shutil.rmtree(later)
+    (ckpts / "latest").unlink()
+    (ckpts / "latest").symlink_to(f"step_{step}")
+    return copy
+
+
+def saved_config(run_dir: Path, step: int) -> dict:
+    """A checkpoint's train_config.yaml, less what names the run rather than trains it."""
+    cfg = OmegaConf.load(run_dir / "checkpoints" / f"step_{step}" / "train_config.yaml")
+    return {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("run_dir", "resume")}
+
+
+def test_resume_continues_the_checkpoints_config_exactly_and_extends(base, tmp_path):
+    """`resume=true` alone (the README's form) after a run with non-default batch_size,
+    seq_len, max_steps and lr, killed after checkpoint 3 of 6: the config is the checkpoint's
+    and every record equals the uninterrupted run's, the first train_loss after the resume
+    too (ckpt_every=3 is not a multiple of log_every=2). max_steps=8 then extends it."""
+    common = [*base, "max_steps=6", "eval_every=6", "ckpt_every=3", "log_every=2",
+              "keep_last=5", "optim.lr=3e-3"]
+    reference = run([*common, f"run_dir={tmp_path / 'reference'}"])
+    killed = killed_after(reference.run_dir, 3, tmp_path / "killed")
+    resumed = run([f"run_dir={killed}", "resume=true"])
+    assert resumed.step == 6 and resumed.val_loss == pytest.approx(reference.val_loss, abs=1e-6)
+    assert sorted(records(killed, "train_loss")) == [2, 4, 6]
+    for key in ("train_loss", "lr", "tokens_seen", "grad_norm"):
+        assert records(killed, key) == pytest.approx(records(reference.run_dir, key), abs=1e-6), key
+    assert saved_config(killed, 6) == saved_config(reference.run_dir, 6)
+
+    extend = [f"run_dir={killed}", "resume=true", "max_steps=8", "log_every=1"]
+    assert run(extend).step == 8
+    lr, tokens = records(killed, "lr"), records(killed, "tokens_seen")
+    assert sorted(lr) == [2, 4, 6, 7, 8] and tokens[8] == 8 * 8 * 64  # batch 8 x 64 tokens
+    # the schedule over the new max_steps, at the run's own peak lr
+    optim = OmegaConf.create(saved_config(killed, 6)["optim"])
+    assert lr[7] == pytest.approx(train_mod.lr_at(6, 8, optim)) and optim.lr == 3e-3
+    assert saved_config(killed, 8) == {**saved_config(killed, 6), "max_steps": 8, "log_every": 1}
+    record = sorted((killed / ".hydra").glob("resume-*-overrides.yaml"))[-1]
+    assert list(OmegaConf.load(record)) == extend
+    assert "#   max_steps: 6 -> 8\n#   log_every: 2 -> 1\n" in record.read_text()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): os.readlink(p).encode() if p.is_symlink() else
+            p.read_bytes() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+# an override a resume refuses -> what the error says
+RESUME_REFUSALS = [
+    ("batch_size=4", "cannot change batch_size=4 (the run's: 8): drop the override, or start a "
+                     "new run instead"),
+    ("optim.lr=0.01", "cannot change optim.lr=0.01 (the run's: 0.003)"),
+    ("data.vocab_size=300", "cannot change data.vocab_size=300 (the run's: 320)"),
+    ("model=small", "cannot change model.n_layer=6 (the run's: 2), model.d_model=256"),
+    ("seed=1", "cannot change seed=1 (the run's: 1337)"),
+    ("max_steps=39", "max_steps=39 is below"),
+]
+
+
+@pytest.mark.parametrize("override, message", RESUME_REFUSALS,
+                         ids=[override for override, _ in RESUME_REFUSALS])
+def test_resume_refuses_overrides_that_would_change_the_run(trained, tmp_path, override,
+                                                            message):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0].run_dir, run_dir, symlinks=True)
+    before = snapshot(run_dir)
+    with pytest.raises(train_mod.TrainError, match=re.escape(message)):
+        run([f"run_dir={run_dir}", "resume=true", override])
+    assert snapshot(run_dir) == before
+
+
+def test_fresh_run_replaces_the_logs_of_an_attempt_without_checkpoints(base, tmp_path):
+    """An attempt that died before its first checkpoint leaves metrics.jsonl; a fresh run
+    in the same dir starts it over instead of appending."""
+    args = [*base, f"run_dir={tmp_path / 'run'}", "log_every=1", "eval_every=0"]
+    died = run([*args, "max_steps=2"]).run_dir
+    shutil.rmtree(died / "checkpoints")
+    run([*args, "max_steps=3"])
+    steps = [json.loads(line)["step"] for line in (died / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3]  # train_loss at each step, val_loss at the end
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -321,8 +411,14 @@ def test_uptrain_converted_checkpoint_runs_alpha_steps_and_improves(base, traine
     source, overrides = trained
     converted = convert_checkpoint(source.checkpoint, tmp_path / "gqa2", n_kv_head=2)
     result = run([*base, f"run_dir={tmp_path / 'up'}", f"init_from={converted}",
-                  "uptrain.alpha=0.25", "attention=gqa"])
+                  "uptrain.alpha=0.25", "attention=gqa", "eval_every=5"])
     assert result.step == round(0.25 * 40)
+    # resumed alone, it keeps what init_from derived: alpha's steps, the source's tokenizer
+    killed = killed_after(result.run_dir, 5, tmp_path / "killed")
+    assert run([f"run_dir={killed}", "resume=true"]).step == 10
+    assert records(killed, "train_loss") == pytest.approx(records(result.run_dir, "train_loss"),
+                                                          abs=1e-6)
+    assert read_meta(killed / "checkpoints/step_10") == read_meta(result.checkpoint)
     ckpt = load_checkpoint(result.checkpoint)
     assert ckpt.config.n_kv_head == 2 and ckpt.config.d_model == 64
     meta = read_meta(result.checkpoint)
