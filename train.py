@@ -637,7 +637,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, dynamic_ncols=True,
                desc=f"train {model_cfg.attention_type}")
     t_last, timed_from = time.perf_counter(), step  # throughput: steps since t_last
-    # since the last train_loss record (this process's micro-batches)
+    # micro-batch losses since the last train_loss record (a resume carries them over)
     loss_sum = torch.full((), loss_carried, device=accelerator.device)
     while step < cfg.max_steps:
         lr = lr_at(step, cfg.max_steps, cfg.optim)
