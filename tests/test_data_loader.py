@@ -147,7 +147,7 @@ class OneRank:
     keeps the rank's (loss sum, tokens) instead of gathering them."""
 
     def __init__(self, rank: int, world_size: int):
-        self.device, self.process_index, self.num_processes = "cpu", rank, world_size
+        self.device, self.process_index, self.num_processes = torch.device("cpu"), rank, world_size
 
     def gather_for_metrics(self, totals):
         self.totals = totals
