@@ -42,11 +42,11 @@ from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from model.checkpoint import (WEIGHTS, CheckpointError, load_checkpoint, read_config, read_meta,
                               save_checkpoint, unwrap, write_json)
 from model.hf import import_hf, is_hf_model, read_hf_config
-from model.config import ConfigError
+from model.config import ConfigError, ModelConfig
 from model.sampling import SamplingConfig, generate
 from model.summary import flops_per_token, format_summary
 from model.transformer import Block, Transformer
-from train_config import check_config, model_config
+from train_config import ModelSizeConfig, check_config, model_config, select
 
 TRAIN_CONFIG, TRAINER_STATE, ACCEL_STATE = "train_config.yaml", "trainer_state.json", "accelerate"
 METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
@@ -282,6 +282,8 @@ def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> D
                          f"merges.txt: init_from needs the source's tokenizer; pass "
                          f"data.tokenizer=<its tokenizer>")
     cfg = cfg.copy()
+    take_source_model(cfg, source, source_cfg, {k: o for o, k in zip(overrides, user)
+                                                 if k == "model" or k.startswith("model.")})
     if not overridden("attention"):  # keep the source's KV heads unless asked to convert
         cfg.attention.n_kv_head = source_cfg.n_kv_head
     if cfg.uptrain.alpha is not None and (source / TRAIN_CONFIG).is_file():
@@ -291,9 +293,33 @@ def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> D
                 OmegaConf.update(cfg, key, recipe[key], merge=True)
     if cfg.uptrain.alpha is not None and not overridden("max_steps"):
         cfg.max_steps = max(1, round(cfg.uptrain.alpha * source_step))
+    if cfg.seq_len > source_cfg.max_seq_len:  # before any data is prepared
+        raise TrainError(f"seq_len={cfg.seq_len} exceeds the context of {source}, "
+                         f"max_seq_len={source_cfg.max_seq_len}: pass seq_len="
+                         f"{source_cfg.max_seq_len} or less (or drop seq_len: it follows the source)")
     if not overridden("data.tokenizer"):  # the user names the corpus, the source its tokens
         cfg.data.tokenizer = str(source.resolve())
     return cfg
+
+
+def take_source_model(cfg: DictConfig, source: Path, source_cfg: ModelConfig,
+                      asked: dict[str, str]) -> None:
+    """init_from trains the source's model: its shape becomes cfg.model (so the recorded config
+    describes the run, and seq_len follows its context). asked: the user's model.* or
+    model=<group> overrides by key, refused if they disagree with it rather than ignored."""
+    shape = {k: getattr(source_cfg, k) for k in ModelSizeConfig.__dataclass_fields__}
+    if asked:  # compare resolved configs: head_dim=0 etc. mean the derived value
+        sizes = {k: select(cfg.model, k) for k in shape}
+        wanted = vars(ModelConfig(vocab_size=source_cfg.vocab_size, n_kv_head=0, **sizes))
+        keys = shape if "model" in asked else [k.removeprefix("model.") for k in asked]
+        differ = [f"{k}={shape[k]}" for k in keys if wanted[k] != shape[k]]
+        if differ:
+            raise TrainError(f"{' '.join(asked.values())} disagrees with {source}'s model ("
+                             f"{', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''}): "
+                             f"init_from trains the source's own model; drop the model "
+                             f"overrides (attention.n_kv_head picks the KV heads)")
+    for key, value in shape.items():
+        cfg.model[key] = value
 
 
 def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
