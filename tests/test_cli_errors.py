@@ -64,6 +64,12 @@ CASES = [
     ("train.py", [*TRAIN, "attention.n_kv_head=3"], "not divisible by n_kv_head=3"),
     ("train.py", [*TRAIN, "init_from={new}"], "not found"),
     ("train.py", [*TRAIN, "resume={run}", f"init_from={CKPT}"], "pass either resume or init_from"),
+    ("train.py", [*TRAIN, "run_dir={new}", f"init_from={CKPT}", "seq_len=128"],
+     "seq_len=128 exceeds the context of {run}/checkpoints/step_4, max_seq_len=64: pass "
+     "seq_len=64 or less"),
+    ("train.py", [*TRAIN, "run_dir={new}", f"init_from={CKPT}", "model.n_layer=3"],
+     "model=tiny model.n_layer=3 disagrees with {run}/checkpoints/step_4's model (n_layer=2): "
+     "init_from trains the source's own model; drop the model overrides"),
     ("train.py", [*TRAIN, "batch_mode=shuffled"], "batch_mode='shuffled' is not one of"),
     ("train.py", [*TRAIN, "--max_steps=3"], "unrecognized arguments: --max_steps=3: settings "
                                              "are key=value overrides, without dashes"),

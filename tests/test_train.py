@@ -27,7 +27,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 import train as train_mod  # noqa: E402  (registers the schema)
 from data.loader import eval_batches, open_tokens  # noqa: E402
-from data.tokenizer import Tokenizer  # noqa: E402
+from data.tokenizer import Tokenizer, tokenizer_files  # noqa: E402
 from model.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
 from model.config import ConfigError, ModelConfig  # noqa: E402
 from model.sampling import SamplingConfig, generate  # noqa: E402
@@ -444,6 +444,58 @@ def test_uptrain_needs_source_steps(base, tmp_path):
     bare = save_checkpoint(tmp_path / "bare", model, meta={})
     with pytest.raises(train_mod.TrainError, match="uptrain.source_steps=N, or set max_steps=N"):
         run([*base, f"run_dir={tmp_path / 'r'}", f"init_from={bare}", "uptrain.alpha=0.05"])
+
+
+@pytest.fixture(scope="module")
+def small_source(trained, tmp_path_factory) -> Path:
+    """A 1-layer checkpoint with a 96-token context (unlike every model group) and the trained
+    run's tokenizer."""
+    model = Transformer(ModelConfig(vocab_size=320, n_layer=1, n_head=4, d_model=32,
+                                    ffn_hidden=64, max_seq_len=96))
+    return save_checkpoint(tmp_path_factory.mktemp("small") / "src", model, meta={"step": 10},
+                           files=tokenizer_files(trained[0].checkpoint))
+
+
+def without(args: list[str], *keys: str) -> list[str]:
+    return [a for a in args if a.split("=")[0] not in keys]
+
+
+def test_init_from_trains_and_records_the_source_model(base, small_source, tmp_path):
+    # no model=, no seq_len=: the model group's default (small, 256 tokens) must not count
+    args = [*without(base, "model", "seq_len"), f"init_from={small_source}", "max_steps=1",
+            "eval_every=0", f"run_dir={tmp_path / 'up'}"]
+    result = run(args)
+    trained_cfg = load_checkpoint(result.checkpoint).config
+    assert read_meta(result.checkpoint)["tokens_seen"] == 8 * 96  # windows of the source's context
+    for recorded in (result.checkpoint / "train_config.yaml",
+                     result.run_dir / ".hydra" / "config.yaml"):
+        cfg = OmegaConf.load(recorded)
+        assert cfg.seq_len == 96
+        # the recorded config rebuilds the model that was trained
+        assert train_mod.model_config(cfg, trained_cfg.vocab_size) == trained_cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seq_len=128", r"seq_len=128 exceeds the context of \S*src, max_seq_len=96: pass seq_len=96"),
+    ("model.n_layer=5", r"model.n_layer=5 disagrees with \S*src's model \(n_layer=1\): init_from"),
+    ("model=tiny", r"model=tiny disagrees with \S*src's model \(n_layer=1, n_head=4, d_model=32, "
+                   r"ffn_hidden=64, \.\.\.\)"),
+])
+def test_init_from_refuses_what_the_source_cannot_train(base, small_source, tmp_path, override,
+                                                        message):
+    fresh = tmp_path / "cache"
+    args = [*without(base, "model", "seq_len", "data.cache_dir"), f"init_from={small_source}",
+            f"data.cache_dir={fresh}", f"run_dir={tmp_path / 'up'}", override]
+    with pytest.raises(train_mod.TrainError, match=message):
+        run(args)
+    assert not fresh.exists() and not (tmp_path / "up").exists()  # before any data or run dir
+
+
+def test_init_from_accepts_model_overrides_that_agree(base, small_source, tmp_path):
+    args = [*without(base, "model", "seq_len"), f"init_from={small_source}", "model.n_layer=1",
+            "model.max_seq_len=96", "seq_len=48", f"run_dir={tmp_path / 'up'}"]
+    cfg = train_mod.uptrain_config(compose_cfg(args), small_source, args)
+    assert (cfg.seq_len, cfg.model.n_layer, cfg.model.d_model, cfg.model.ffn_hidden) == (48, 1, 32, 64)
 
 
 def test_uptrain_converts_on_load_with_grouping_and_alignment(base, trained, tmp_path):
