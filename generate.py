@@ -76,14 +76,22 @@ def pick_device(name: str) -> torch.device:
         except RuntimeError:
             raise UsageError(f"device={name!r} is not a torch device: use auto, cpu, cuda, "
                              f"cuda:N or mps") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("device=cuda but CUDA is not available: use device=auto or cpu")
+        if str(device) not in usable_devices():
+            raise UsageError(f"device={name} is not available here: use auto or one of "
+                             f"{', '.join(usable_devices())}")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def usable_devices() -> list[str]:
+    """The device names this machine runs: cpu, cuda and cuda:N per GPU, mps."""
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    return ["cpu", *(["cuda", *gpus] if gpus else []), *mps]
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

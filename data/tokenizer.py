@@ -50,6 +50,7 @@ VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # GPT-2's byte-level BPE, 
 # Copied wholesale wherever a tokenizer travels (checkpoints, import, export, prepared data).
 TOKENIZER_CONFIGS = (CONFIG_FILE, "special_tokens_map.json", "generation_config.json")
 TOKENIZER_FILES = (SPM_FILE, JSON_FILE, VOCAB_FILE, MERGES_FILE, *TOKENIZER_CONFIGS)
+MODEL_FILES = (JSON_FILE, SPM_FILE, VOCAB_FILE, MERGES_FILE)  # load_tokenizer's preference
 # Where special ids are looked up, in order of authority: (file, is_token_text).
 SPECIAL_SOURCES = ((CONFIG_FILE, True), ("special_tokens_map.json", True),
                    ("generation_config.json", False), ("config.json", False))
@@ -332,13 +333,21 @@ def tokenizer_files(path) -> dict:
     return found if SPM_FILE in found or JSON_FILE in found or pair else {}
 
 
+def spare_model_files(tok: Tokenizer) -> tuple:
+    """The other model files of tok's dir that load_tokenizer ranks below tok's own (a
+    Llama dir's tokenizer.model beside its tokenizer.json): they travel too, and the dir
+    they land in still loads as tok."""
+    return MODEL_FILES[MODEL_FILES.index(tok.file_name) + 1:]
+
+
 def copy_tokenizer(tok: Tokenizer, out_dir) -> None:
-    """Write tok's model file and the configs beside it into out_dir. Ids that came from
-    elsewhere (an HF config.json, which does not travel) go into generation_config.json."""
+    """Write tok's model file, the spare ones and the configs beside it into out_dir. Ids
+    that came from elsewhere (an HF config.json, which does not travel) go into
+    generation_config.json."""
     out_dir = Path(out_dir)
     for name, data in tok.model_files().items():
         (out_dir / name).write_bytes(data)
-    for name in TOKENIZER_CONFIGS:
+    for name in (*spare_model_files(tok), *TOKENIZER_CONFIGS):
         if tok.path is not None and (tok.path.parent / name).is_file():
             shutil.copyfile(tok.path.parent / name, out_dir / name)
     if not (out_dir / "generation_config.json").is_file():

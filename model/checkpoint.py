@@ -75,7 +75,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None 
     if not model.state_dict() (see model_state)."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists: choose another output or pass overwrite")
+        raise CheckpointError(f"{path} already exists: choose another output or pass "
+                              f"overwrite=true")
     with staged_dir(path) as tmp:
         unwrapped = model_state(model, state)
         save_file({k: v.cpu() for k, v in unwrapped.items()}, tmp / WEIGHTS)
@@ -134,6 +135,25 @@ def open_permissions(root: Path) -> None:
             os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
+def check_out(src: Path, out: Path, overwrite: bool, suffix: str) -> None:
+    """Refuse an out that would destroy the source dir src (itself, inside it, or holding
+    it: the atomic replace deletes what out held) or an existing out without overwrite.
+    suffix names a fresh dir in the message, e.g. "gqa" -> out=<src>-gqa."""
+    src_r, out_r = Path(src).resolve(), Path(out).resolve()
+    if out_r == src_r:
+        raise CheckpointError(f"out={out} is the source checkpoint itself: writing there would "
+                              f"destroy it; write to a new dir, e.g. out={src}-{suffix}")
+    if src_r in out_r.parents:
+        raise CheckpointError(f"out={out} is inside the source checkpoint {src}: write elsewhere, "
+                              f"e.g. out={src}-{suffix}")
+    if out_r in src_r.parents:
+        raise CheckpointError(f"out={out} contains the source checkpoint {src}: replacing it would "
+                              f"delete the source; pick another out, e.g. out={src}-{suffix}")
+    if Path(out).exists() and not overwrite:
+        raise CheckpointError(f"out={out} already exists: choose a new path or pass "
+                              f"overwrite=true")
+
+
 def config_of(model: torch.nn.Module) -> ModelConfig:
     return unwrap(model).config
 
@@ -144,10 +164,18 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"checkpoint {path} not found: pass a directory holding "
                               f"{WEIGHTS} and {CONFIG}")
     try:
-        return ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
+        d = json.loads((path / CONFIG).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} has no {CONFIG}: not a gqalab checkpoint") from None
-    except (json.JSONDecodeError, TypeError, ConfigError) as e:
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / CONFIG} is not a valid model config: {e}") from None
+    if isinstance(d, dict) and (d.get("model_type") or d.get("architectures")):
+        family = d.get("model_type") or d["architectures"][0]
+        raise CheckpointError(f"{path} is an HF {family} model dir: import it first with "
+                              f"`python -m model.hf import hf={path} out=<new dir>`")
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ConfigError) as e:
         raise CheckpointError(f"{path / CONFIG} is not a valid model config: {e}") from None
 
 

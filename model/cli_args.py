@@ -9,7 +9,10 @@ class ArgError(ValueError):
 def parse_key_values(argv: list[str], required: tuple[str, ...], defaults: dict[str, str],
                      usage: str) -> dict[str, str]:
     """["k=v", ...] -> {k: v} over required + defaults' keys; anything else, or a
-    required key left out, is an ArgError that ends with usage."""
+    required key left out, is an ArgError that ends with usage. -h/--help prints usage."""
+    if "-h" in argv or "--help" in argv:
+        print(usage)  # asked for: stdout, exit 0
+        raise SystemExit(0)
     allowed = (*required, *defaults)
     args = dict(defaults)
     for arg in argv:

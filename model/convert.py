@@ -14,6 +14,9 @@ data is at hand: if it is gone, a note on stderr and meta.json's kv_error_not_me
 
     python -m model.convert ckpt=runs/mha/checkpoints/final n_kv_head=2 method=mean out=ckpts/gqa2
     python -m model.convert ckpt=... n_kv_head=2 group=similar align=procrustes calib_windows=64 out=...
+
+ckpt= may be an HF Llama/GPT-2/GPT-NeoX dir: it converts as its import would. A source with
+no train_config.yaml calibrates on data.* tokenized with its own tokenizer.
 """
 from __future__ import annotations
 
@@ -26,14 +29,16 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataError
-from data.tokenizer import tokenizer_files
+from data.tokenizer import load_tokenizer, tokenizer_files
 from model.align import (ALIGNMENTS, GROUPINGS, LayerPlan, attention_input_grams, head_rows,
                          kv_error, move_heads, plan_layer, rope_planes)
-from model.checkpoint import (WEIGHTS, CheckpointError, config_of, load_checkpoint,
+from model.checkpoint import (WEIGHTS, CheckpointError, check_out, config_of, load_checkpoint,
                               model_from_state, model_state, read_config, read_meta,
                               save_checkpoint)
 from model.cli_args import ArgError, as_bool, as_int, parse_key_values
 from model.config import ConfigError, ModelConfig, divisors
+from model.hf import (hf_weight_files, import_hf, is_hf_model, read_hf_config,
+                      tokenizer_writer)
 from model.summary import format_summary
 from model.transformer import Transformer
 
@@ -186,27 +191,14 @@ def kv_errors(model: Transformer, converted: dict[str, torch.Tensor],
     return rows
 
 
-def sha256_file(path: Path) -> str:
+def sha256_files(paths: list[Path]) -> str:
+    """One digest of the files' bytes in order (an HF dir's shards; one file: its sha256)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
-
-
-def check_paths(src: Path, out: Path, overwrite: bool) -> None:
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r:
-        raise ConvertError(f"out={out} is the source checkpoint itself: converting in place "
-                           f"would destroy it; write to a new dir, e.g. out={src}-gqa")
-    if src_r in out_r.parents:
-        raise ConvertError(f"out={out} is inside the source checkpoint {src}: "
-                           f"write the converted checkpoint elsewhere")
-    if out_r in src_r.parents:
-        raise ConvertError(f"out={out} contains the source checkpoint {src}: "
-                           f"replacing it would delete the source; pick another out")
-    if out.exists() and not overwrite:
-        raise ConvertError(f"out={out} already exists: choose a new path or pass overwrite=true")
 
 
 def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
@@ -219,30 +211,33 @@ def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
     group/align on calib_windows train windows and record the K/V reconstruction error
     on as many val windows."""
     src, out = Path(src), Path(out)
-    check_paths(src, out, overwrite)
-    check_target(read_config(src).n_kv_head, n_kv_head, method, group, align)  # fail before loading
+    check_out(src, out, overwrite, "gqa")
+    hf = is_hf_model(src)  # an HF dir converts as its import would
+    src_cfg = read_hf_config(src) if hf else read_config(src)
+    check_target(src_cfg.n_kv_head, n_kv_head, method, group, align)  # fail before loading
     data = data_config(src, list(data_overrides))
     if needs_calibration(group, align) and (data is None or calib_windows <= 0):
         raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
                            f"calib_windows=N > 0, and data.* settings when {src} has no "
                            f"{TRAIN_CONFIG} with a data section")
-    ckpt = load_checkpoint(src)
-    windows = lambda split: token_windows(data, split, ckpt.config.max_seq_len, calib_windows,
-                                          ckpt.config.vocab_size)
+    write_tokenizer = tokenizer_writer(src) if hf else None  # a bad one fails before the weights
+    source = import_hf(src) if hf else load_checkpoint(src).model
+    windows = lambda split: token_windows(data, split, src_cfg.max_seq_len, calib_windows,
+                                          src_cfg.vocab_size)
     measured = data is not None and calib_windows > 0
     calib = windows("train") if measured and needs_calibration(group, align) else None
-    plans = plan_conversion(ckpt.model, n_kv_head, group, align, calib)
-    model = pooled_model(ckpt.model, n_kv_head, method, seed, plans)
+    plans = plan_conversion(source, n_kv_head, group, align, calib)
+    model = pooled_model(source, n_kv_head, method, seed, plans)
     src_meta = read_meta(src)
     meta = {
         "converted_from": {
             "path": str(src.resolve()),
-            "weights_sha256": sha256_file(src / WEIGHTS),
+            "weights_sha256": sha256_files(hf_weight_files(src) if hf else [src / WEIGHTS]),
             "method": method,
             "group": group,
             "align": align,
             "calib_windows": 0 if calib is None else calib_windows,
-            "source_n_kv_head": ckpt.config.n_kv_head,
+            "source_n_kv_head": src_cfg.n_kv_head,
             "seed": seed,
         },
         "source_step": src_meta.get("step", src_meta.get("source_step")),
@@ -250,12 +245,13 @@ def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
     if "max_steps" in src_meta:
         meta["max_steps"] = src_meta["max_steps"]
     if measured:
-        meta.update(kv_error_meta(ckpt.model, model, plans, lambda: windows("val"),
+        meta.update(kv_error_meta(source, model, plans, lambda: windows("val"),
                                   required=needs_calibration(group, align)))
-    files = tokenizer_files(src)  # the tokenizer travels whole: model file and its configs
+    files = {} if hf else tokenizer_files(src)  # the tokenizer travels whole: model file, configs
     if (src / TRAIN_CONFIG).is_file():
         files[TRAIN_CONFIG] = src / TRAIN_CONFIG
-    return save_checkpoint(out, model, meta, files, overwrite=overwrite)
+    return save_checkpoint(out, model, meta, files, overwrite=overwrite,
+                           extra=write_tokenizer)
 
 
 def kv_error_meta(src_model: Transformer, model: Transformer, plans: list[LayerPlan] | None,
@@ -288,7 +284,24 @@ def data_config(src: Path, overrides: list[str]) -> dict | None:
     except OmegaConfBaseException as e:
         raise ConvertError(f"bad data setting: {str(e).splitlines()[0]} (keys as in "
                            f"data/config.py's DataConfig)") from None
+    if tokenizer_files(src):  # calibrate on the source's own token ids, as init_from trains on them
+        check_tokenizer(OmegaConf.from_dotlist(overrides).get("tokenizer"), src)
+        if cfg.tokenizer is None and recipe is None:  # an import: no recipe, its tokenizer
+            cfg.tokenizer = str(src.resolve())
     return OmegaConf.to_container(cfg)
+
+
+def check_tokenizer(given: str | None, src: Path) -> None:
+    """Refuse a data.tokenizer other than the one src ships: its ids would mean other tokens."""
+    if given is None:
+        return
+    try:
+        differs = load_tokenizer(given).sha256() != load_tokenizer(src).sha256()
+    except DataError as e:
+        raise ConvertError(str(e)) from None
+    if differs:
+        raise ConvertError(f"data.tokenizer={given} differs from the tokenizer {src} ships: the "
+                           f"model needs its own token ids; drop data.tokenizer")
 
 
 def token_windows(data_cfg, split: str, length: int, n_windows: int,

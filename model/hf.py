@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from data.config import DataError
 from data.tokenizer import CONFIG_FILE, Tokenizer, copy_tokenizer, load_tokenizer, tokenizer_files
-from model.checkpoint import (CONFIG, WEIGHTS, CheckpointError, config_of,
+from model.checkpoint import (CONFIG, WEIGHTS, CheckpointError, check_out, config_of,
                               load_checkpoint, model_from_state, model_state, staged_dir,
                               save_checkpoint, write_json)
 from model.cli_args import ArgError, as_bool, parse_key_values
@@ -91,6 +91,13 @@ def checkpoint_tokenizer(path: Path) -> Tokenizer | None:
         raise CheckpointError(str(e)) from None
 
 
+def tokenizer_writer(path: Path):
+    """save_checkpoint's extra that writes the tokenizer a checkpoint or HF dir ships (its
+    files and the special ids of its config.json, see copy_tokenizer), or None."""
+    tok = checkpoint_tokenizer(Path(path))
+    return tok and (lambda tmp: copy_tokenizer(tok, tmp))
+
+
 # ---------------------------------------------------------------- weights
 
 def hf_weight_files(path: Path) -> list[Path]:
@@ -146,6 +153,9 @@ def import_hf(path: str | Path, dtype: torch.dtype | None = None) -> Transformer
         hf_config = json.loads((path / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / CONFIG} is unreadable: {e}") from None
+    if not is_hf_model(path) and (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is already a gqalab checkpoint, not an HF model dir: "
+                              f"use it as it is (ckpt={path})")
     family = family_of_hf(hf_config, path / CONFIG)
     cfg = family.config_from_hf(hf_config, path / CONFIG)
     state = family.state_from_hf(read_hf_weights(path), cfg, path)
@@ -160,7 +170,8 @@ def export_hf(source: str | Path | torch.nn.Module, out: str | Path,
     generation_config.json. Written atomically."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists: choose another output or pass overwrite")
+        raise CheckpointError(f"{out} already exists: choose another output or pass "
+                              f"overwrite=true")
     if isinstance(source, torch.nn.Module):
         model = source
     else:
@@ -209,12 +220,13 @@ def main(argv: list[str]) -> int:
         command, args = parse_args(argv)
         overwrite = as_bool(args, "overwrite")
         if command == "import":
-            tok = checkpoint_tokenizer(Path(args["hf"]))  # a bad one fails before the weights
+            check_out(Path(args["hf"]), Path(args["out"]), overwrite, "gqalab")
+            write_tokenizer = tokenizer_writer(args["hf"])  # a bad one fails before the weights
             model = import_hf(args["hf"])
             out = save_checkpoint(args["out"], model, meta={"imported_from": args["hf"]},
-                                  extra=tok and (lambda tmp: copy_tokenizer(tok, tmp)),
-                                  overwrite=overwrite)
+                                  extra=write_tokenizer, overwrite=overwrite)
         else:
+            check_out(Path(args["ckpt"]), Path(args["out"]), overwrite, "hf")
             out = export_hf(args["ckpt"], args["out"], overwrite=overwrite)
     except SystemExit as e:  # --help
         print(e.code)

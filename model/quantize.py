@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.tokenizer import tokenizer_files
-from model.checkpoint import (QUANTIZED, Checkpoint, CheckpointError,
+from model.checkpoint import (QUANTIZED, Checkpoint, CheckpointError, check_out,
                               load_checkpoint, model_from_state, read_config, read_meta,
                               read_weights, save_checkpoint)
 from model.cli_args import ArgError, as_bool, parse_key_values
@@ -207,10 +207,9 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8",
                         overwrite: bool = False) -> Path:
     """Write a quantized copy of float checkpoint src at out, tokenizer and train config
     included, provenance in meta.json."""
-    from model.convert import check_paths  # the same rules for where out may be
     src, out = Path(src), Path(out)
     check_mode(mode)
-    check_paths(src, out, overwrite)
+    check_out(src, out, overwrite, "int8")
     if (src / "meta.json").is_file() and is_quantized(src):
         raise CheckpointError(f"{src} is already quantized: pass the float checkpoint")
     ckpt = load_checkpoint(src)

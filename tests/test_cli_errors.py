@@ -115,7 +115,27 @@ CASES = [
     ("python -m model.hf", [], "no command: python -m model.hf import"),
     ("python -m model.hf", ["frobnicate"], "unknown command 'frobnicate'"),
     ("python -m model.hf", ["import", "hf={new}", "out={run}/hf"], "config.json"),
-    ("python -m model.hf", ["export", f"ckpt={CKPT}", "out={hf}"], "already exists"),
+    ("python -m model.hf", ["export", f"ckpt={CKPT}", "out={hf}"], "already exists: choose a "
+                                                                   "new path or pass "
+                                                                   "overwrite=true"),
+    ("python -m model.hf", ["import", "hf={hf}", "out={hf}", "overwrite=true"],
+     "out={hf} is the source checkpoint itself: writing there would destroy it; write to a "
+     "new dir, e.g. out={hf}-gqalab"),
+    ("python -m model.hf", ["export", f"ckpt={CKPT}", "out={run}", "overwrite=true"],
+     "contains the source checkpoint"),
+    ("python -m model.hf", ["export", f"ckpt={CKPT}", f"out={CKPT}/hf", "overwrite=true"],
+     f"is inside the source checkpoint {CKPT}: write elsewhere, e.g. out={CKPT}-hf"),
+    ("python -m model.quantize", [f"ckpt={CKPT}", "out={run}", "overwrite=true"],
+     f"pick another out, e.g. out={CKPT}-int8"),
+    ("python -m model.quantize", ["ckpt={hf}", "out={new}"], "{hf} is an HF llama model dir: "
+                                                             "import it first with `python -m "
+                                                             "model.hf import hf={hf} out=<new "
+                                                             "dir>`"),
+    ("python -m model.hf", ["export", "ckpt={hf}", "out={new}"], "is an HF llama model dir"),
+    ("python -m model.hf", ["import", f"hf={CKPT}", "out={new}"], "is already a gqalab "
+                                                                  "checkpoint, not an HF model"),
+    ("generate.py", ["ckpt={run}", "device=meta"], "device=meta is not available here: use "
+                                                   "auto or one of cpu"),
 ]
 LANES = 2  # two processes at a time: the test machine has 2 cores
 
@@ -250,3 +270,15 @@ def test_hydra_full_error_shows_the_trace(tmp_path):
                           env={**ENV, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "attention/foo" in proc.stderr
+
+
+@pytest.mark.parametrize("module", ["model.convert", "model.quantize", "model.hf"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_usage_to_stdout_and_exits_0(module, flag, capsys):
+    import importlib
+    try:
+        code = importlib.import_module(module).main([flag])
+    except SystemExit as e:  # what `python -m` does with either
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 0 and out.startswith("usage:") and f"python -m {module}" in out and not err

@@ -472,3 +472,50 @@ def test_cli_refuses_calibrated_options_without_data(source_ckpt, tmp_path, caps
     code, err = run_main([f"ckpt={source_ckpt}", "n_kv_head=2", "data.vocab_sise=3",
                           f"out={tmp_path / 'new'}"], capsys)
     assert code == 2 and "bad data setting" in err and "vocab_sise" in err
+
+
+@pytest.fixture(scope="module")
+def hf_llama_spm(tmp_path_factory):
+    """(a tiny HF Llama dir with tokenizer.model, a corpus glob): an MHA source as the Hub
+    ships it, without a train_config.yaml."""
+    from hf_fixtures import CORPUS, tiny_hf_llama
+    tmp = tmp_path_factory.mktemp("hf_convert")
+    tiny_hf_llama(tmp / "hf", "spm")
+    (tmp / "corpus").mkdir()
+    for d in range(40):  # each doc longer than a 256-token window: any val split holds one
+        (tmp / "corpus" / f"doc{d}.txt").write_text("".join(CORPUS[d % 5:d % 5 + 16]))
+    return tmp / "hf", f"{tmp}/corpus/*.txt"
+
+
+def fit_args(src, out, corpus, tmp_path, *more):
+    return [f"ckpt={src}", "n_kv_head=2", "group=similar", "align=procrustes",
+            "calib_windows=4", "data.source=text_files", f"data.files=[{corpus}]",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1", f"out={out}", *more]
+
+
+def test_an_hf_dir_or_its_import_calibrates_on_its_own_tokenizer(hf_llama_spm, tmp_path, capsys):
+    """Without a train_config.yaml the data is tokenized with the checkpoint's own tokenizer
+    (not a freshly trained one): converting the HF dir, its import, and its import with
+    data.tokenizer named explicitly give the same weights, bit for bit, and the tokenizer
+    travels; another data.tokenizer is refused."""
+    from model.hf import main as hf_main
+    from hf_fixtures import byte_bpe_tokenizer
+    src, corpus = hf_llama_spm
+    assert hf_main(["import", f"hf={src}", f"out={tmp_path / 'imp'}"]) == 0
+    imp = tmp_path / "imp"
+    runs = {"hf": fit_args(src, tmp_path / "hf", corpus, tmp_path),
+            "imp_gqa": fit_args(imp, tmp_path / "imp_gqa", corpus, tmp_path),
+            "named": fit_args(imp, tmp_path / "named", corpus, tmp_path, f"data.tokenizer={src}")}
+    for args in runs.values():
+        code, err = run_main(args, capsys)
+        assert code == 0, err
+    weights = [(tmp_path / out / "model.safetensors").read_bytes() for out in runs]
+    assert weights[0] == weights[1] == weights[2]
+    tokenizer = (src / "tokenizer.model").read_bytes()
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer
+    assert read_meta(tmp_path / "hf")["converted_from"]["calib_windows"] == 4
+    other = byte_bpe_tokenizer(tmp_path / "other")
+    code, err = run_main(fit_args(tmp_path / "imp", tmp_path / "bad", corpus, tmp_path,
+                                  f"data.tokenizer={other}"), capsys)
+    assert code == 2 and "differs from the tokenizer" in err and "\n" not in err
+    assert not (tmp_path / "bad").exists()

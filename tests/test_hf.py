@@ -154,6 +154,22 @@ def test_command_import_then_export_keeps_tokenizer(tmp_path, spm_model_path):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_every_tokenizer_file_travels_through_import_and_export(tmp_path, spm_model_path,
+                                                                 bpe_json_path):
+    """A Llama dir shipping tokenizer.json and tokenizer.model: import and export keep both,
+    byte for byte, and each dir still loads the tokenizer.json one."""
+    from data.tokenizer import load_tokenizer
+    _, path = tiny_hf_llama(tmp_path, 2, False)
+    shutil.copyfile(spm_model_path, path / "tokenizer.model")
+    shutil.copyfile(bpe_json_path, path / "tokenizer.json")
+    assert main(["import", f"hf={path}", f"out={tmp_path / 'ckpt'}"]) == 0
+    assert main(["export", f"ckpt={tmp_path / 'ckpt'}", f"out={tmp_path / 'back'}"]) == 0
+    for out in (tmp_path / "ckpt", tmp_path / "back"):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            assert (out / name).read_bytes() == (path / name).read_bytes()
+        assert load_tokenizer(out).sha256() == load_tokenizer(bpe_json_path).sha256()
+
+
 @pytest.mark.parametrize("legacy", [False, True])  # legacy: torch < 1.6's pre-zip format
 def test_pickle_bin_loads_weights_only_and_refuses_code(tmp_path, legacy):
     hf, path = tiny_hf_llama(tmp_path, 4, True)
