@@ -74,9 +74,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None 
     tokenizer); extra(tmp_dir) may add more files before the rename; state: the weights,
     if not model.state_dict() (see model_state)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists: choose another output or pass "
-                              f"overwrite=true")
+    refuse_existing(path, overwrite)
     with staged_dir(path) as tmp:
         unwrapped = model_state(model, state)
         save_file({k: v.cpu() for k, v in unwrapped.items()}, tmp / WEIGHTS)
@@ -149,7 +147,11 @@ def check_out(src: Path, out: Path, overwrite: bool, suffix: str) -> None:
     if out_r in src_r.parents:
         raise CheckpointError(f"out={out} contains the source checkpoint {src}: replacing it would "
                               f"delete the source; pick another out, e.g. out={src}-{suffix}")
-    if Path(out).exists() and not overwrite:
+    refuse_existing(Path(out), overwrite)
+
+
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
         raise CheckpointError(f"out={out} already exists: choose a new path or pass "
                               f"overwrite=true")
 

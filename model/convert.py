@@ -279,13 +279,13 @@ def data_config(src: Path, overrides: list[str]) -> dict | None:
     if recipe is None and not overrides:
         return None
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), recipe or {},
-                              OmegaConf.from_dotlist(overrides))
+        given = OmegaConf.from_dotlist(overrides)
+        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), recipe or {}, given)
     except OmegaConfBaseException as e:
         raise ConvertError(f"bad data setting: {str(e).splitlines()[0]} (keys as in "
                            f"data/config.py's DataConfig)") from None
     if tokenizer_files(src):  # calibrate on the source's own token ids, as init_from trains on them
-        check_tokenizer(OmegaConf.from_dotlist(overrides).get("tokenizer"), src)
+        check_tokenizer(given.get("tokenizer"), src)
         if cfg.tokenizer is None and recipe is None:  # an import: no recipe, its tokenizer
             cfg.tokenizer = str(src.resolve())
     return OmegaConf.to_container(cfg)

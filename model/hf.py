@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from data.config import DataError
 from data.tokenizer import CONFIG_FILE, Tokenizer, copy_tokenizer, load_tokenizer, tokenizer_files
 from model.checkpoint import (CONFIG, WEIGHTS, CheckpointError, check_out, config_of,
-                              load_checkpoint, model_from_state, model_state, staged_dir,
-                              save_checkpoint, write_json)
+                              load_checkpoint, model_from_state, model_state, refuse_existing,
+                              save_checkpoint, staged_dir, write_json)
 from model.cli_args import ArgError, as_bool, parse_key_values
 from model.config import ConfigError, ModelConfig
 from model.hf_families import family_of, family_of_hf
@@ -169,9 +169,7 @@ def export_hf(source: str | Path | torch.nn.Module, out: str | Path,
     tokenizer (a file or a dir; default the checkpoint's) with tokenizer_config.json and
     generation_config.json. Written atomically."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists: choose another output or pass "
-                              f"overwrite=true")
+    refuse_existing(out, overwrite)
     if isinstance(source, torch.nn.Module):
         model = source
     else:

@@ -54,18 +54,21 @@ def llama_config(d: dict[str, Any], source: Path | str = "config.json") -> Model
              (rope_type != "default", f"rope scaling {rope_type!r}")],
             source, "Llama", "SwiGLU (silu) and default RoPE")
     return _build(source, "Llama", lambda: ModelConfig(
-        vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
-        n_head=d["num_attention_heads"],
-        n_kv_head=d.get("num_key_value_heads") or d["num_attention_heads"],
-        d_model=d["hidden_size"],
+        **_shape(d), n_kv_head=d.get("num_key_value_heads") or d["num_attention_heads"],
         head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
-        ffn_hidden=d["intermediate_size"],
-        max_seq_len=d.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
         norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        init_std=float(d.get("initializer_range", 0.02)),
         attn_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False))))
+
+
+def _shape(d: dict[str, Any]) -> dict[str, Any]:
+    """The fields Llama and NeoX configs name alike (transformers' common key names)."""
+    return dict(vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
+                n_head=d["num_attention_heads"], d_model=d["hidden_size"],
+                ffn_hidden=d["intermediate_size"],
+                max_seq_len=d.get("max_position_embeddings", 2048),
+                tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                init_std=float(d.get("initializer_range", 0.02)))
 
 
 def llama_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -133,14 +136,9 @@ def neox_config(d: dict[str, Any], source: Path | str = "config.json") -> ModelC
     def read() -> ModelConfig:
         head_dim = d["hidden_size"] // d["num_attention_heads"]
         return ModelConfig(
-            vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
-            n_head=d["num_attention_heads"], d_model=d["hidden_size"],
-            ffn_hidden=d["intermediate_size"],
-            max_seq_len=d.get("max_position_embeddings", 2048),
+            **_shape(d),
             rope_theta=float(rope.get("rope_theta", d.get("rotary_emb_base", 10000.0))),
             norm_eps=float(d.get("layer_norm_eps", 1e-5)),
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            init_std=float(d.get("initializer_range", 0.02)),
             norm="layernorm", mlp=GELUS[act], attn_bias=bool(d.get("attention_bias", True)),
             mlp_bias=True, rotary_dim=int(head_dim * pct),  # int() as transformers does
             parallel_residual=bool(d.get("use_parallel_residual", True)))
