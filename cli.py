@@ -1,9 +1,10 @@
 """How every gqalab command fails: one `error: ...` line on stderr, exit status 2.
 
-    @cli.hydra_main(config_path="configs", config_name="train", errors=(TrainError,))
+    @cli.hydra_main(config_path="configs", config_name="train")
     def main(cfg): ...
 
-replaces `@hydra.main(version_base="1.3", ...)`. The task's `errors`, OmegaConf's errors
+replaces `@hydra.main(version_base="1.3", ...)`. A `UserError` the task raises (every
+command's error class subclasses it), the task's extra `errors`, OmegaConf's errors
 met while it runs (a bad interpolation) and every error Hydra raises before it starts (a
 wrong type, an unknown key, an unknown group option, an unparsable override) become one
 line that names the key and what is allowed: a group's options, the closest known key.
@@ -35,6 +36,12 @@ FULL_ERROR = "HYDRA_FULL_ERROR"
 STARTED = time.time() - 1  # a dir made since then (mtime, whole seconds) is this process's
 
 
+class UserError(ValueError):
+    """Bad input the user can fix: every gqalab error class (ConfigError, CheckpointError,
+    DataError, ConvertError, ...) subclasses it, and every command prints it as one line.
+    Anything else raised is a bug and keeps its traceback."""
+
+
 def fail(message: Any) -> NoReturn:
     print(f"error: {one_line(message)}", file=sys.stderr)
     sys.exit(2)
@@ -50,7 +57,8 @@ def full_error() -> bool:
 
 def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception], ...] = ()
                ) -> Callable[[Callable[[Any], Any]], Callable[..., Any]]:
-    """@hydra.main(version_base="1.3", ...) with every user error as one line, exit 2."""
+    """@hydra.main(version_base="1.3", ...) with every user error (UserError, errors) as
+    one line, exit 2."""
     def decorate(task: Callable[[Any], Any]) -> Callable[..., Any]:
         started = False  # errors after this are the task's, not Hydra's composition
         debug = False  # the user's HYDRA_FULL_ERROR=1: let every error through
@@ -64,7 +72,7 @@ def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception]
                 if not debug:
                     check_additions(cfg)
                 return task(cfg)
-            except (*errors, OmegaConfBaseException) as e:
+            except (UserError, *errors, OmegaConfBaseException) as e:
                 if debug:
                     raise
                 fail(describe(e))

@@ -25,8 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import cli
-from model.checkpoint import CONFIG, CheckpointError, load_checkpoint
-from model.config import ConfigError
+from model.checkpoint import CONFIG, load_checkpoint
 from model.hf import checkpoint_tokenizer, import_hf, is_hf_model
 from model.kv_cache import kv_bytes_per_token
 from model.quantize import (is_quantized, load_quantized, quantization_of, quantize_model,
@@ -63,7 +62,7 @@ class GenerateConfig:
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
 
 
-class UsageError(ValueError):
+class UsageError(cli.UserError):
     """Bad input from the user; printed as one line."""
 
 
@@ -309,7 +308,7 @@ def quote_prompt_args(argv: list[str]) -> list[str]:
 
 
 @cli.hydra_main(config_path="configs", config_name="generate",
-                errors=(UsageError, CheckpointError, ConfigError, ValueError, OSError))
+                errors=(ValueError, OSError))
 def main(dcfg) -> None:
     cfg: GenerateConfig = OmegaConf.to_object(dcfg)
     try:

@@ -59,7 +59,7 @@ class TrainError(ValueError):
     """A problem the user can fix (paths, run dirs, resume/uptrain inputs); one line."""
 
 
-USER_ERRORS = (TrainError, ConfigError, CheckpointError, DataError)
+USER_ERRORS = (TrainError, cli.UserError)  # TrainError joins cli.UserError with the train.py split
 
 
 @dataclass

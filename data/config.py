@@ -8,11 +8,13 @@ wrong type (`data.vocab_size=abc`) fails when the config is composed.
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import cli
+
 SOURCES = ("pystdlib", "text_files", "hub")
 SPLIT_BY = ("file", "line", "paragraph")
 
 
-class DataError(ValueError):
+class DataError(cli.UserError):
     """A problem with the user's data or data settings. The message is one line
     that says what is wrong and how to fix it; CLIs print it without a traceback."""
 

@@ -429,7 +429,7 @@ class PrepareConfig:
 ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
 
 
-@cli.hydra_main(config_path="../configs", config_name="prepare", errors=(DataError, OSError))
+@cli.hydra_main(config_path="../configs", config_name="prepare", errors=(OSError,))
 def main(cfg: PrepareConfig) -> None:
     print(prepare_data(as_data_config(cfg.data)).summary)
 

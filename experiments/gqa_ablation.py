@@ -40,8 +40,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from experiments.report import CONVERSIONS, variant_name, write_atomic, write_report
-from model.checkpoint import CheckpointError, load_checkpoint, read_meta
+import cli
+from experiments.report import CONVERSIONS, variant_name, write_report
+from model.checkpoint import load_checkpoint, read_meta, write_atomic
 from model.convert import METHODS, ConvertError, check_target, convert_checkpoint, token_windows
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, stream
@@ -51,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "experiments" / "configs"
 
 
-class ExperimentError(ValueError):
+class ExperimentError(cli.UserError):
     """A setting the experiment cannot run with; the message names the fix."""
 
 
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_settings(argv)
         out = Path(cfg.out)
         paths = run(cfg, out)
-    except (ExperimentError, ConvertError, CheckpointError) as e:
+    except cli.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((out / "results.md").read_text())

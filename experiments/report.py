@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import matplotlib
@@ -20,19 +19,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
+from model.checkpoint import write_atomic  # noqa: E402
+
 COLUMNS = ("variant", "n_kv_head", "method", "alpha", "steps", "val_loss",
            "kv_bytes_per_token", "decode_tok_s", "train_s", "k_error", "v_error")
 # mean/first/random: the paper's; then mean pooling after choosing and/or aligning heads
 CONVERSIONS = ("mean", "first", "random", "similar", "procrustes", "similar+procrustes")
 METHOD_ORDER = CONVERSIONS
 BEST = "similar+procrustes"
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Readers see the old file or the new one, never a half-written one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def variant_name(n_kv_head: int, n_head: int) -> str:

@@ -1,7 +1,8 @@
 """Checkpoint directories: model.safetensors + config.json (+ meta.json, tokenizer.model).
 
 Loading never executes code: tensors come from safetensors and the config from JSON.
-Saving writes a sibling temporary directory and renames it into place when complete.
+Saving writes a sibling temporary directory and renames it into place when complete
+(staged_dir); staged_file and write_atomic do the same for single files, for every module.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import cli
 from model.config import ConfigError, ModelConfig
 from model.transformer import Transformer
 
@@ -26,7 +28,7 @@ WEIGHTS, CONFIG, META, TOKENIZER = "model.safetensors", "config.json", "meta.jso
 QUANTIZED = "quantization"  # meta.json key of an int8 checkpoint (model.quantize)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(cli.UserError):
     """A checkpoint that cannot be read or written; the message names the problem."""
 
 
@@ -85,6 +87,27 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None 
         if extra is not None:
             extra(tmp)
     return path
+
+
+@contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside path to write a file (or a symlink) at, renamed onto path in
+    one step when the block completes and removed when it fails: readers of path see the
+    old file or the new one, never a half-written one. For a directory: staged_dir."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a leftover of a killed run with this pid
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write path's new contents in one step (staged_file)."""
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 @contextmanager

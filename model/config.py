@@ -5,8 +5,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import cli
 
-class ConfigError(ValueError):
+
+class ConfigError(cli.UserError):
     """A model configuration that cannot be built; the message names the fix."""
 
 

@@ -28,6 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import cli
 from data.config import DataError
 from data.tokenizer import load_tokenizer, tokenizer_files
 from model.align import (ALIGNMENTS, GROUPINGS, LayerPlan, attention_input_grams, head_rows,
@@ -47,7 +48,7 @@ KV_TENSORS = ("attn.k_proj.weight", "attn.v_proj.weight", "attn.k_proj.bias", "a
 TRAIN_CONFIG = "train_config.yaml"  # the resolved train config the train loop saves
 
 
-class ConvertError(ValueError):
+class ConvertError(cli.UserError):
     """A conversion that cannot be done; the message names the fix."""
 
 

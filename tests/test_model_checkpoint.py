@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from model import ModelConfig, Transformer
 from model.checkpoint import (CONFIG, WEIGHTS, CheckpointError, load_checkpoint,
-                              save_checkpoint)
+                              save_checkpoint, staged_file, write_atomic)
 
 
 def tiny_model(**kw):
@@ -124,3 +124,18 @@ def test_bf16_checkpoint_loads_as_bf16_unless_asked(tmp_path):
     as_fp32 = load_checkpoint(tmp_path / "ckpt", dtype=torch.float32).model
     assert {p.dtype for p in as_fp32.parameters()} == {torch.float32}
     assert torch.equal(as_fp32.embed.weight, model.embed.weight.float())
+
+
+def test_staged_file_publishes_whole_or_keeps_the_old_file(tmp_path):
+    path = tmp_path / "results.md"
+    write_atomic(path, "old\n")
+    with pytest.raises(RuntimeError):
+        with staged_file(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old\n"
+    write_atomic(path, b"new\n")
+    with staged_file(tmp_path / "latest") as tmp:  # a symlink swaps in one rename too
+        os.symlink("results.md", tmp)
+    assert path.read_text() == "new\n" and (tmp_path / "latest").read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "results.md"]
