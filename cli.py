@@ -12,6 +12,10 @@ So do an unknown --flag and a `+key=value` that adds a key no setting reads.
 Any other exception in the task is a bug and keeps its traceback. HYDRA_FULL_ERROR=1
 lets every error through with its full trace, for debugging.
 
+For the `python -m` commands: run_app(app, argv) runs an app as a function that returns
+its exit status (`main(argv)`), user_keys() says which keys the command line set, and
+require(cfg) names the mandatory (???) options left out with the command's usage line.
+
 A top-level module that imports only hydra, omegaconf and the standard library, so the
 entry points, data/ and model/ can all use it without importing each other.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import os
 import sys
 import time
@@ -79,7 +84,10 @@ def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception]
             finally:
                 discard_if_unused(output_dir)
 
-        app = hydra.main(version_base="1.3", config_path=config_path,
+        # config_path is relative to the task's file; made absolute so the app finds it when
+        # imported as a module too (main(argv) in-process), not only run as a script
+        configs = str((Path(inspect.getfile(task)).parent / config_path).resolve())
+        app = hydra.main(version_base="1.3", config_path=configs,
                          config_name=config_name)(guarded)
 
         @functools.wraps(app)
@@ -104,6 +112,40 @@ def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception]
                     os.environ[FULL_ERROR] = before
         return run
     return decorate
+
+
+def run_app(app: Callable[[], Any], argv: list[str] | None = None) -> int:
+    """A hydra_main app as a function of argv (default sys.argv[1:]) that returns its exit
+    status: 0 when done or after --help, 2 when refused. For `main(argv)` of the
+    `python -m` commands, which tests and scripts call in-process."""
+    saved = sys.argv
+    if argv is not None:
+        sys.argv = [saved[0], *argv]
+    try:
+        app()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def user_keys() -> list[str]:
+    """The keys and groups the user set on the command line (`data=text_files` -> data,
+    `+data.files=[a]` -> data.files), from inside a hydra_main task."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    overrides = list(HydraConfig.get().overrides.task)
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides)]
+
+
+def require(cfg: DictConfig) -> None:
+    """Every mandatory (???) key given, or one UserError naming the missing ones and the
+    command's usage (the first line of its hydra.help.header)."""
+    missing = [k for k in cfg if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        usage = HydraConfig.get().help.header.splitlines()[0].removeprefix("usage: ")
+        raise UserError(f"missing {' '.join(f'{k}=...' for k in missing)}: {usage} "
+                        f"(--help lists the options)")
 
 
 def discard_if_unused(output_dir: Path) -> None:
@@ -184,7 +226,8 @@ def unknown_key(key: str, parent: Any) -> str:
              or [k for k in known if k.rpartition(".")[2] == key.rpartition(".")[2]][:1])
     if close:
         return f"unknown key {key}: did you mean {close[0]}?"
-    return f"unknown key {key}: the keys here are {', '.join(str(k) for k in parent)}"
+    keys = [str(k) for k in parent if k != "hydra"]
+    return f"unknown key {key}: the keys here are {', '.join(keys)}"
 
 
 def leaf_keys(node: Any, prefix: str = "") -> list[str]:

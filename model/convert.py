@@ -14,29 +14,33 @@ data is at hand: if it is gone, a note on stderr and meta.json's kv_error_not_me
 
     python -m model.convert ckpt=runs/mha/checkpoints/final n_kv_head=2 method=mean out=ckpts/gqa2
     python -m model.convert ckpt=... n_kv_head=2 group=similar align=procrustes calib_windows=64 out=...
+    python -m model.convert ckpt=<HF dir> n_kv_head=1 data=text_files data.files='[a/*.txt]' out=...
+    python -m model.convert --help
 
 ckpt= may be an HF Llama/GPT-2/GPT-NeoX dir: it converts as its import would. A source with
-no train_config.yaml calibrates on data.* tokenized with its own tokenizer.
+no train_config.yaml calibrates on data=/data.* (as for train.py) tokenized with its own
+tokenizer. The command is a Hydra app (configs/convert.yaml, ConvertConfig below).
 """
 from __future__ import annotations
 
 import hashlib
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import cli
-from data.config import DataError
+from data.config import DataConfig, DataError
 from data.tokenizer import load_tokenizer, tokenizer_files
 from model.align import (ALIGNMENTS, GROUPINGS, LayerPlan, attention_input_grams, head_rows,
                          kv_error, move_heads, plan_layer, rope_planes)
 from model.checkpoint import (WEIGHTS, CheckpointError, check_out, config_of, load_checkpoint,
                               model_from_state, model_state, read_config, read_meta,
                               save_checkpoint)
-from model.cli_args import ArgError, as_bool, as_int, parse_key_values
 from model.config import ConfigError, ModelConfig, divisors
 from model.hf import (hf_weight_files, import_hf, is_hf_model, read_hf_config,
                       tokenizer_writer)
@@ -205,18 +209,18 @@ def sha256_files(paths: list[Path]) -> str:
 def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
                        method: str = "mean", seed: int = 0, overwrite: bool = False,
                        group: str = "contiguous", align: str = "none", calib_windows: int = 64,
-                       data_overrides: list[str] = ()) -> Path:
+                       data: dict | None = None) -> Path:
     """Write a converted copy of checkpoint src at out, with the same tokenizer, the
     source's train config, and provenance in meta.json. With a data config (the source's
-    train_config.yaml, data_overrides as data.key=value) and calib_windows > 0: fit
-    group/align on calib_windows train windows and record the K/V reconstruction error
-    on as many val windows."""
+    train_config.yaml's data section, updated by data: DataConfig settings) and
+    calib_windows > 0: fit group/align on calib_windows train windows and record the K/V
+    reconstruction error on as many val windows."""
     src, out = Path(src), Path(out)
     check_out(src, out, overwrite, "gqa")
     hf = is_hf_model(src)  # an HF dir converts as its import would
     src_cfg = read_hf_config(src) if hf else read_config(src)
     check_target(src_cfg.n_kv_head, n_kv_head, method, group, align)  # fail before loading
-    data = data_config(src, list(data_overrides))
+    data = data_config(src, data or {})
     if needs_calibration(group, align) and (data is None or calib_windows <= 0):
         raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
                            f"calib_windows=N > 0, and data.* settings when {src} has no "
@@ -272,22 +276,21 @@ def kv_error_meta(src_model: Transformer, model: Transformer, plans: list[LayerP
                          "layers": kv_errors(src_model, model_state(model), plans, windows)}}
 
 
-def data_config(src: Path, overrides: list[str]) -> dict | None:
-    """The data settings src was trained on (its train_config.yaml), with overrides
-    ("key=value" under data.); None when there are neither."""
-    from data.config import DataConfig  # the data stack is only needed with calibration
+def data_config(src: Path, given: dict) -> dict | None:
+    """The data settings src was trained on (its train_config.yaml), updated by given
+    (DataConfig keys); None when there are neither. Tokens are the source's own: a corpus
+    of the user's choosing is tokenized with the tokenizer src ships."""
     recipe = OmegaConf.load(src / TRAIN_CONFIG).get("data") if (src / TRAIN_CONFIG).is_file() else None
-    if recipe is None and not overrides:
+    if recipe is None and not given:
         return None
     try:
-        given = OmegaConf.from_dotlist(overrides)
         cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), recipe or {}, given)
     except OmegaConfBaseException as e:
         raise ConvertError(f"bad data setting: {str(e).splitlines()[0]} (keys as in "
                            f"data/config.py's DataConfig)") from None
     if tokenizer_files(src):  # calibrate on the source's own token ids, as init_from trains on them
         check_tokenizer(given.get("tokenizer"), src)
-        if cfg.tokenizer is None and recipe is None:  # an import: no recipe, its tokenizer
+        if cfg.tokenizer is None and (recipe is None or "source" in given):
             cfg.tokenizer = str(src.resolve())
     return OmegaConf.to_container(cfg)
 
@@ -328,42 +331,57 @@ def token_windows(data_cfg, split: str, length: int, n_windows: int,
     return torch.from_numpy(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64))
 
 
-USAGE = ("usage: python -m model.convert ckpt=<checkpoint dir> n_kv_head=<G> out=<new dir> "
-         "[method=mean|first|random] [group=contiguous|similar] [align=none|procrustes] "
-         "[calib_windows=64] [data.<key>=<value>] [seed=0] [overwrite=false]")
+@dataclass
+class ConvertConfig:
+    """python -m model.convert's options (configs/convert.yaml; --help describes them)."""
+    ckpt: str = MISSING  # a gqalab checkpoint dir or an HF Llama/GPT-2/GPT-NeoX dir
+    n_kv_head: int = MISSING  # KV heads of the result: a divisor of the source's
+    out: str = MISSING  # the new checkpoint dir
+    method: str = "mean"  # mean | first | random (METHODS)
+    group: str = "contiguous"  # contiguous | similar (model/align.py's GROUPINGS)
+    align: str = "none"  # none | procrustes (model/align.py's ALIGNMENTS)
+    calib_windows: int = 64  # train windows to fit on, val windows to measure; 0: none
+    seed: int = 0  # for method=random
+    overwrite: bool = False  # replace an existing out
+    # the calibration corpus; only the settings the user gives count (given_data)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
-def parse_args(argv: list[str]) -> dict:
-    data = [a[len("data."):] for a in argv if a.startswith("data.")]
-    args = parse_key_values([a for a in argv if not a.startswith("data.")],
-                            ("ckpt", "n_kv_head", "out"),
-                            {"method": "mean", "group": "contiguous", "align": "none",
-                             "calib_windows": "64", "seed": "0", "overwrite": "false"}, USAGE)
-    return {**args, "n_kv_head": as_int(args, "n_kv_head"), "seed": as_int(args, "seed"),
-            "calib_windows": as_int(args, "calib_windows"),
-            "overwrite": as_bool(args, "overwrite"), "data_overrides": data}
+ConfigStore.instance().store(name="convert_schema", node=ConvertConfig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        out = convert_checkpoint(args["ckpt"], args["out"], args["n_kv_head"], args["method"],
-                                 args["seed"], args["overwrite"], args["group"], args["align"],
-                                 args["calib_windows"], args["data_overrides"])
-    except (ArgError, ConvertError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg = read_config(out)
-    print(f"wrote {out} ({args['method']} pooling, group={args['group']}, "
-          f"align={args['align']}, of {args['ckpt']})")
-    print(format_summary(cfg))
+def given_data(cfg: DictConfig) -> dict:
+    """The data settings given on the command line: all of cfg.data after data=<group>, else
+    the data.<key> ones; the rest comes from the source's train config (data_config)."""
+    keys = cli.user_keys()
+    data = OmegaConf.to_container(cfg.data)
+    if "data" in keys:
+        return data
+    return {k.removeprefix("data."): data[k.removeprefix("data.")] for k in keys
+            if k.startswith("data.")}
+
+
+@cli.hydra_main(config_path="../configs", config_name="convert")
+def command(cfg: DictConfig) -> None:
+    cli.require(cfg)
+    args: ConvertConfig = OmegaConf.to_object(cfg)
+    out = convert_checkpoint(args.ckpt, args.out, args.n_kv_head, args.method, args.seed,
+                             args.overwrite, args.group, args.align, args.calib_windows,
+                             given_data(cfg))
+    print(f"wrote {out} ({args.method} pooling, group={args.group}, align={args.align}, "
+          f"of {args.ckpt})")
+    print(format_summary(read_config(out)))
     errors = read_meta(out).get("kv_error")
     if errors:
         print(f"K/V reconstruction error on {errors['windows']} held-out windows "
               f"(|aligned source heads - pooled|^2 / |source heads|^2):")
         for e in errors["layers"]:
             print(f"  layer {e['layer']}: K {e['k']:.4f}  V {e['v']:.4f}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model.convert key=value ...` (argv: those arguments); the exit status."""
+    return cli.run_app(command, argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ test/bench-only dependency.
 
     python -m model.hf import hf=<hf model dir> out=<our checkpoint dir>
     python -m model.hf export ckpt=<our checkpoint dir> out=<hf model dir>
+    python -m model.hf --help
+
+The command is a Hydra app (configs/hf.yaml, HfConfig below); its first word is the action.
 
 The tokenizer travels both ways: import copies the HF dir's tokenizer files (data.tokenizer's
 TOKENIZER_FILES); export writes them with a tokenizer_config.json and a
@@ -17,19 +20,23 @@ import json
 import pickle
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import cli
 from data.config import DataError
 from data.tokenizer import CONFIG_FILE, Tokenizer, copy_tokenizer, load_tokenizer, tokenizer_files
 from model.checkpoint import (CONFIG, WEIGHTS, CheckpointError, check_out, config_of,
                               load_checkpoint, model_from_state, model_state, refuse_existing,
                               save_checkpoint, staged_dir, write_json)
-from model.cli_args import ArgError, as_bool, parse_key_values
-from model.config import ConfigError, ModelConfig
+from model.config import ModelConfig
 from model.hf_families import family_of, family_of_hf
 from model.transformer import Transformer
 
@@ -196,45 +203,57 @@ def export_hf(source: str | Path | torch.nn.Module, out: str | Path,
 
 # ---------------------------------------------------------------- command
 
-USAGE = """usage:
-  python -m model.hf import hf=<HF Llama|GPT-2|GPT-NeoX dir> out=<checkpoint dir> [overwrite=true]
-  python -m model.hf export ckpt=<checkpoint dir> out=<HF dir> [overwrite=true]"""
+ACTIONS = ("import", "export")
 
 
-def parse_args(argv: list[str]) -> tuple[str, dict[str, str]]:
-    if "-h" in argv or "--help" in argv:
-        raise SystemExit(USAGE)
-    if not argv or argv[0] not in ("import", "export"):
-        got = f"unknown command {argv[0]!r}" if argv else "no command"
-        raise ArgError(f"{got}: python -m model.hf import hf=<HF dir> out=<checkpoint dir>, "
-                       f"or export ckpt=<checkpoint dir> out=<HF dir> (see --help)")
-    source = "hf" if argv[0] == "import" else "ckpt"
-    return argv[0], parse_key_values(argv[1:], (source, "out"), {"overwrite": "false"},
-                                     "see python -m model.hf --help")
+@dataclass
+class HfConfig:
+    """python -m model.hf's options (configs/hf.yaml; --help describes them)."""
+    action: str = ""  # import | export; also the first word: python -m model.hf export ...
+    hf: Optional[str] = None  # import: an HF Llama/GPT-2/GPT-NeoX dir
+    ckpt: Optional[str] = None  # export: a gqalab checkpoint dir
+    out: str = MISSING  # the new dir
+    overwrite: bool = False  # replace an existing out
 
 
-def main(argv: list[str]) -> int:
-    try:
-        command, args = parse_args(argv)
-        overwrite = as_bool(args, "overwrite")
-        if command == "import":
-            check_out(Path(args["hf"]), Path(args["out"]), overwrite, "gqalab")
-            write_tokenizer = tokenizer_writer(args["hf"])  # a bad one fails before the weights
-            model = import_hf(args["hf"])
-            out = save_checkpoint(args["out"], model, meta={"imported_from": args["hf"]},
-                                  extra=write_tokenizer, overwrite=overwrite)
-        else:
-            check_out(Path(args["ckpt"]), Path(args["out"]), overwrite, "hf")
-            out = export_hf(args["ckpt"], args["out"], overwrite=overwrite)
-    except SystemExit as e:  # --help
-        print(e.code)
-        return 0
-    except (ArgError, CheckpointError, ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+ConfigStore.instance().store(name="hf_schema", node=HfConfig)
+
+
+def action_as_key(argv: list[str]) -> list[str]:
+    """`import hf=...` -> `action=import hf=...`: the first word names the action."""
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        return [f"action={argv[0]}", *argv[1:]]
+    return argv
+
+
+@cli.hydra_main(config_path="../configs", config_name="hf", errors=(OSError,))
+def command(cfg: DictConfig) -> None:
+    if cfg.action not in ACTIONS:
+        got = f"unknown command {cfg.action!r}" if cfg.action else "no command"
+        raise cli.UserError(f"{got}: python -m model.hf import hf=<HF dir> out=<checkpoint "
+                            f"dir>, or export ckpt=<checkpoint dir> out=<HF dir> (see --help)")
+    source = "hf" if cfg.action == "import" else "ckpt"
+    if cfg[source] is None:
+        raise cli.UserError(f"missing {source}=...: python -m model.hf {cfg.action} "
+                            f"{source}=<dir> out=<dir> (see --help)")
+    cli.require(cfg)
+    args: HfConfig = OmegaConf.to_object(cfg)
+    if args.action == "import":
+        check_out(Path(args.hf), Path(args.out), args.overwrite, "gqalab")
+        write_tokenizer = tokenizer_writer(args.hf)  # a bad one fails before the weights
+        out = save_checkpoint(args.out, import_hf(args.hf), meta={"imported_from": args.hf},
+                              extra=write_tokenizer, overwrite=args.overwrite)
+    else:
+        check_out(Path(args.ckpt), Path(args.out), args.overwrite, "hf")
+        out = export_hf(args.ckpt, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model.hf import|export key=value ...` (argv: those arguments); the exit
+    status."""
+    return cli.run_app(command, action_as_key(sys.argv[1:] if argv is None else list(argv)))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -6,6 +6,7 @@ read 4x fewer bytes than fp32. Activations, embeddings, norms and the KV cache s
 float.
 
     python -m model.quantize ckpt=runs/x/checkpoints/step_1000 out=ckpts/x-int8 [mode=int8_head]
+    python -m model.quantize --help  (a Hydra app: configs/quantize.yaml, QuantizeConfig below)
 
 The matmul (int8_matmul) takes the fastest correct path measured on torch 2.13's CPU:
 - bfloat16 activations on CPU: torch._weight_int8pack_mm (AVX512/AVX2 kernel), eager and
@@ -25,17 +26,20 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
+import cli
 from data.tokenizer import tokenizer_files
 from model.checkpoint import (QUANTIZED, Checkpoint, CheckpointError, check_out,
                               load_checkpoint, model_from_state, read_config, read_meta,
                               read_weights, save_checkpoint)
-from model.cli_args import ArgError, as_bool, parse_key_values
 from model.transformer import Transformer
 
 MODES = ("int8", "int8_head")  # the blocks' linear layers; and the output head too
@@ -221,27 +225,34 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8",
     return save_quantized(out, model, meta, files, overwrite=overwrite)
 
 
-USAGE = ("usage: python -m model.quantize ckpt=<checkpoint dir> out=<new dir> "
-         "[mode=int8|int8_head] [overwrite=false]")
+@dataclass
+class QuantizeConfig:
+    """python -m model.quantize's options (configs/quantize.yaml; --help describes them)."""
+    ckpt: str = MISSING  # a float gqalab checkpoint dir
+    out: str = MISSING  # the new, quantized checkpoint dir
+    mode: str = "int8"  # int8 | int8_head (MODES)
+    overwrite: bool = False  # replace an existing out
+
+
+ConfigStore.instance().store(name="quantize_schema", node=QuantizeConfig)
+
+
+@cli.hydra_main(config_path="../configs", config_name="quantize")
+def command(cfg: DictConfig) -> None:
+    cli.require(cfg)
+    args: QuantizeConfig = OmegaConf.to_object(cfg)
+    if args.mode not in MODES:
+        raise cli.UserError(f"mode={args.mode!r} is unknown: use int8 (the blocks' linear "
+                            f"layers) or int8_head (those and the output head)")
+    out = quantize_checkpoint(args.ckpt, args.out, args.mode, args.overwrite)
+    model = load_quantized(out).model
+    print(f"wrote {out}: {args.mode} weights, {weight_bytes(model) / 2**20:,.2f} MiB "
+          f"(from {args.ckpt})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.convert import ConvertError
-    try:
-        args = parse_key_values(sys.argv[1:] if argv is None else argv, ("ckpt", "out"),
-                                {"mode": "int8", "overwrite": "false"}, USAGE)
-        if args["mode"] not in MODES:
-            raise ArgError(f"mode={args['mode']!r} is unknown: use int8 (the blocks' linear "
-                           f"layers) or int8_head (those and the output head); {USAGE}")
-        out = quantize_checkpoint(args["ckpt"], args["out"], args["mode"],
-                                  as_bool(args, "overwrite"))
-    except (ArgError, ConvertError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    model = load_quantized(out).model
-    print(f"wrote {out}: {args['mode']} weights, {weight_bytes(model) / 2**20:,.2f} MiB "
-          f"(from {args['ckpt']})")
-    return 0
+    """`python -m model.quantize key=value ...` (argv: those arguments); the exit status."""
+    return cli.run_app(command, argv)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,19 @@ CASES = [
                                                                   "checkpoint, not an HF model"),
     ("generate.py", ["ckpt={run}", "device=meta"], "device=meta is not available here: use "
                                                    "auto or one of cpu"),
+    # a typo in each command's options names the closest key
+    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_heads=2", "out={new}"],
+     "unknown key n_kv_heads: did you mean n_kv_head?"),
+    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={new}", "data.file=[a]"],
+     "unknown key data.file: did you mean data.files?"),
+    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={new}", "data=text_file"],
+     "data=text_file is not an option of group data: did you mean data=text_files?"),
+    ("python -m model.quantize", [f"ckpt={CKPT}", "out={new}", "mdoe=int8"],
+     "unknown key mdoe: did you mean mode?"),
+    ("python -m model.hf", ["export", f"ckpt={CKPT}", "out={new}", "overwrit=true"],
+     "unknown key overwrit: did you mean overwrite?"),
+    ("python -m model.convert", [f"ckpt={CKPT}", "out={new}"], "missing n_kv_head=...: "
+                                                               "python -m model.convert ckpt="),
 ]
 LANES = 2  # two processes at a time: the test machine has 2 cores
 
@@ -282,3 +295,39 @@ def test_help_prints_usage_to_stdout_and_exits_0(module, flag, capsys):
         code = e.code
     out, err = capsys.readouterr()
     assert code == 0 and out.startswith("usage:") and f"python -m {module}" in out and not err
+
+
+@pytest.mark.parametrize("module, schema", [("model.convert", "ConvertConfig"),
+                                            ("model.quantize", "QuantizeConfig"),
+                                            ("model.hf", "HfConfig")])
+def test_help_lists_every_option(module, schema, capsys):
+    """--help names every field of the command's schema, with its default, and explains it."""
+    import dataclasses
+    import importlib
+    mod = importlib.import_module(module)
+    assert mod.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    defaults, explained = out.split("== Defaults ==")[1].split("Options (key=value")
+    for f in dataclasses.fields(getattr(mod, schema)):
+        assert f"\n{f.name}:" in defaults, f.name
+        assert f"\n  {f.name} " in explained or f"\n  {f.name}=" in explained, f.name
+
+
+def test_convert_calibrates_on_a_data_group_given_like_train_py(fixture_run, tmp_path, capsys):
+    """`data=text_files data.files=[...]` (train.py's overrides) picks the calibration corpus,
+    tokenized with the source's own tokenizer; the K/V error is measured on its val split."""
+    from model.checkpoint import read_meta
+    from model.convert import main as convert_main
+
+    tmp, _ = fixture_run
+    out = tmp_path / "gqa"
+    code = convert_main([f"ckpt={tmp}/world/run/checkpoints/step_4", "n_kv_head=2",
+                         "group=similar", "calib_windows=2", "data=text_files",
+                         f"data.files=[{tmp}/corpus]", f"data.cache_dir={tmp_path}/cache",
+                         "data.num_proc=1", f"out={out}"])
+    assert code == 0, capsys.readouterr().err
+    meta = read_meta(out)
+    assert meta["converted_from"]["group"] == "similar"
+    assert meta["converted_from"]["calib_windows"] == 2 and meta["kv_error"]["windows"] == 2
+    prepared = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("text_files-")]
+    assert len(prepared) == 1  # its own cache: the corpus was prepared from data.*

@@ -228,8 +228,8 @@ def test_generate_rejects_an_unknown_mode(trained, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["mode=int4"], "mode='int4' is unknown"),
-    (["mode=int8", "overwrite=maybe"], "overwrite must be true or false"),
-    (["bogus=1"], "unexpected argument 'bogus=1'"),
+    (["mode=int8", "overwrite=maybe"], "overwrite=maybe: Value 'maybe' is not a valid bool"),
+    (["bogus=1"], "unknown key bogus: the keys here are ckpt, out, mode, overwrite"),
 ])
 def test_command_errors_are_one_line_and_write_nothing(trained, tmp_path, capsys, args,
                                                        message):
