@@ -8,8 +8,8 @@ express (n_head not divisible by n_kv_head, seq_len above max_seq_len) are check
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 
@@ -17,27 +17,13 @@ from data.config import DataConfig
 from model.config import ConfigError, ModelConfig
 
 
-@dataclass
-class ModelSizeConfig:
-    """Everything of ModelConfig except vocab_size (from the tokenizer) and n_kv_head
-    (from the attention group)."""
-    n_layer: int = 6
-    n_head: int = 8
-    d_model: int = 256
-    head_dim: int = 0  # 0 means d_model // n_head
-    ffn_hidden: int = 0  # 0 means 8/3 · d_model rounded up to a multiple of 64
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    norm: str = "rmsnorm"  # rmsnorm | layernorm (GPT-2, NeoX)
-    mlp: str = "swiglu"  # swiglu | gelu_tanh (GPT-2) | gelu (NeoX); ffn_hidden 0 means 4 · d for gelu
-    attn_bias: bool = False
-    mlp_bias: bool = False
-    positions: str = "rope"  # rope | learned (GPT-2)
-    rotary_dim: int = 0  # 0 means head_dim; Pythia rotates a quarter of each head
-    parallel_residual: bool = False  # NeoX
+# The model group's schema is ModelConfig itself (one declaration of the model's shape, one
+# set of defaults; configs/model/*.yaml only set fields), less vocab_size (the tokenizer's)
+# and n_kv_head (the attention group's).
+NOT_IN_MODEL_GROUP = ("vocab_size", "n_kv_head")
+ModelSizeConfig = make_dataclass(
+    "ModelSizeConfig", [(f.name, get_type_hints(ModelConfig)[f.name], field(default=f.default))
+                        for f in fields(ModelConfig) if f.name not in NOT_IN_MODEL_GROUP])
 
 
 @dataclass

@@ -64,3 +64,21 @@ def test_invalid_switches_raise_one_clear_message(kwargs, message):
     with pytest.raises(ConfigError) as err:
         ModelConfig(**kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_model_config_group_is_model_config_itself():
+    """train.py's `model` group is ModelConfig's fields and defaults (one declaration of the
+    model's shape), less vocab_size (the tokenizer's) and n_kv_head (the attention group's);
+    every preset in configs/model/ only sets fields of it."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from train_config import ModelSizeConfig
+
+    given = {f.name: (f.type, f.default) for f in fields(ModelSizeConfig)}
+    own = {f.name: (f.type, f.default) for f in fields(ModelConfig)}
+    assert set(own) - set(given) == {"vocab_size", "n_kv_head"}
+    assert all(given[k][1] == own[k][1] for k in given)
+    for preset in (Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"):
+        assert set(OmegaConf.load(preset)) <= set(given), preset.name
