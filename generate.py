@@ -203,7 +203,7 @@ class TextSink:
         if tokenizer is None:
             self.decoder = None
         else:
-            from data.tokenizer import IncrementalDecoder
+            from data.streaming import IncrementalDecoder
             self.decoder = IncrementalDecoder(tokenizer, prompt_ids)
 
     def push(self, token: int) -> str:

@@ -45,8 +45,8 @@ from tqdm import tqdm
 import cli
 from data.config import DataConfig, DataError
 from data.sources import Source, hf_cache_dir, open_source, text_bytes
-from data.tokenizer import (TRAINER_OPTIONS, Tokenizer, copy_tokenizer, load_tokenizer,
-                            tokenizer_files, train_tokenizer)
+from data.bpe import TRAINER_OPTIONS, train_tokenizer
+from data.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, tokenizer_files
 
 FORMAT_VERSION = 1
 MAX_TOKENIZER_TRAIN_BYTES = 64 * 2**20  # the tokenizer learns from the first 64 MiB of train

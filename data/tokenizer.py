@@ -22,29 +22,20 @@ else whether tokenizer.json's post-processor puts BOS first (a template, alone o
 Sequence; Roberta/Bert's cls), else False.
 The files of TOKENIZER_FILES travel with every checkpoint, import and export.
 
-train_tokenizer trains gqalab's own sentencepiece BPE, which round-trips source code
-exactly: sentencepiece's defaults normalise text (collapse spaces, drop the leading one,
-NFKC), which destroys indentation. The options below keep every byte: identity
-normalisation, no whitespace removal, no dummy prefix, whitespace-only pieces,
-and byte fallback for any character outside the learned vocabulary. Training
-reads documents from an iterator, so newlines inside a document are ordinary
-characters that BPE can merge (":\n", "\n\n"); when trained from a file each
-line would be a separate sentence and newlines would never be learned.
+Training gqalab's own BPE: data/bpe.py; streaming decode (IncrementalDecoder): data/streaming.py.
 """
 
 import hashlib
-import io
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import sentencepiece as spm
 
 from data.config import DataError
 
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = SPECIAL_IDS = 0, 1, 2, 3
 SPM_FILE, JSON_FILE, CONFIG_FILE = "tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # GPT-2's byte-level BPE, as a pair
 # Copied wholesale wherever a tokenizer travels (checkpoints, import, export, prepared data).
@@ -55,27 +46,7 @@ MODEL_FILES = (JSON_FILE, SPM_FILE, VOCAB_FILE, MERGES_FILE)  # load_tokenizer's
 SPECIAL_SOURCES = ((CONFIG_FILE, True), ("special_tokens_map.json", True),
                    ("generation_config.json", False), ("config.json", False))
 SPECIALS = ("bos", "eos", "pad")
-
-# sentencepiece silently skips sentences longer than this many bytes;
-# documents are cut into chunks below it instead (see chunk_document).
-MAX_SENTENCE_BYTES = 16384
-
-TRAINER_OPTIONS = dict(
-    model_type="bpe",
-    byte_fallback=True,
-    normalization_rule_name="identity",
-    remove_extra_whitespaces=False,
-    add_dummy_prefix=False,  # else decode(encode(a) + encode(b)) loses a space
-    allow_whitespace_only_pieces=True,
-    split_by_whitespace=False,  # pieces may span words: ~11% fewer tokens on code
-    character_coverage=0.9995,  # rarer characters go through byte fallback
-    max_sentence_length=MAX_SENTENCE_BYTES,
-    unk_id=UNK_ID,
-    bos_id=BOS_ID,
-    eos_id=EOS_ID,
-    pad_id=PAD_ID,
-)
-
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = SPECIAL_IDS = 0, 1, 2, 3  # gqalab's own BPE (data/bpe.py)
 
 class Tokenizer:
     """The common interface. Subclasses hold the model's bytes, so a tokenizer pickles
@@ -119,6 +90,25 @@ class Tokenizer:
     def is_byte(self, token_id: int) -> bool:
         """A byte-fallback piece (<0xHH>): its text depends on the bytes that follow it."""
         return re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", self.token_text(token_id) or "") is not None
+
+    @property
+    def unk_id(self) -> Optional[int]:
+        """The id unknown text becomes, or None (byte-level BPE has no unknown text)."""
+        return None
+
+    @property
+    def adds_dummy_prefix(self) -> bool:
+        """Whether encode puts a space before the text (Llama's sentencepiece) and decode
+        drops it again."""
+        return False
+
+    def model_specials(self) -> dict:
+        """{bos/eos/pad: id} the model file itself defines (the last source of special_ids)."""
+        return {}
+
+    def post_processor_first_id(self) -> Optional[int]:
+        """The id the model file's post-processor puts before the text, or None."""
+        return None
 
     def model_files(self) -> dict:
         """{file name: bytes} of the files that define the tokenizer."""
@@ -253,13 +243,6 @@ class JsonTokenizer(Tokenizer):
     def token_text(self, token_id: int) -> str:
         return self.tk.id_to_token(token_id)
 
-    def model_specials(self) -> dict:
-        return {}
-
-    @property
-    def unk_id(self) -> Optional[int]:
-        return None
-
     def post_processor_first_id(self) -> Optional[int]:
         return first_added_id(json.loads(self.data).get("post_processor") or {})
 
@@ -319,7 +302,7 @@ class Gpt2FilesTokenizer(JsonTokenizer):
         return dict(bos=eot, eos=eot)
 
     def post_processor_first_id(self) -> Optional[int]:
-        return None
+        return None  # the slow GPT2Tokenizer adds nothing before the text
 
 
 # ---------------------------------------------------------------- loading
@@ -423,133 +406,4 @@ def adds_bos(tok: Tokenizer, folder: Path) -> bool:
     config = read_json(folder / CONFIG_FILE)
     if isinstance(config.get("add_bos_token"), bool):
         return config["add_bos_token"] and tok.bos_id is not None
-    return (isinstance(tok, JsonTokenizer) and tok.bos_id is not None
-            and tok.post_processor_first_id() == tok.bos_id)
-
-
-# ---------------------------------------------------------------- streaming
-
-class IncrementalDecoder:
-    """Turns a stream of token ids into text as soon as the text is final.
-
-    Decoding token by token loses spaces (sentencepiece's dummy prefix, a decoder's strip
-    of the first space) and splits multi-byte characters spelled as several byte tokens.
-    So decode the prompt's last tokens + all new ids, return only what follows
-    decode(those prompt tokens), and hold it back while it ends in U+FFFD (an unfinished
-    UTF-8 sequence) or in a byte piece (a run of them that turns out not to be UTF-8
-    decodes as one U+FFFD per byte, transformers' rule, so its text is known at its end).
-    Decoders only treat the first token specially, so the text after a few seed tokens is
-    the same as after all of them: seeding with the prompt's tail, and restarting from the
-    tail once text is final, keeps every step's decode short.
-    All pushes + flush() == decode(prompt + new) - decode(prompt).
-    """
-
-    SEED_TOKENS = 8
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
-        self.tokenizer = tokenizer
-        self._restart([int(i) for i in prompt_ids])
-
-    def _restart(self, ids: List[int]) -> None:
-        self.ids = ids[-self.SEED_TOKENS:]
-        # an unfinished character at the prompt's end is completed by the new ids
-        self.emitted = len(self.tokenizer.decode(self.ids).rstrip("\ufffd")) if self.ids else 0
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        if self.tokenizer.is_byte(self.ids[-1]):  # a byte run is final only once it ends
-            return ""
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new = self._take_new(text)
-        if len(self.ids) > 4 * self.SEED_TOKENS:
-            self._restart(self.ids)
-        return new
-
-    def flush(self) -> str:
-        return self._take_new(self.tokenizer.decode(self.ids))
-
-    def _take_new(self, text: str) -> str:
-        new = text[self.emitted :]
-        self.emitted = max(self.emitted, len(text))
-        return new
-
-
-def chunk_document(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
-    """Cut a document into pieces of at most max_bytes UTF-8 bytes, at line ends
-    where possible, so sentencepiece trains on all of it instead of skipping it."""
-    if len(text) * 4 <= max_bytes or len(text.encode("utf-8")) <= max_bytes:
-        yield text
-        return
-    chunk, size = [], 0
-    for line in text.splitlines(keepends=True):
-        n = len(line.encode("utf-8"))
-        if chunk and size + n > max_bytes:
-            yield "".join(chunk)
-            chunk, size = [], 0
-        if n > max_bytes:  # one very long line: cut it by characters (<= 4 bytes each)
-            step = max_bytes // 4
-            for i in range(0, len(line), step):
-                yield line[i : i + step]
-            continue
-        chunk.append(line)
-        size += n
-    if chunk:
-        yield "".join(chunk)
-
-
-def train_tokenizer(
-    documents: Iterable[str], vocab_size: int, out_path, *, hard_vocab_limit: bool = True
-) -> Tokenizer:
-    """Train a BPE tokenizer on documents and write it to out_path.
-
-    With hard_vocab_limit=False (auto vocab on a tiny corpus) sentencepiece may
-    stop short of vocab_size; with True, a vocab the corpus cannot fill is a
-    DataError naming the largest size that fits.
-    """
-    sentences = (chunk for doc in documents for chunk in chunk_document(doc))
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences,
-            model_writer=model,
-            vocab_size=vocab_size,
-            hard_vocab_limit=hard_vocab_limit,
-            num_threads=2,
-            minloglevel=2,  # warnings and errors only
-            **TRAINER_OPTIONS,
-        )
-    except RuntimeError as e:
-        raise _vocab_error(str(e), vocab_size) from e
-    out_path = Path(out_path)
-    out_path.write_bytes(model.getvalue())
-    return load_tokenizer(out_path)
-
-
-def _vocab_error(message: str, vocab_size: int) -> Exception:
-    """sentencepiece's trainer errors, reworded as one-line fixes."""
-    if "Vocabulary size too high" in message:
-        # "... Vocabulary size too high (5000). Please set it to a value <= 304."
-        limit = re.search(r"<= (\d+)", message)
-        bound = f"<={limit.group(1)}" if limit else " smaller"
-        return DataError(
-            f"data.vocab_size={vocab_size} is too large for this corpus; "
-            f"set data.vocab_size{bound}, or data.vocab_size=0 for auto"
-        )
-    if "smaller than required_chars" in message:
-        # "... Vocabulary size is smaller than required_chars. 100 vs 273. ..."
-        needed = re.search(r"\d+ vs (\d+)", message)
-        bound = f">={needed.group(1)}" if needed else " larger"
-        return DataError(
-            f"data.vocab_size={vocab_size} cannot hold this corpus's characters and "
-            f"byte pieces; set data.vocab_size{bound}, or data.vocab_size=0 for auto"
-        )
-    if "insert_id" in message:  # "... [insert_id(trainer_spec_.pad_id(), ...)]"
-        return DataError(
-            f"data.vocab_size={vocab_size} is below the {len(SPECIAL_IDS)} special ids "
-            f"(unk, bos, eos, pad) alone; set data.vocab_size=0 for auto, or e.g. 4096"
-        )
-    if "sentences_.empty()" in message:
-        return DataError("the train split has no text to train a tokenizer on; add documents")
-    return RuntimeError(f"sentencepiece training failed: {message.strip()}")
+    return tok.bos_id is not None and tok.post_processor_first_id() == tok.bos_id

@@ -12,7 +12,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from data.tokenizer import IncrementalDecoder, Tokenizer, train_tokenizer
+from data.bpe import train_tokenizer
+from data.streaming import IncrementalDecoder
+from data.tokenizer import Tokenizer
 from generate import GenerateConfig, UsageError, quote_prompt_args, run
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig

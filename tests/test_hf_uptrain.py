@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 import train as train_mod  # noqa: E402
-from data.tokenizer import IncrementalDecoder, load_tokenizer  # noqa: E402
+from data.streaming import IncrementalDecoder  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
 from generate import GenerateConfig, run as generate_run  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.convert import convert_model  # noqa: E402
