@@ -232,10 +232,12 @@ def command(cfg: DictConfig) -> None:
         got = f"unknown command {cfg.action!r}" if cfg.action else "no command"
         raise cli.UserError(f"{got}: python -m model.hf import hf=<HF dir> out=<checkpoint "
                             f"dir>, or export ckpt=<checkpoint dir> out=<HF dir> (see --help)")
-    source = "hf" if cfg.action == "import" else "ckpt"
-    if cfg[source] is None:
-        raise cli.UserError(f"missing {source}=...: python -m model.hf {cfg.action} "
-                            f"{source}=<dir> out=<dir> (see --help)")
+    source, other = ("hf", "ckpt") if cfg.action == "import" else ("ckpt", "hf")
+    if cfg[source] is None or cfg[other] is not None:
+        wrong = (f"{other}= is for the other action" if cfg[other] is not None
+                 else f"missing {source}=...")
+        raise cli.UserError(f"{wrong}: python -m model.hf {cfg.action} {source}=<dir> "
+                            f"out=<dir> (see --help)")
     cli.require(cfg)
     args: HfConfig = OmegaConf.to_object(cfg)
     if args.action == "import":
