@@ -8,6 +8,7 @@ its own files (a subprocess costs a few seconds of imports)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -331,3 +332,5 @@ def test_convert_calibrates_on_a_data_group_given_like_train_py(fixture_run, tmp
     assert meta["converted_from"]["calib_windows"] == 2 and meta["kv_error"]["windows"] == 2
     prepared = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("text_files-")]
     assert len(prepared) == 1  # its own cache: the corpus was prepared from data.*
+    given = json.loads((prepared[0] / "meta.json").read_text())["tokenizer_given"]
+    assert Path(given).parent == (tmp / "world/run/checkpoints/step_4").resolve()
