@@ -509,6 +509,9 @@ def plot_panels(path: Path, panels: dict[str, torch.Tensor], title: str, ticks=N
         if labels is not None and len(labels) <= 40:
             ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        elif labels is None:  # layers x heads: whole numbers
+            ax.set_xticks(range(0, matrix.shape[1], max(1, matrix.shape[1] // 16)))
+            ax.set_yticks(range(0, matrix.shape[0], max(1, matrix.shape[0] // 16)))
         ax.set(title=Path(name).name or name, xlabel=xlabel, ylabel=ylabel)
         if colorbar:
             fig.colorbar(image, ax=ax)
