@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from experiments.gqa_ablation import decode_tok_s, train_data_config, val_loss, val_windows
+from evaluate import val_loss
+from experiments.gqa_ablation import decode_tok_s, train_data_config, val_tokens
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
 from model.kv_cache import kv_bytes_per_token
@@ -52,11 +53,11 @@ def train(run_dir: Path, *overrides: str) -> Path:
     return (run_dir / "checkpoints" / "latest").resolve()
 
 
-def measure(name: str, ckpt: Path, windows: torch.Tensor) -> dict:
+def measure(name: str, ckpt: Path, tokens) -> dict:
     model = load_checkpoint(ckpt).model.eval()
     cfg: ModelConfig = model.config
     return {"model": name, "KV heads": cfg.n_kv_head,
-            "val loss": f"{val_loss(model, windows, batch_size=16):.3f}",
+            "val loss": f"{val_loss(model, tokens, seq_len=256, n_windows=64, batch_size=16):.3f}",
             "KV bytes/token": f"{kv_bytes_per_token(cfg):,}",
             "decode tok/s": f"{decode_tok_s(model, **DECODE):,.0f}"}
 
@@ -91,10 +92,10 @@ def main() -> None:
     print(f"\nSide by side (val loss over 64 fixed windows of 256 tokens; decode at batch "
           f"{DECODE['batch_size']} after a {DECODE['context']}-token context, fp32, "
           f"{torch.get_num_threads()} threads):\n")
-    windows = val_windows(train_data_config(mha), seq_len=256, n_windows=64)
-    print_table([measure("MHA (trained)", mha, windows),
-                 measure("GQA-2 (mean-pooled, alpha 0)", converted, windows),
-                 measure(f"GQA-2 (uptrained, alpha {args.alpha:g})", uptrained, windows)])
+    tokens = val_tokens(train_data_config(mha))
+    print_table([measure("MHA (trained)", mha, tokens),
+                 measure("GQA-2 (mean-pooled, alpha 0)", converted, tokens),
+                 measure(f"GQA-2 (uptrained, alpha {args.alpha:g})", uptrained, tokens)])
     print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min; runs and checkpoints "
           f"in {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
 

@@ -296,15 +296,15 @@ def run(cfg: GenerateConfig) -> None:
           f"{kv_mha / kv:.0f}x more) | {memory_report(device)}", file=sys.stderr)
 
 
-def quote_prompt_args(argv: list[str]) -> list[str]:
-    """prompt=<text> -> prompt='<escaped text>', so any text (parentheses, colons, quotes,
-    ${...}) reaches the config verbatim instead of tripping Hydra's override grammar."""
+def quote_prompt_args(argv: list[str], key: str = "prompt") -> list[str]:
+    """prompt=<text> -> prompt='<escaped text>' (key: the option's name), so any text
+    (parentheses, colons, quotes, ${...}) reaches the config verbatim instead of tripping
+    Hydra's override grammar."""
     def quote(text: str) -> str:
         # Hydra unescapes backslashes only before a quote, the end, or an interpolation.
         text = re.sub(r"(\\+)(?='|$|\$\{)", lambda m: m.group(1) * 2, text)
         return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
-    return [f"prompt={quote(a[len('prompt='):])}" if a.startswith("prompt=") else a
-            for a in argv]
+    return [f"{key}={quote(a[len(key) + 1:])}" if a.startswith(f"{key}=") else a for a in argv]
 
 
 @cli.hydra_main(config_path="configs", config_name="generate",

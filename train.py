@@ -465,21 +465,15 @@ def sum_dtype(device: torch.device) -> torch.dtype:
 
 @torch.no_grad()
 def evaluate(model, accelerator: Accelerator, prepared, cfg: Any) -> float:
-    """Mean val loss per token over eval_batches per process (each val window once, padding
-    ignored), all processes pooled."""
-    model.eval()
-    device = accelerator.device
-    total = torch.zeros(2, device=device, dtype=sum_dtype(device))  # (loss sum, tokens)
-    for x, y in eval_batches(prepared.val_bin, prepared.dtype, cfg.seq_len, cfg.batch_size,
-                             cfg.eval_batches, accelerator.process_index, accelerator.num_processes):
-        logits = model(x.to(accelerator.device))
-        y = y.to(accelerator.device)
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                    ignore_index=IGNORE_INDEX, reduction="sum")
-        total[1] += (y != IGNORE_INDEX).sum()
-    model.train()
-    total = accelerator.gather_for_metrics(total[None]).sum(0)  # (2,)
-    return (total[0] / total[1]).item()  # eval_batches raised DataError if val has no window
+    """Mean val loss per token over at most eval_batches batches per process (each val
+    window once, padding ignored), all processes pooled: evaluate.py's window scoring."""
+    from evaluate import mean_nll, window_scores
+    world = accelerator.num_processes
+    totals = window_scores(model, prepared.val_bin, cfg.seq_len, cfg.batch_size,
+                           accelerator.device, dtype=prepared.dtype,
+                           max_windows=cfg.eval_batches and cfg.eval_batches * cfg.batch_size * world,
+                           rank=accelerator.process_index, world_size=world)
+    return mean_nll(accelerator.gather_for_metrics(totals[None]).sum(0))
 
 
 @torch.no_grad()

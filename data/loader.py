@@ -24,18 +24,22 @@ def open_tokens(bin_path, dtype) -> np.ndarray:
     return np.memmap(bin_path, dtype=dtype, mode="r")
 
 
-def _window_count(n_tokens: int, seq_len: int, what: str, bin_path) -> int:
-    """Non-overlapping windows of seq_len inputs (+1 target) in n_tokens."""
+def _window_count(n_tokens: int, seq_len: int, what: str, bin_path, stride: int = 0) -> int:
+    """Windows of seq_len inputs (+1 target) starting every stride tokens (0: seq_len,
+    non-overlapping) in n_tokens."""
     if n_tokens < seq_len + 1:
         raise DataError(f"{bin_path} holds {n_tokens} tokens, fewer than seq_len+1={seq_len + 1} "
                         f"for one {what} window; lower the model's sequence length or add data")
-    return (n_tokens - 1) // seq_len
+    return (n_tokens - 1 - seq_len) // (stride or seq_len) + 1
 
 
 def _stack(tokens: np.ndarray, starts, seq_len: int) -> Batch:
     rows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
     rows = torch.from_numpy(rows)
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    # copies, never views of rows: a single row's slice already counts as contiguous, and
+    # masking y (padding, sliding windows) would then write into x
+    return (rows[:, :-1].clone(memory_format=torch.contiguous_format),
+            rows[:, 1:].clone(memory_format=torch.contiguous_format))
 
 
 def _generator_seed(*parts: int) -> int:
@@ -95,23 +99,37 @@ class TokenStream:
 
 
 def eval_batches(bin_path, dtype, seq_len: int, batch_size: int, max_batches: Optional[int] = None,
-                 rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-    """The same non-overlapping val windows at every eval, each evaluated once over all ranks.
+                 rank: int = 0, world_size: int = 1, stride: int = 0,
+                 max_windows: Optional[int] = None) -> Iterator[Batch]:
+    """The same val windows at every eval, each evaluated once over all ranks.
 
-    K windows spread evenly over the whole file: all of them, or at most max_batches *
-    batch_size * world_size, so the set depends only on that product (1 rank x batch 8 and
-    2 ranks x batch 4 see the same windows). Window i of the K goes to rank i % world_size.
-    A rank left one short gets a padding row (targets all IGNORE_INDEX, so it counts for
-    nothing): every rank yields the same number of batches of the same shapes, so collective
-    ops stay in step. The last batch may be smaller; a rank may hold only padding."""
-    tokens = open_tokens(bin_path, dtype)
-    n_windows = _window_count(len(tokens), seq_len, "validation", bin_path)
-    k = n_windows if max_batches is None else min(n_windows, max_batches * batch_size * world_size)
+    bin_path: a packed token file, or the tokens themselves (an array). Window w starts at
+    w * stride (0: stride = seq_len, non-overlapping). With stride < seq_len the windows
+    slide: window w > 0 scores only its last stride targets, those window w - 1 did not
+    (the others are IGNORE_INDEX: context, not scored), so every target token from 1 to the
+    last window's end is scored exactly once, as in HF's perplexity guide.
+    K windows spread evenly over the whole file: all of them, or at most max_windows (else
+    max_batches * batch_size * world_size), so the set depends only on that product (1 rank
+    x batch 8 and 2 ranks x batch 4 see the same windows). Window i of the K goes to rank
+    i % world_size. A rank left one short gets a padding row (targets all IGNORE_INDEX, so
+    it counts for nothing): every rank yields the same number of batches of the same
+    shapes, so collective ops stay in step. The last batch may be smaller; a rank may hold
+    only padding."""
+    tokens = bin_path if isinstance(bin_path, np.ndarray) else open_tokens(bin_path, dtype)
+    stride = stride or seq_len
+    name = f"the {len(tokens)} tokens given" if isinstance(bin_path, np.ndarray) else bin_path
+    n_windows = _window_count(len(tokens), seq_len, "validation", name, stride)
+    cap = max_windows if max_windows is not None else (
+        None if max_batches is None else max_batches * batch_size * world_size)
+    k = n_windows if cap is None else min(n_windows, cap)
     mine = (np.arange(k) * n_windows // k)[rank::world_size]
     per_rank = -(-k // world_size)  # the most any rank holds
     for i in range(0, per_rank, batch_size):
         rows = min(batch_size, per_rank - i)
-        yield _padded(tokens, mine[i : i + batch_size] * seq_len, rows, seq_len)
+        window = mine[i : i + batch_size]
+        x, y = _padded(tokens, window * stride, rows, seq_len)
+        y[: len(window)][window > 0, : seq_len - stride] = IGNORE_INDEX  # scored by window - 1
+        yield x, y
 
 
 def _padded(tokens: np.ndarray, starts: np.ndarray, rows: int, seq_len: int) -> Batch:

@@ -34,16 +34,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 import cli
+from data.prepare import prepare_data
+from evaluate import split_tokens, val_loss
 from experiments.report import CONVERSIONS, variant_name, write_report
 from model.checkpoint import load_checkpoint, read_meta, write_atomic
-from model.convert import METHODS, ConvertError, check_target, convert_checkpoint, token_windows
+from model.convert import METHODS, ConvertError, check_target, convert_checkpoint
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, stream
 from model.transformer import Transformer
@@ -180,21 +182,10 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 # ---- measurements -----------------------------------------------------------------------
 
-def val_windows(data_cfg: dict, seq_len: int, n_windows: int) -> torch.Tensor:
-    """The same n_windows evenly spaced (seq_len + 1)-token windows of the val split for
-    every model, so losses differ only by the model."""
-    return token_windows(data_cfg, "val", seq_len + 1, n_windows)
-
-
-@torch.no_grad()
-def val_loss(model: Transformer, windows: torch.Tensor, batch_size: int) -> float:
-    model.eval()
-    total = 0.0
-    for batch in windows.split(batch_size):
-        logits = model(batch[:, :-1])  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(),
-                                 reduction="sum").item()
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
+def val_tokens(data_cfg: dict) -> np.ndarray:
+    """The val split the base run held out, tokenized as it trained: every model is scored
+    on the same windows of it (evaluate.val_loss), so losses differ only by the model."""
+    return split_tokens(prepare_data(data_cfg, progress=False), "val")
 
 
 def decode_tok_s(model: Transformer, batch_size: int, context: int, new_tokens: int,
@@ -246,8 +237,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
     if base.config.n_head != cfg.n_head:
         raise ExperimentError(f"the base model has {base.config.n_head} heads, the settings "
                               f"say n_head={cfg.n_head}: make train_args and n_head agree")
-    windows = val_windows(train_data_config(base_ckpt), base.config.max_seq_len,
-                          cfg.eval.windows)
+    tokens = val_tokens(train_data_config(base_ckpt))
     dc = cfg.decode
     speed: dict[int, float] = {}
 
@@ -259,7 +249,8 @@ def run(cfg: DictConfig, out: Path) -> dict:
         mean_err = lambda key: round(sum(e[key] for e in kv_layers) / len(kv_layers), 4)
         return {"variant": variant_name(g, model.config.n_head), "n_kv_head": g,
                 "method": method, "alpha": alpha, "steps": steps,
-                "val_loss": round(val_loss(model, windows, cfg.eval.batch_size), 4),
+                "val_loss": round(val_loss(model, tokens, base.config.max_seq_len, cfg.eval.windows,
+                                             cfg.eval.batch_size), 4),
                 "kv_bytes_per_token": kv_bytes_per_token(model.config),
                 "decode_tok_s": round(speed[g], 1), "train_s": round(seconds, 1),
                 "k_error": mean_err("k") if kv_layers else None,

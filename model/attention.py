@@ -5,6 +5,9 @@ repeat_kv and SDPA's enable_gqa, and the one mean-pool conversion relies on.
 """
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +51,17 @@ def cache_mask(input_pos: torch.Tensor, cache_len: int, group: int) -> torch.Ten
     return visible.repeat(group, 1)[None, None]  # rows ordered (head in group, t)
 
 
+def attention_logprobs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The causal attention distribution SDPA applies, made visible: log softmax(q k^T /
+    sqrt(hd)) in float32, (B, H, T, T), -inf above the diagonal. k (B, n_kv, T, hd) is
+    expanded per contiguous group. For inspection only: it builds the (T, T) matrix."""
+    H, T = q.shape[1], q.shape[2]
+    k = k.repeat_interleave(H // k.shape[1], dim=1)
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).log_softmax(-1)
+
+
 def fused_gqa(q: torch.Tensor) -> bool:
     """Whether SDPA's enable_gqa runs a fused kernel (CUDA flash, half precision) for q.
     Elsewhere (fp32, CPU) it falls back to the math kernel, which is slower than expanding
@@ -65,6 +79,9 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=bias)
+        # opt-in inspection (evaluate.py): called with (layer, attention_logprobs) on each
+        # forward without a cache; None, the default, never builds the (T, T) matrix
+        self.on_attention: Callable[[int, torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                 cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
@@ -84,6 +101,8 @@ class CausalSelfAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, G, T, hd)
         if cache is None:
             y = self._attend_full(q, k, v)
+            if self.on_attention is not None:
+                self.on_attention(self.layer, attention_logprobs(q, k))
         else:
             k, v = cache.update(self.layer, input_pos, k, v)  # (B, G, max_len, hd)
             y = self._attend_grouped(q, k[:, :, :kv_len], v[:, :, :kv_len], mask)

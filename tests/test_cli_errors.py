@@ -150,6 +150,18 @@ CASES = [
      "unknown key overwrit: did you mean overwrite?"),
     ("python -m model.convert", [f"ckpt={CKPT}", "out={new}"], "missing n_kv_head=...: "
                                                                "python -m model.convert ckpt="),
+    ("evaluate.py", ["ckpt={new}"], "not found: pass an existing directory as ckpt="),
+    ("evaluate.py", ["ckpt={corpus}"], "holds no config.json and no checkpoints/latest"),
+    ("evaluate.py", ["ckpt={run}", "data=text_files", "data.files=[{corpus}]",
+                     "data.cache_dir={cache}", "data.num_proc=1", "data.split_by=line",
+                     "data.max_tokens=40"], "fewer than one window of seq_len+1=65: lower "
+                                            "seq_len"),
+    ("evaluate.py", ["ckpt={run}", "seq_len=16", "stride=32"], "stride=32 must be in [1, "
+                                                               "seq_len=16]"),
+    ("evaluate.py", ["ckpt={run}", "data.vocab_sise=3"], "did you mean data.vocab_size?"),
+    ("evaluate.py", ["ckpt={run}", "data=nosuch"], "data=nosuch is not an option of group data"),
+    ("evaluate.py", ["ckpt={run}", "out={run}/metrics.jsonl"], "already exists: choose a new "
+                                                               "path or pass overwrite=true"),
 ]
 LANES = 2  # two processes at a time: the test machine has 2 cores
 

@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from experiments.gqa_ablation import ExperimentError, decode_tok_s, load_settings, val_loss
+from evaluate import val_loss
+from experiments.gqa_ablation import ExperimentError, decode_tok_s, load_settings
 from experiments.report import CONVERSIONS, read_csv, write_report
 from model import ModelConfig, Transformer
 from model.kv_cache import kv_bytes_per_token
@@ -100,13 +101,15 @@ def test_val_loss_equals_per_token_negative_log_likelihood():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50, n_layer=1, n_head=8, d_model=32,
                                     max_seq_len=16))
-    windows = torch.randint(0, 50, (5, 17))
+    tokens = torch.randint(0, 50, (5 * 16 + 1,))  # five non-overlapping windows of 16
+    windows = tokens.unfold(0, 17, 16)  # (5, 17)
     nll = []
     with torch.no_grad():
         for w in windows:
             logp = model(w[None, :-1])[0].log_softmax(-1)  # (T, V)
             nll += [-logp[t, w[t + 1]].item() for t in range(16)]
-    assert val_loss(model, windows, batch_size=2) == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    assert val_loss(model, tokens.numpy(), seq_len=16, n_windows=5, batch_size=2) == \
+        pytest.approx(sum(nll) / len(nll), rel=1e-5)
 
 
 def test_decode_speed_is_measured_and_kv_bytes_follow_the_heads():
