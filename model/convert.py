@@ -122,8 +122,14 @@ def plan_conversion(model: Transformer, n_kv_head: int, group: str, align: str,
     if calib is None or not len(calib):
         raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
                            f"calib_windows=N (e.g. 64) and a source with a data config")
+    return plan_from_grams(model, attention_input_grams(model, calib), n_kv_head, group, align)
+
+
+def plan_from_grams(model: Transformer, grams: list[torch.Tensor], n_kv_head: int, group: str,
+                    align: str) -> list[LayerPlan]:
+    """plan_conversion from the calibration statistic attention_input_grams computes (one
+    calibration serves several conversions)."""
     cfg = config_of(model)
-    grams = attention_input_grams(model, calib)
     state, rope = model_state(model), rope_planes(cfg)
     return [plan_layer(kv_rows(state, i, "k_proj", cfg.n_kv_head),
                        kv_rows(state, i, "v_proj", cfg.n_kv_head), grams[i], n_kv_head, rope,
@@ -192,10 +198,15 @@ def kv_errors(model: Transformer, converted: dict[str, torch.Tensor],
     (held out): sum over source heads of |aligned source head - its pooled head|^2 over the
     source's own attention inputs, relative to the source heads' energy; a source head is
     compared with what its query heads now read in its place (model/align.py's kv_error)."""
+    return kv_errors_from_grams(model, converted, plans, attention_input_grams(model, windows))
+
+
+def kv_errors_from_grams(model: Transformer, converted: dict[str, torch.Tensor],
+                         plans: list[LayerPlan] | None, grams: list[torch.Tensor]) -> list[dict]:
     src, dst, cfg = model_state(model), converted, config_of(model)
     S, G = cfg.n_kv_head, dst["blocks.0.attn.k_proj.weight"].shape[0] // cfg.head_dim
     rows = []
-    for i, gram in enumerate(attention_input_grams(model, windows)):
+    for i, gram in enumerate(grams):
         plan = plans[i] if plans else LayerPlan(torch.arange(S))
         err = {"layer": i}
         for proj, read in zip(("k_proj", "v_proj"), plan.reads()):
