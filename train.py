@@ -43,6 +43,7 @@ from model.checkpoint import (WEIGHTS, CheckpointError, load_checkpoint, read_co
                               save_checkpoint, unwrap, write_json)
 from model.hf import import_hf, is_hf_model, read_hf_config
 from model.config import ConfigError, ModelConfig
+from model.distill import build_teacher
 from model.sampling import SamplingConfig, generate
 from model.summary import flops_per_token, format_summary
 from model.transformer import Block, Transformer
@@ -351,6 +352,9 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
                   "uptrain_alpha": cfg.uptrain.alpha, "uptrain_method": cfg.uptrain.method,
                   "uptrain_group": cfg.uptrain.group, "uptrain_align": cfg.uptrain.align,
                   "uptrain_calib_windows": cfg.uptrain.calib_windows}
+    if cfg.uptrain.distill:  # λ = 0 keeps today's meta.json
+        provenance.update(uptrain_distill=cfg.uptrain.distill,
+                          uptrain_distill_temperature=cfg.uptrain.distill_temperature)
     if "converted_from" in meta:  # written by model.convert
         provenance["converted_from"] = meta["converted_from"]
     return model.train(), provenance
@@ -629,6 +633,9 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
         print(precision_line)
     if use_compile(cfg, accelerator.device):  # after wrapping: DDP/FSDP hooks stay outside
         model = torch.compile(model)
+    teacher = build_teacher(cfg, accelerator)  # None unless uptrain.distill > 0
+    if teacher is not None and main:
+        print(teacher.describe(cfg.batch_size, cfg.seq_len, cfg.grad_accum))
 
     stream = TokenStream(prepared.train_bin, prepared.dtype, cfg.seq_len, cfg.batch_size,
                          seed=cfg.seed, rank=accelerator.process_index,
@@ -669,7 +676,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
                 logits = model(x.to(accelerator.device))  # (B, T, V)
                 loss = F.cross_entropy(logits.float().flatten(0, 1),
                                        y.to(accelerator.device).flatten())
-                accelerator.backward(loss)  # scales by 1/grad_accum itself
+                # scales by 1/grad_accum itself; train_loss stays the CE
+                accelerator.backward(loss if teacher is None else teacher.loss(loss, logits, x))
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(),
                                                             cfg.optim.grad_clip or math.inf)
@@ -694,7 +702,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
             t_last, timed_from, step_last = now, step, step
             record = {"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
                       "grad_norm": float(grad_norm), "tokens_seen": tokens_seen,
-                      "tflops_per_device": tflops, "mfu": mfu}
+                      "tflops_per_device": tflops, "mfu": mfu,
+                      **(teacher.record(cfg.grad_accum) if teacher is not None else {})}
             if main:
                 append_metrics(run_dir / METRICS, record)
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",

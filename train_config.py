@@ -14,6 +14,7 @@ from typing import Any, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig
+from model.align import ALIGNMENTS
 from model.config import ConfigError, ModelConfig
 
 
@@ -65,8 +66,10 @@ class UptrainConfig:
     method: str = "mean"  # K/V head pooling when init_from has other n_kv_head: mean|first|random
     seed: int = 0  # for method=random
     group: str = "contiguous"  # which heads share a pooled head: contiguous | similar (calibrated)
-    align: str = "none"  # rotate heads into a common basis before pooling: none | procrustes
-    calib_windows: int = 64  # train windows that fit group=similar / align=procrustes
+    align: str = "none"  # before pooling: none | procrustes | linear | linear_readers (model/align.py)
+    calib_windows: int = 64  # train windows that fit group=similar / align=procrustes|linear
+    distill: float = 0.0  # λ: loss (1-λ)·CE + λ·τ²·KL(source ‖ student); 0: no teacher (model/distill.py)
+    distill_temperature: float = 1.0  # τ
 
 
 @dataclass
@@ -112,7 +115,7 @@ CHOICES = {
     "uptrain.method": ("mean", "first", "random"),
     "compile": ("auto", "true", "false"),
     "uptrain.group": ("contiguous", "similar"),
-    "uptrain.align": ("none", "procrustes"),
+    "uptrain.align": ALIGNMENTS,
 }
 POSITIVE = ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches",
             "keep_last", "uptrain.calib_windows")
@@ -151,6 +154,15 @@ def check_config(cfg: Any) -> None:
         raise ConfigError("uptrain.alpha needs init_from=<checkpoint dir> to uptrain from")
     if cfg.uptrain.alpha is not None and cfg.uptrain.alpha <= 0:
         raise ConfigError(f"uptrain.alpha={cfg.uptrain.alpha} must be positive (the paper: 0.05)")
+    if not 0 <= cfg.uptrain.distill <= 1:
+        raise ConfigError(f"uptrain.distill={cfg.uptrain.distill} must lie in [0, 1] (the "
+                          f"teacher's share of the loss)")
+    if cfg.uptrain.distill and not cfg.init_from:
+        raise ConfigError("uptrain.distill needs init_from=<checkpoint dir>: the teacher is "
+                          "the model uptraining starts from, before conversion")
+    if cfg.uptrain.distill_temperature <= 0:
+        raise ConfigError(f"uptrain.distill_temperature={cfg.uptrain.distill_temperature} "
+                          f"must be positive")
     if cfg.resume not in (False, None) and cfg.init_from:
         raise ConfigError("pass either resume or init_from, not both: resume continues a run, "
                           "init_from starts a new one from a checkpoint")

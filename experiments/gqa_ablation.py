@@ -7,10 +7,12 @@
 1. train an MHA model (n_head = 8) for base_steps with train.py;
 2. convert it to each of kv_heads with each of methods (model.convert): the paper's mean,
    first and random, and mean pooling after choosing (`similar`) and/or aligning
-   (`procrustes`) the heads on calib_windows train windows; the K/V reconstruction error
-   of each layer on as many val windows comes with each conversion;
+   (`procrustes`) the heads, or least-squares shared heads (`linear`), fitted on
+   calib_windows train windows; the K/V reconstruction error of each layer on as many val
+   windows comes with each conversion;
 3. val loss at alpha = 0, then uptrain each conversion with train.py for alpha x
-   base_steps (uptrain.alpha) and measure again;
+   base_steps (uptrain.alpha) and measure again; a `+distill` method uptrains the same
+   conversion with the MHA base as teacher (uptrain.distill), at the same tokens;
 4. the fair control: the MHA base itself trained on for the same alpha x base_steps with
    the same recipe (`continued`), as the base is far from converged at this scale: an
    uptrained model is compared with what MHA itself gets from those steps;
@@ -85,6 +87,8 @@ class Settings:
     kv_heads: list[int] = field(default_factory=lambda: [4, 2, 1])
     methods: list[str] = field(default_factory=lambda: ["mean", "first", "random"])  # CONVERSIONS
     calib_windows: int = 64  # train windows for similar/procrustes; as many val windows for K/V error
+    distill: float = 0.5  # λ of the "+distill" methods' uptraining (model/distill.py)
+    distill_temperature: float = 1.0
     mha_control: bool = True  # the MHA base trained on for alpha x base_steps
     alphas: list[float] = field(default_factory=lambda: [0.05, 0.1])
     scratch_kv_heads: list[int] = field(default_factory=lambda: [2, 1])
@@ -125,6 +129,8 @@ def check_settings(cfg: DictConfig) -> None:
             raise ExperimentError(f"methods: unknown {method!r}, use some of {list(CONVERSIONS)}")
     if cfg.calib_windows <= 0:
         raise ExperimentError("calib_windows must be a positive integer")
+    if not 0 < cfg.distill <= 1 or cfg.distill_temperature <= 0:
+        raise ExperimentError("distill must lie in (0, 1] and distill_temperature be positive")
     for alpha in cfg.alphas:
         if not 0 < alpha <= 1:
             raise ExperimentError(f"alphas must lie in (0, 1], got {alpha} (0 is always measured)")
@@ -208,12 +214,20 @@ def decode_tok_s(model: Transformer, batch_size: int, context: int, new_tokens: 
 # ---- the experiment ---------------------------------------------------------------------
 
 def conversion_options(name: str) -> dict:
-    """A methods entry -> convert_checkpoint's options: "first", "similar+procrustes", ...
-    (method mean unless named; "similar" chooses the groups, "procrustes" aligns)."""
+    """A methods entry -> convert_checkpoint's options: "first", "similar+procrustes",
+    "similar+linear+distill", ... (method mean unless named; "similar" chooses the groups,
+    "procrustes" or "linear" aligns; "distill" only changes the uptraining)."""
     parts = name.split("+")
     return {"method": next((p for p in parts if p in METHODS), "mean"),
             "group": "similar" if "similar" in parts else "contiguous",
-            "align": "procrustes" if "procrustes" in parts else "none"}
+            "align": next((p for p in parts if p in ("procrustes", "linear")), "none")}
+
+
+def uptrain_options(name: str, cfg: DictConfig) -> list[str]:
+    """A "+distill" entry uptrains with the MHA base as teacher, at the same tokens."""
+    if "distill" not in name.split("+"):
+        return []
+    return [f"uptrain.distill={cfg.distill}", f"uptrain.distill_temperature={cfg.distill_temperature}"]
 
 
 def run(cfg: DictConfig, out: Path) -> dict:
@@ -259,17 +273,18 @@ def run(cfg: DictConfig, out: Path) -> dict:
     rows = [row(base.model, "base", None, cfg.base_steps, base_s)]
     for g in cfg.kv_heads:
         for method in cfg.methods:
-            ckpt = converted / f"gqa{g}-{method}"
+            conversion = method.removesuffix("+distill")  # the same converted checkpoint
+            ckpt = converted / f"gqa{g}-{conversion}"
             if not ckpt.is_dir():  # conversion is deterministic (seed and windows fixed)
                 convert_checkpoint(base_ckpt, ckpt, g, seed=cfg.seed,
-                                   calib_windows=cfg.calib_windows, **conversion_options(method))
+                                   calib_windows=cfg.calib_windows, **conversion_options(conversion))
             errors = read_meta(ckpt).get("kv_error", {}).get("layers")
             rows.append(row(load_checkpoint(ckpt).model, method, 0.0, 0, 0.0, errors))
             for alpha in alphas:
                 up_ckpt, up_s = step(f"{variant_name(g, cfg.n_head)} {method} α={alpha:g}",
                                      f"gqa{g}-{method}-a{alpha:g}",
                                      [*common, f"init_from={ckpt}", f"attention.n_kv_head={g}",
-                                      f"uptrain.alpha={alpha}"])
+                                      f"uptrain.alpha={alpha}", *uptrain_options(method, cfg)])
                 up = load_checkpoint(up_ckpt)
                 rows.append(row(up.model, method, alpha, up.meta.get("step", -1), up_s))
     for alpha in alphas if cfg.mha_control else []:

@@ -24,7 +24,8 @@ from model.checkpoint import write_atomic  # noqa: E402
 COLUMNS = ("variant", "n_kv_head", "method", "alpha", "steps", "val_loss",
            "kv_bytes_per_token", "decode_tok_s", "train_s", "k_error", "v_error")
 # mean/first/random: the paper's; then mean pooling after choosing and/or aligning heads
-CONVERSIONS = ("mean", "first", "random", "similar", "procrustes", "similar+procrustes")
+CONVERSIONS = ("mean", "first", "random", "similar", "procrustes", "similar+procrustes", "linear",
+               "similar+linear", "mean+distill", "similar+linear+distill")
 METHOD_ORDER = CONVERSIONS
 BEST = "similar+procrustes"
 

@@ -8,7 +8,9 @@ group's first head) and `random` (fresh init) are the paper's Figure 4 baselines
 
 Before pooling, `group=similar` chooses which heads share a group and `align=procrustes`
 rotates each head into its group's basis (model/align.py), both exact rewrites of the
-source model fitted on `calib_windows` windows of its training data; the held-out K/V
+source model fitted on `calib_windows` windows of its training data; `align=linear` fits
+each group's shared head by least squares under the wider exact maps (complex scalars per
+RoPE plane, any invertible V map) and folds each head's map into its readers; the held-out K/V
 reconstruction error of every layer goes into meta.json (for a plain conversion, when the
 data is at hand: if it is gone, a note on stderr and meta.json's kv_error_not_measured say so).
 
@@ -36,8 +38,8 @@ from omegaconf.errors import OmegaConfBaseException
 import cli
 from data.config import DataConfig, DataError
 from data.tokenizer import load_tokenizer, tokenizer_files
-from model.align import (ALIGNMENTS, GROUPINGS, LayerPlan, attention_input_grams, head_rows,
-                         kv_error, move_heads, plan_layer, rope_planes)
+from model.align import (ALIGNMENTS, GROUPINGS, LINEAR, LayerPlan, attention_input_grams,
+                         head_rows, kv_error, move_heads, plan_layer, rope_planes)
 from model.checkpoint import (WEIGHTS, CheckpointError, check_out, config_of, load_checkpoint,
                               model_from_state, model_state, read_config, read_meta,
                               save_checkpoint)
@@ -88,6 +90,9 @@ def check_target(n_src: int, n_kv_head: int, method: str, group: str = "contiguo
     if method == "random" and (group, align) != ("contiguous", "none"):
         raise ConvertError("method=random keeps nothing of the source heads: use group="
                            "contiguous align=none with it, or method=mean|first")
+    if align in LINEAR and method != "mean":
+        raise ConvertError(f"align={align} fits each group's shared head itself: use "
+                           f"method=mean with it (the default)")
     if n_kv_head <= 0:
         raise ConvertError(f"n_kv_head must be a positive integer, got {n_kv_head}")
     if n_kv_head > n_src:
@@ -122,12 +127,25 @@ def plan_conversion(model: Transformer, n_kv_head: int, group: str, align: str,
     if calib is None or not len(calib):
         raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
                            f"calib_windows=N (e.g. 64) and a source with a data config")
+    return plan_from_grams(model, attention_input_grams(model, calib), n_kv_head, group, align)
+
+
+def plan_from_grams(model: Transformer, grams: list[torch.Tensor], n_kv_head: int, group: str,
+                    align: str) -> list[LayerPlan]:
+    """plan_conversion from the calibration statistic attention_input_grams computes (one
+    calibration serves several conversions)."""
     cfg = config_of(model)
-    grams = attention_input_grams(model, calib)
     state, rope = model_state(model), rope_planes(cfg)
     return [plan_layer(kv_rows(state, i, "k_proj", cfg.n_kv_head),
                        kv_rows(state, i, "v_proj", cfg.n_kv_head), grams[i], n_kv_head, rope,
-                       group, align) for i in range(cfg.n_layer)]
+                       group, align, readers(state, i, cfg) if align == "linear_readers" else None)
+            for i in range(cfg.n_layer)]
+
+
+def readers(state: dict, layer: int, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q rows (H, hd, d+1), O columns (H, hd, d) as rows of O^T) of a layer's query heads."""
+    o = state[f"blocks.{layer}.attn.o_proj.weight"].float().T  # (H*hd, d)
+    return kv_rows(state, layer, "q_proj", cfg.n_head), o.reshape(cfg.n_head, cfg.head_dim, -1)
 
 
 def kv_rows(state: dict, layer: int, proj: str, n_heads: int) -> torch.Tensor:
@@ -137,16 +155,18 @@ def kv_rows(state: dict, layer: int, proj: str, n_heads: int) -> torch.Tensor:
 
 
 def aligned_attention(state: dict, layer: int, plan: LayerPlan, n_src: int) -> dict:
-    """The layer's attention tensors with KV heads permuted and rotated per plan, their
-    query heads and O columns following: the same function, a new basis."""
+    """The layer's attention tensors with KV heads permuted and mapped per plan, their
+    query heads and O columns following (by the plan's read maps): the same function, a new
+    basis, when each read map is its K/V map's inverse transpose."""
     out = {}
-    for proj, rot in (("q_proj", plan.k_rot), ("k_proj", plan.k_rot), ("v_proj", plan.v_rot)):
+    k_read, v_read = plan.reads()
+    for proj, rot in (("q_proj", k_read), ("k_proj", plan.k_rot), ("v_proj", plan.v_rot)):
         for kind in ("weight", "bias"):  # biases are optional rows
             name = f"blocks.{layer}.attn.{proj}.{kind}"
             if name in state:
                 out[name] = move_heads(state[name], n_src, plan.order, rot)
     o = f"blocks.{layer}.attn.o_proj.weight"  # (d, H*hd): its columns are the heads' rows
-    out[o] = move_heads(state[o].T, n_src, plan.order, plan.v_rot).T.contiguous()
+    out[o] = move_heads(state[o].T, n_src, plan.order, v_read).T.contiguous()
     return out
 
 
@@ -181,17 +201,22 @@ def kv_errors(model: Transformer, converted: dict[str, torch.Tensor],
               plans: list[LayerPlan] | None, windows: torch.Tensor) -> list[dict]:
     """Per layer, the K and V reconstruction error of a conversion (its state) on windows
     (held out): sum over source heads of |aligned source head - its pooled head|^2 over the
-    source's own attention inputs, relative to the source heads' energy."""
+    source's own attention inputs, relative to the source heads' energy; a source head is
+    compared with what its query heads now read in its place (model/align.py's kv_error)."""
+    return kv_errors_from_grams(model, converted, plans, attention_input_grams(model, windows))
+
+
+def kv_errors_from_grams(model: Transformer, converted: dict[str, torch.Tensor],
+                         plans: list[LayerPlan] | None, grams: list[torch.Tensor]) -> list[dict]:
     src, dst, cfg = model_state(model), converted, config_of(model)
     S, G = cfg.n_kv_head, dst["blocks.0.attn.k_proj.weight"].shape[0] // cfg.head_dim
     rows = []
-    for i, gram in enumerate(attention_input_grams(model, windows)):
+    for i, gram in enumerate(grams):
         plan = plans[i] if plans else LayerPlan(torch.arange(S))
         err = {"layer": i}
-        for proj, rot in (("k_proj", plan.k_rot), ("v_proj", plan.v_rot)):
-            heads = kv_rows(src, i, proj, S)
-            aligned = move_heads(heads.flatten(0, 1), S, plan.order, rot).view_as(heads)
-            err[proj[0]] = round(kv_error(aligned, kv_rows(dst, i, proj, G), gram), 6)
+        for proj, read in zip(("k_proj", "v_proj"), plan.reads()):
+            heads = kv_rows(src, i, proj, S)[plan.order]  # (S, hd, d+1) in plan order
+            err[proj[0]] = round(kv_error(heads, kv_rows(dst, i, proj, G), gram, read), 6)
         rows.append(err)
     return rows
 
@@ -339,7 +364,7 @@ class ConvertConfig:
     out: str = MISSING  # the new checkpoint dir
     method: str = "mean"  # mean | first | random (METHODS)
     group: str = "contiguous"  # contiguous | similar (model/align.py's GROUPINGS)
-    align: str = "none"  # none | procrustes (model/align.py's ALIGNMENTS)
+    align: str = "none"  # none | procrustes | linear | linear_readers (model/align.py's ALIGNMENTS)
     calib_windows: int = 64  # train windows to fit on, val windows to measure; 0: none
     seed: int = 0  # for method=random
     overwrite: bool = False  # replace an existing out
