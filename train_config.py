@@ -81,6 +81,7 @@ class UptrainConfig:
     group: str = "contiguous"  # which heads share a pooled head: contiguous | similar (calibrated)
     align: str = "none"  # rotate heads into a common basis before pooling: none | procrustes
     calib_windows: int = 64  # train windows that fit group=similar / align=procrustes
+    calib_seq_len: int = 0  # tokens per calibration window; 0: the context up to 1024
 
 
 @dataclass

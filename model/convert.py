@@ -8,9 +8,11 @@ group's first head) and `random` (fresh init) are the paper's Figure 4 baselines
 
 Before pooling, `group=similar` chooses which heads share a group and `align=procrustes`
 rotates each head into its group's basis (model/align.py), both exact rewrites of the
-source model fitted on `calib_windows` windows of its training data; the held-out K/V
-reconstruction error of every layer goes into meta.json (for a plain conversion, when the
-data is at hand: if it is gone, a note on stderr and meta.json's kv_error_not_measured say so).
+source model fitted on `calib_windows` windows of `calib_seq_len` tokens (default: the
+context up to 1024; `calib_tokens` sets a token budget instead) of its training data; the
+held-out K/V reconstruction error of every layer goes into meta.json (for a plain
+conversion, when the data is at hand: if it is gone, a note on stderr and meta.json's
+kv_error_not_measured say so), with the calibration's time and peak memory.
 
     python -m model.convert ckpt=runs/mha/checkpoints/final n_kv_head=2 method=mean out=ckpts/gqa2
     python -m model.convert ckpt=... n_kv_head=2 group=similar align=procrustes calib_windows=64 out=...
@@ -21,7 +23,10 @@ no train_config.yaml calibrates on data.* tokenized with its own tokenizer.
 from __future__ import annotations
 
 import hashlib
+import math
+import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +50,8 @@ from model.transformer import Transformer
 METHODS = ("mean", "first", "random")
 KV_TENSORS = ("attn.k_proj.weight", "attn.v_proj.weight", "attn.k_proj.bias", "attn.v_proj.bias")
 TRAIN_CONFIG = "train_config.yaml"  # the resolved train config the train loop saves
+CALIB_SEQ_LEN = 1024  # default calibration window: a trained model's statistics settle well
+                      # before its full context, which would cost minutes per window on a CPU
 
 
 class ConvertError(ValueError):
@@ -109,7 +116,7 @@ def convert_model(model: Transformer, n_kv_head: int, method: str = "mean", seed
 
 
 def plan_conversion(model: Transformer, n_kv_head: int, group: str, align: str,
-                    calib: torch.Tensor | None) -> list[LayerPlan] | None:
+                    calib: torch.Tensor | None, progress: bool = False) -> list[LayerPlan] | None:
     """Per layer, which source heads to pool together and how to rotate them; None for the
     paper's contiguous, unaligned pooling."""
     if not needs_calibration(group, align):
@@ -118,7 +125,7 @@ def plan_conversion(model: Transformer, n_kv_head: int, group: str, align: str,
         raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
                            f"calib_windows=N (e.g. 64) and a source with a data config")
     cfg = config_of(model)
-    grams = attention_input_grams(model, calib)
+    grams = attention_input_grams(model, calib, progress=progress)
     state, rope = model_state(model), rope_planes(cfg)
     return [plan_layer(kv_rows(state, i, "k_proj", cfg.n_kv_head),
                        kv_rows(state, i, "v_proj", cfg.n_kv_head), grams[i], n_kv_head, rope,
@@ -173,14 +180,15 @@ def pooled_state(model: Transformer, n_kv_head: int, method: str, seed: int,
 
 
 def kv_errors(model: Transformer, converted: dict[str, torch.Tensor],
-              plans: list[LayerPlan] | None, windows: torch.Tensor) -> list[dict]:
+              plans: list[LayerPlan] | None, windows: torch.Tensor,
+              progress: bool = False) -> list[dict]:
     """Per layer, the K and V reconstruction error of a conversion (its state) on windows
     (held out): sum over source heads of |aligned source head - its pooled head|^2 over the
     source's own attention inputs, relative to the source heads' energy."""
     src, dst, cfg = model_state(model), converted, config_of(model)
     S, G = cfg.n_kv_head, dst["blocks.0.attn.k_proj.weight"].shape[0] // cfg.head_dim
     rows = []
-    for i, gram in enumerate(attention_input_grams(model, windows)):
+    for i, gram in enumerate(attention_input_grams(model, windows, progress=progress)):
         plan = plans[i] if plans else LayerPlan(torch.arange(S))
         err = {"layer": i}
         for proj, rot in (("k_proj", plan.k_rot), ("v_proj", plan.v_rot)):
@@ -204,29 +212,33 @@ def sha256_files(paths: list[Path]) -> str:
 def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
                        method: str = "mean", seed: int = 0, overwrite: bool = False,
                        group: str = "contiguous", align: str = "none", calib_windows: int = 64,
-                       data_overrides: list[str] = ()) -> Path:
+                       data_overrides: list[str] = (), calib_seq_len: int = 0,
+                       calib_tokens: int = 0) -> Path:
     """Write a converted copy of checkpoint src at out, with the same tokenizer, the
     source's train config, and provenance in meta.json. With a data config (the source's
     train_config.yaml, data_overrides as data.key=value) and calib_windows > 0: fit
-    group/align on calib_windows train windows and record the K/V reconstruction error
-    on as many val windows."""
+    group/align on calib_windows train windows of calib_seq_len tokens (calib_shape) and
+    record the K/V reconstruction error on as many val windows, with the time and peak
+    memory this took (meta.json's calibration, and stderr)."""
     src, out = Path(src), Path(out)
     check_out(src, out, overwrite, "gqa")
     hf = is_hf_model(src)  # an HF dir converts as its import would
     src_cfg = read_hf_config(src) if hf else read_config(src)
     check_target(src_cfg.n_kv_head, n_kv_head, method, group, align)  # fail before loading
     data = data_config(src, list(data_overrides))
-    if needs_calibration(group, align) and (data is None or calib_windows <= 0):
+    n_windows, seq_len = calib_shape(src_cfg.max_seq_len, calib_windows, calib_seq_len,
+                                     calib_tokens)
+    if needs_calibration(group, align) and (data is None or n_windows <= 0):
         raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
                            f"calib_windows=N > 0, and data.* settings when {src} has no "
                            f"{TRAIN_CONFIG} with a data section")
     write_tokenizer = tokenizer_writer(src) if hf else None  # a bad one fails before the weights
     source = import_hf(src) if hf else load_checkpoint(src).model
-    windows = lambda split: token_windows(data, split, src_cfg.max_seq_len, calib_windows,
-                                          src_cfg.vocab_size)
-    measured = data is not None and calib_windows > 0
+    windows = lambda split: token_windows(data, split, seq_len, n_windows, src_cfg.vocab_size)
+    measured = data is not None and n_windows > 0
+    started = time.perf_counter()
     calib = windows("train") if measured and needs_calibration(group, align) else None
-    plans = plan_conversion(source, n_kv_head, group, align, calib)
+    plans = plan_conversion(source, n_kv_head, group, align, calib, progress=True)
     model = pooled_model(source, n_kv_head, method, seed, plans)
     src_meta = read_meta(src)
     meta = {
@@ -236,7 +248,8 @@ def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
             "method": method,
             "group": group,
             "align": align,
-            "calib_windows": 0 if calib is None else calib_windows,
+            "calib_windows": 0 if calib is None else n_windows,
+            "calib_seq_len": 0 if calib is None else seq_len,
             "source_n_kv_head": src_cfg.n_kv_head,
             "seed": seed,
         },
@@ -247,6 +260,10 @@ def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
     if measured:
         meta.update(kv_error_meta(source, model, plans, lambda: windows("val"),
                                   required=needs_calibration(group, align)))
+        if calib is not None or "kv_error" in meta:  # data was read: what did it cost
+            meta["calibration"] = calibration_cost(
+                started, 0 if calib is None else calib.numel(),
+                n_windows * seq_len if "kv_error" in meta else 0)
     files = {} if hf else tokenizer_files(src)  # the tokenizer travels whole: model file, configs
     if (src / TRAIN_CONFIG).is_file():
         files[TRAIN_CONFIG] = src / TRAIN_CONFIG
@@ -267,8 +284,38 @@ def kv_error_meta(src_model: Transformer, model: Transformer, plans: list[LayerP
         print(f"note: K/V error not measured: {e}; pass data.* or calib_windows=0",
               file=sys.stderr)
         return {"kv_error_not_measured": str(e)}
-    return {"kv_error": {"split": "val", "windows": len(windows),
-                         "layers": kv_errors(src_model, model_state(model), plans, windows)}}
+    return {"kv_error": {"split": "val", "windows": len(windows), "seq_len": windows.shape[1],
+                         "layers": kv_errors(src_model, model_state(model), plans, windows,
+                                             progress=True)}}
+
+
+def calib_shape(max_seq_len: int, calib_windows: int, calib_seq_len: int = 0,
+                calib_tokens: int = 0) -> tuple[int, int]:
+    """(windows, tokens per window) that calibration reads: windows of calib_seq_len tokens
+    (0: the context up to CALIB_SEQ_LEN), as many as fill calib_tokens when it is given,
+    else calib_windows."""
+    if calib_seq_len < 0 or calib_tokens < 0 or calib_windows < 0:
+        raise ConvertError(f"calib_windows, calib_seq_len and calib_tokens must be >= 0, got "
+                           f"{calib_windows}, {calib_seq_len}, {calib_tokens}")
+    if calib_seq_len > max_seq_len:
+        raise ConvertError(f"calib_seq_len={calib_seq_len} exceeds the model's context "
+                           f"{max_seq_len}: pass calib_seq_len={max_seq_len} or less")
+    length = calib_seq_len or min(max_seq_len, CALIB_SEQ_LEN)
+    return (math.ceil(calib_tokens / length) if calib_tokens else calib_windows), length
+
+
+def calibration_cost(started: float, fit_tokens: int, error_tokens: int) -> dict:
+    """meta.json's calibration: seconds since started (data preparation, forward passes,
+    fits), tokens read, and the process's peak resident memory (on Linux and macOS; model
+    load included), also noted on stderr."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak_mb = peak / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+    cost = {"seconds": round(time.perf_counter() - started, 2), "fit_tokens": fit_tokens,
+            "kv_error_tokens": error_tokens, "peak_rss_mb": round(peak_mb, 1)}
+    print(f"calibration: {cost['seconds']:.1f} s, {fit_tokens:,} tokens fitted, "
+          f"{error_tokens:,} measured, peak memory {cost['peak_rss_mb']:,.0f} MB (process RSS)",
+          file=sys.stderr)
+    return cost
 
 
 def data_config(src: Path, overrides: list[str]) -> dict | None:
@@ -329,7 +376,8 @@ def token_windows(data_cfg, split: str, length: int, n_windows: int,
 
 USAGE = ("usage: python -m model.convert ckpt=<checkpoint dir> n_kv_head=<G> out=<new dir> "
          "[method=mean|first|random] [group=contiguous|similar] [align=none|procrustes] "
-         "[calib_windows=64] [data.<key>=<value>] [seed=0] [overwrite=false]")
+         "[calib_windows=64] [calib_seq_len=0 (min(context, 1024))] [calib_tokens=0] "
+         "[data.<key>=<value>] [seed=0] [overwrite=false]")
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -337,9 +385,12 @@ def parse_args(argv: list[str]) -> dict:
     args = parse_key_values([a for a in argv if not a.startswith("data.")],
                             ("ckpt", "n_kv_head", "out"),
                             {"method": "mean", "group": "contiguous", "align": "none",
-                             "calib_windows": "64", "seed": "0", "overwrite": "false"}, USAGE)
+                             "calib_windows": "64", "calib_seq_len": "0", "calib_tokens": "0",
+                             "seed": "0", "overwrite": "false"}, USAGE)
     return {**args, "n_kv_head": as_int(args, "n_kv_head"), "seed": as_int(args, "seed"),
             "calib_windows": as_int(args, "calib_windows"),
+            "calib_seq_len": as_int(args, "calib_seq_len"),
+            "calib_tokens": as_int(args, "calib_tokens"),
             "overwrite": as_bool(args, "overwrite"), "data_overrides": data}
 
 
@@ -348,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         out = convert_checkpoint(args["ckpt"], args["out"], args["n_kv_head"], args["method"],
                                  args["seed"], args["overwrite"], args["group"], args["align"],
-                                 args["calib_windows"], args["data_overrides"])
+                                 args["calib_windows"], args["data_overrides"],
+                                 args["calib_seq_len"], args["calib_tokens"])
     except (ArgError, ConvertError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -367,3 +419,35 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- sources for experiments: the same function with more KV heads, or reordered ----------
+
+def expand_kv_heads(model: Transformer, repeats: int) -> Transformer:
+    """The same function with each KV head repeated `repeats` times (repeats = the group
+    size gives MHA): query head h then reads its own copy of the head it read. Pooling the
+    copies back by mean recovers the source exactly."""
+    cfg = config_of(model)
+    if repeats <= 0 or cfg.n_head % (cfg.n_kv_head * repeats):
+        raise ConvertError(f"repeats={repeats}: {cfg.n_kv_head} KV heads x repeats must divide "
+                           f"the {cfg.n_head} query heads")
+    state = model_state(model)
+    for name, t in state.items():
+        if name.endswith(KV_TENSORS):  # (n_kv*hd, ...) -> (n_kv*repeats*hd, ...)
+            heads = t.view(cfg.n_kv_head, cfg.head_dim, *t.shape[1:])
+            state[name] = heads.repeat_interleave(repeats, dim=0).reshape(-1, *t.shape[1:])
+    return model_from_state(cfg.with_kv_heads(cfg.n_kv_head * repeats), state,
+                            "the expanded model").train(model.training)
+
+
+def permute_kv_heads(model: Transformer, orders: list[torch.Tensor]) -> Transformer:
+    """The same function with layer i's KV head j taken from source head orders[i][j], the
+    query heads that read it (Q rows) and their O columns moved along."""
+    cfg = config_of(model)
+    state = model_state(model)
+    for layer, order in enumerate(orders):
+        if sorted(order.tolist()) != list(range(cfg.n_kv_head)):
+            raise ConvertError(f"orders[{layer}] = {order.tolist()} is not a permutation of "
+                               f"the {cfg.n_kv_head} KV heads")
+        state.update(aligned_attention(state, layer, LayerPlan(order), cfg.n_kv_head))
+    return model_from_state(cfg, state, "the permuted model").train(model.training)
