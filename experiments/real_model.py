@@ -328,6 +328,7 @@ def nll(model: Transformer, windows: torch.Tensor, batch_size: int) -> float:
     model.eval()
     total = 0.0
     for batch in windows.split(batch_size):
+        batch = batch.to(model.device)
         logits = model(batch[:, :-1])  # (B, T, V)
         total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
                                  reduction="sum").item()
@@ -342,7 +343,7 @@ def evaluate(name: str, path: Path, model_key: str, windows: dict[str, torch.Ten
         return json.loads(record.read_text())
     if cfg.report_only or path is None:
         return None
-    model = load_model(path)
+    model = load_model(path).to("cuda" if torch.cuda.is_available() else "cpu")
     result = {c: round(nll(model, w, cfg.eval.batch_size), 5) for c, w in windows.items()}
     result["n_kv_head"] = model.config.n_kv_head
     result["kv_bytes_per_token"] = kv_bytes_per_token(model.config)
