@@ -168,3 +168,14 @@ def test_settings_refuse_bad_input(capsys):
     assert "unknown method 'bogus'" in capsys.readouterr().err
     cfg = rm.load_settings(["preset=quick", "methods=[mean,similar+linear]"])
     assert list(cfg.methods) == ["mean"] + (["similar+linear"] if "linear" in ALIGNMENTS else [])
+
+
+def test_a_gguf_with_the_wrong_sha256_is_refused(tmp_path, monkeypatch):
+    from experiments import smollm2
+    gguf = tmp_path / smollm2.GGUF
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"not the model")
+    with pytest.raises(smollm2.ModelFetchError, match="expected b179c952"):
+        smollm2.gguf_file(tmp_path)
+    monkeypatch.setattr(smollm2, "GGUF_SHA256", smollm2.sha256_of(gguf))
+    assert smollm2.gguf_file(tmp_path) == gguf  # the checked file, not downloaded again
