@@ -108,6 +108,12 @@ def test_conversion_calibrates_on_short_windows_and_reports_its_cost(tmp_path, c
     assert meta["calibration"]["peak_rss_mb"] > 10 and meta["calibration"]["seconds"] >= 0
     err = capsys.readouterr().err
     assert "calibration:" in err and "peak memory" in err
+    from model.convert import main as convert_main
+    code = convert_main([f"ckpt={tmp_path / 'hf'}", "n_kv_head=2", "calib_seq_len=300",
+                         f"out={tmp_path / 'long'}", *[f"data.{d}" for d in data]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: calib_seq_len=300 exceeds the model's context 256")
+    assert "\n" not in err.strip() and not (tmp_path / "long").exists()
     fit = convert_checkpoint(tmp_path / "hf", tmp_path / "fit", 2, align="procrustes",
                              calib_tokens=100, calib_seq_len=32, data_overrides=data)
     calib = read_meta(fit)["converted_from"]
