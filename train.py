@@ -338,11 +338,14 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
                          f"{vocab_size} ids: use the source's tokenizer (drop data.tokenizer)")
     n_kv = cfg.attention.n_kv_head or source_cfg.n_head
     if n_kv != source_cfg.n_kv_head:
-        from model.convert import ConvertError, convert_model, needs_calibration, token_windows
+        from model.convert import (ConvertError, calib_shape, convert_model, needs_calibration,
+                                   token_windows)
         up = cfg.uptrain
         try:
-            calib = (token_windows(cfg.data, "train", source_cfg.max_seq_len, up.calib_windows,
-                                   vocab_size) if needs_calibration(up.group, up.align) else None)
+            n_windows, length = calib_shape(source_cfg.max_seq_len, up.calib_windows,
+                                            up.calib_seq_len)
+            calib = (token_windows(cfg.data, "train", length, n_windows, vocab_size)
+                     if needs_calibration(up.group, up.align) else None)
             model = convert_model(model, n_kv, up.method, up.seed, up.group, up.align, calib)
         except ConvertError as e:
             raise TrainError(str(e)) from None
@@ -351,7 +354,8 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
                   "source_step": source_steps(cfg, source),
                   "uptrain_alpha": cfg.uptrain.alpha, "uptrain_method": cfg.uptrain.method,
                   "uptrain_group": cfg.uptrain.group, "uptrain_align": cfg.uptrain.align,
-                  "uptrain_calib_windows": cfg.uptrain.calib_windows}
+                  "uptrain_calib_windows": cfg.uptrain.calib_windows,
+                  "uptrain_calib_seq_len": cfg.uptrain.calib_seq_len}
     if cfg.uptrain.distill:  # λ = 0 keeps today's meta.json
         provenance.update(uptrain_distill=cfg.uptrain.distill,
                           uptrain_distill_temperature=cfg.uptrain.distill_temperature)

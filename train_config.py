@@ -70,6 +70,7 @@ class UptrainConfig:
     calib_windows: int = 64  # train windows that fit group=similar / align=procrustes|linear
     distill: float = 0.0  # λ: loss (1-λ)·CE + λ·τ²·KL(source ‖ student); 0: no teacher (model/distill.py)
     distill_temperature: float = 1.0  # τ
+    calib_seq_len: int = 0  # tokens per calibration window; 0: the context up to 1024
 
 
 @dataclass

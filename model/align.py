@@ -38,6 +38,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 GROUPINGS = ("contiguous", "similar")
 ALIGNMENTS = ("none", "procrustes", "linear", "linear_readers")
@@ -70,9 +71,10 @@ class LayerPlan:
 # ---- calibration statistic ----------------------------------------------------------
 
 @torch.no_grad()
-def attention_input_grams(model, windows: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+def attention_input_grams(model, windows: torch.Tensor, batch_size: int = 8,
+                          progress: bool = False) -> list[torch.Tensor]:
     """Per layer, C = X^T X (d+1, d+1) in fp32 over every token of windows (N, T), where
-    X = [input of that layer's attention, 1]."""
+    X = [input of that layer's attention, 1]. progress: a tqdm bar over the tokens."""
     grams: list[torch.Tensor | None] = [None] * len(model.blocks)
 
     def accumulate(layer):
@@ -84,10 +86,13 @@ def attention_input_grams(model, windows: torch.Tensor, batch_size: int = 8) -> 
         return hook
 
     handles = [b.attn.register_forward_pre_hook(accumulate(i)) for i, b in enumerate(model.blocks)]
+    bar = tqdm(total=windows.numel(), unit="tok", desc="calibration forward", disable=not progress)
     try:
         for batch in windows.split(batch_size):
-            model(batch.to(model.device))
+            model(batch.to(model.device), last_only=True)  # the head's logits are not needed
+            bar.update(batch.numel())
     finally:
+        bar.close()
         for handle in handles:
             handle.remove()
     return grams

@@ -8,11 +8,13 @@ group's first head) and `random` (fresh init) are the paper's Figure 4 baselines
 
 Before pooling, `group=similar` chooses which heads share a group and `align=procrustes`
 rotates each head into its group's basis (model/align.py), both exact rewrites of the
-source model fitted on `calib_windows` windows of its training data; `align=linear` fits
-each group's shared head by least squares under the wider exact maps (complex scalars per
-RoPE plane, any invertible V map) and folds each head's map into its readers; the held-out K/V
-reconstruction error of every layer goes into meta.json (for a plain conversion, when the
-data is at hand: if it is gone, a note on stderr and meta.json's kv_error_not_measured say so).
+source model fitted on `calib_windows` windows of `calib_seq_len` tokens (default: the
+context up to 1024; `calib_tokens` sets a token budget instead) of its training data;
+`align=linear` fits each group's shared head by least squares under the wider exact maps
+(complex scalars per RoPE plane, any invertible V map) and folds each head's map into its
+readers; the held-out K/V reconstruction error of every layer goes into meta.json (for a
+plain conversion, when the data is at hand: if it is gone, a note on stderr and meta.json's
+kv_error_not_measured say so), with the calibration's time and peak memory.
 
     python -m model.convert ckpt=runs/mha/checkpoints/final n_kv_head=2 method=mean out=ckpts/gqa2
     python -m model.convert ckpt=... n_kv_head=2 group=similar align=procrustes calib_windows=64 out=...
@@ -26,7 +28,10 @@ tokenizer. The command is a Hydra app (configs/convert.yaml, ConvertConfig below
 from __future__ import annotations
 
 import hashlib
+import math
+import resource
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +45,7 @@ from data.config import DataConfig, DataError
 from data.tokenizer import load_tokenizer, tokenizer_files
 from model.align import (ALIGNMENTS, GROUPINGS, LINEAR, LayerPlan, attention_input_grams,
                          head_rows, kv_error, move_heads, plan_layer, rope_planes)
-from model.checkpoint import (WEIGHTS, CheckpointError, check_out, config_of, load_checkpoint,
+from model.checkpoint import (WEIGHTS, check_out, config_of, load_checkpoint,
                               model_from_state, model_state, read_config, read_meta,
                               save_checkpoint)
 from model.config import ConfigError, ModelConfig, divisors
@@ -52,6 +57,8 @@ from model.transformer import Transformer
 METHODS = ("mean", "first", "random")
 KV_TENSORS = ("attn.k_proj.weight", "attn.v_proj.weight", "attn.k_proj.bias", "attn.v_proj.bias")
 TRAIN_CONFIG = "train_config.yaml"  # the resolved train config the train loop saves
+CALIB_SEQ_LEN = 1024  # default calibration window: a trained model's statistics settle well
+                      # before its full context, which would cost minutes per window on a CPU
 
 
 class ConvertError(cli.UserError):
@@ -119,7 +126,7 @@ def convert_model(model: Transformer, n_kv_head: int, method: str = "mean", seed
 
 
 def plan_conversion(model: Transformer, n_kv_head: int, group: str, align: str,
-                    calib: torch.Tensor | None) -> list[LayerPlan] | None:
+                    calib: torch.Tensor | None, progress: bool = False) -> list[LayerPlan] | None:
     """Per layer, which source heads to pool together and how to rotate them; None for the
     paper's contiguous, unaligned pooling."""
     if not needs_calibration(group, align):
@@ -127,7 +134,8 @@ def plan_conversion(model: Transformer, n_kv_head: int, group: str, align: str,
     if calib is None or not len(calib):
         raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
                            f"calib_windows=N (e.g. 64) and a source with a data config")
-    return plan_from_grams(model, attention_input_grams(model, calib), n_kv_head, group, align)
+    grams = attention_input_grams(model, calib, progress=progress)
+    return plan_from_grams(model, grams, n_kv_head, group, align)
 
 
 def plan_from_grams(model: Transformer, grams: list[torch.Tensor], n_kv_head: int, group: str,
@@ -198,12 +206,14 @@ def pooled_state(model: Transformer, n_kv_head: int, method: str, seed: int,
 
 
 def kv_errors(model: Transformer, converted: dict[str, torch.Tensor],
-              plans: list[LayerPlan] | None, windows: torch.Tensor) -> list[dict]:
+              plans: list[LayerPlan] | None, windows: torch.Tensor,
+              progress: bool = False) -> list[dict]:
     """Per layer, the K and V reconstruction error of a conversion (its state) on windows
     (held out): sum over source heads of |aligned source head - its pooled head|^2 over the
     source's own attention inputs, relative to the source heads' energy; a source head is
     compared with what its query heads now read in its place (model/align.py's kv_error)."""
-    return kv_errors_from_grams(model, converted, plans, attention_input_grams(model, windows))
+    grams = attention_input_grams(model, windows, progress=progress)
+    return kv_errors_from_grams(model, converted, plans, grams)
 
 
 def kv_errors_from_grams(model: Transformer, converted: dict[str, torch.Tensor],
@@ -234,29 +244,33 @@ def sha256_files(paths: list[Path]) -> str:
 def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
                        method: str = "mean", seed: int = 0, overwrite: bool = False,
                        group: str = "contiguous", align: str = "none", calib_windows: int = 64,
-                       data: dict | None = None) -> Path:
+                       data: dict | None = None, calib_seq_len: int = 0,
+                       calib_tokens: int = 0) -> Path:
     """Write a converted copy of checkpoint src at out, with the same tokenizer, the
     source's train config, and provenance in meta.json. With a data config (the source's
     train_config.yaml's data section, updated by data: DataConfig settings) and
-    calib_windows > 0: fit group/align on calib_windows train windows and record the K/V
-    reconstruction error on as many val windows."""
+    calib_windows > 0: fit group/align on calib_windows train windows of calib_seq_len
+    tokens (calib_shape) and record the K/V reconstruction error on as many val windows,
+    with the time and peak memory this took (meta.json's calibration, and stderr)."""
     src, out = Path(src), Path(out)
     check_out(src, out, overwrite, "gqa")
     hf = is_hf_model(src)  # an HF dir converts as its import would
     src_cfg = read_hf_config(src) if hf else read_config(src)
     check_target(src_cfg.n_kv_head, n_kv_head, method, group, align)  # fail before loading
     data = data_config(src, data or {})
-    if needs_calibration(group, align) and (data is None or calib_windows <= 0):
+    n_windows, seq_len = calib_shape(src_cfg.max_seq_len, calib_windows, calib_seq_len,
+                                     calib_tokens)
+    if needs_calibration(group, align) and (data is None or n_windows <= 0):
         raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
                            f"calib_windows=N > 0, and data.* settings when {src} has no "
                            f"{TRAIN_CONFIG} with a data section")
     write_tokenizer = tokenizer_writer(src) if hf else None  # a bad one fails before the weights
     source = import_hf(src) if hf else load_checkpoint(src).model
-    windows = lambda split: token_windows(data, split, src_cfg.max_seq_len, calib_windows,
-                                          src_cfg.vocab_size)
-    measured = data is not None and calib_windows > 0
+    windows = lambda split: token_windows(data, split, seq_len, n_windows, src_cfg.vocab_size)
+    measured = data is not None and n_windows > 0
+    started = time.perf_counter()
     calib = windows("train") if measured and needs_calibration(group, align) else None
-    plans = plan_conversion(source, n_kv_head, group, align, calib)
+    plans = plan_conversion(source, n_kv_head, group, align, calib, progress=True)
     model = pooled_model(source, n_kv_head, method, seed, plans)
     src_meta = read_meta(src)
     meta = {
@@ -266,7 +280,8 @@ def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
             "method": method,
             "group": group,
             "align": align,
-            "calib_windows": 0 if calib is None else calib_windows,
+            "calib_windows": 0 if calib is None else n_windows,
+            "calib_seq_len": 0 if calib is None else seq_len,
             "source_n_kv_head": src_cfg.n_kv_head,
             "seed": seed,
         },
@@ -277,6 +292,10 @@ def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
     if measured:
         meta.update(kv_error_meta(source, model, plans, lambda: windows("val"),
                                   required=needs_calibration(group, align)))
+        if calib is not None or "kv_error" in meta:  # data was read: what did it cost
+            meta["calibration"] = calibration_cost(
+                started, 0 if calib is None else calib.numel(),
+                n_windows * seq_len if "kv_error" in meta else 0)
     files = {} if hf else tokenizer_files(src)  # the tokenizer travels whole: model file, configs
     if (src / TRAIN_CONFIG).is_file():
         files[TRAIN_CONFIG] = src / TRAIN_CONFIG
@@ -297,8 +316,38 @@ def kv_error_meta(src_model: Transformer, model: Transformer, plans: list[LayerP
         print(f"note: K/V error not measured: {e}; pass data.* or calib_windows=0",
               file=sys.stderr)
         return {"kv_error_not_measured": str(e)}
-    return {"kv_error": {"split": "val", "windows": len(windows),
-                         "layers": kv_errors(src_model, model_state(model), plans, windows)}}
+    return {"kv_error": {"split": "val", "windows": len(windows), "seq_len": windows.shape[1],
+                         "layers": kv_errors(src_model, model_state(model), plans, windows,
+                                             progress=True)}}
+
+
+def calib_shape(max_seq_len: int, calib_windows: int, calib_seq_len: int = 0,
+                calib_tokens: int = 0) -> tuple[int, int]:
+    """(windows, tokens per window) that calibration reads: windows of calib_seq_len tokens
+    (0: the context up to CALIB_SEQ_LEN), as many as fill calib_tokens when it is given,
+    else calib_windows."""
+    if calib_seq_len < 0 or calib_tokens < 0 or calib_windows < 0:
+        raise ConvertError(f"calib_windows, calib_seq_len and calib_tokens must be >= 0, got "
+                           f"{calib_windows}, {calib_seq_len}, {calib_tokens}")
+    if calib_seq_len > max_seq_len:
+        raise ConvertError(f"calib_seq_len={calib_seq_len} exceeds the model's context "
+                           f"{max_seq_len}: pass calib_seq_len={max_seq_len} or less")
+    length = calib_seq_len or min(max_seq_len, CALIB_SEQ_LEN)
+    return (math.ceil(calib_tokens / length) if calib_tokens else calib_windows), length
+
+
+def calibration_cost(started: float, fit_tokens: int, error_tokens: int) -> dict:
+    """meta.json's calibration: seconds since started (data preparation, forward passes,
+    fits), tokens read, and the process's peak resident memory (on Linux and macOS; model
+    load included), also noted on stderr."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak_mb = peak / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+    cost = {"seconds": round(time.perf_counter() - started, 2), "fit_tokens": fit_tokens,
+            "kv_error_tokens": error_tokens, "peak_rss_mb": round(peak_mb, 1)}
+    print(f"calibration: {cost['seconds']:.1f} s, {fit_tokens:,} tokens fitted, "
+          f"{error_tokens:,} measured, peak memory {cost['peak_rss_mb']:,.0f} MB (process RSS)",
+          file=sys.stderr)
+    return cost
 
 
 def data_config(src: Path, given: dict) -> dict | None:
@@ -366,6 +415,8 @@ class ConvertConfig:
     group: str = "contiguous"  # contiguous | similar (model/align.py's GROUPINGS)
     align: str = "none"  # none | procrustes | linear | linear_readers (model/align.py's ALIGNMENTS)
     calib_windows: int = 64  # train windows to fit on, val windows to measure; 0: none
+    calib_seq_len: int = 0  # tokens per calibration window; 0: the context up to 1024
+    calib_tokens: int = 0  # a calibration token budget (windows it fills) instead of calib_windows
     seed: int = 0  # for method=random
     overwrite: bool = False  # replace an existing out
     # the calibration corpus; only the settings the user gives count (given_data)
@@ -392,7 +443,7 @@ def command(cfg: DictConfig) -> None:
     args: ConvertConfig = OmegaConf.to_object(cfg)
     out = convert_checkpoint(args.ckpt, args.out, args.n_kv_head, args.method, args.seed,
                              args.overwrite, args.group, args.align, args.calib_windows,
-                             given_data(cfg))
+                             given_data(cfg), args.calib_seq_len, args.calib_tokens)
     print(f"wrote {out} ({args.method} pooling, group={args.group}, align={args.align}, "
           f"of {args.ckpt})")
     print(format_summary(read_config(out)))
@@ -411,3 +462,35 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- sources for experiments: the same function with more KV heads, or reordered ----------
+
+def expand_kv_heads(model: Transformer, repeats: int) -> Transformer:
+    """The same function with each KV head repeated `repeats` times (repeats = the group
+    size gives MHA): query head h then reads its own copy of the head it read. Pooling the
+    copies back by mean recovers the source exactly."""
+    cfg = config_of(model)
+    if repeats <= 0 or cfg.n_head % (cfg.n_kv_head * repeats):
+        raise ConvertError(f"repeats={repeats}: {cfg.n_kv_head} KV heads x repeats must divide "
+                           f"the {cfg.n_head} query heads")
+    state = model_state(model)
+    for name, t in state.items():
+        if name.endswith(KV_TENSORS):  # (n_kv*hd, ...) -> (n_kv*repeats*hd, ...)
+            heads = t.view(cfg.n_kv_head, cfg.head_dim, *t.shape[1:])
+            state[name] = heads.repeat_interleave(repeats, dim=0).reshape(-1, *t.shape[1:])
+    return model_from_state(cfg.with_kv_heads(cfg.n_kv_head * repeats), state,
+                            "the expanded model").train(model.training)
+
+
+def permute_kv_heads(model: Transformer, orders: list[torch.Tensor]) -> Transformer:
+    """The same function with layer i's KV head j taken from source head orders[i][j], the
+    query heads that read it (Q rows) and their O columns moved along."""
+    cfg = config_of(model)
+    state = model_state(model)
+    for layer, order in enumerate(orders):
+        if sorted(order.tolist()) != list(range(cfg.n_kv_head)):
+            raise ConvertError(f"orders[{layer}] = {order.tolist()} is not a permutation of "
+                               f"the {cfg.n_kv_head} KV heads")
+        state.update(aligned_attention(state, layer, LayerPlan(order), cfg.n_kv_head))
+    return model_from_state(cfg, state, "the permuted model").train(model.training)

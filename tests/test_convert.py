@@ -187,7 +187,8 @@ def test_convert_checkpoint_writes_model_tokenizer_config_and_provenance(source_
     sha = hashlib.sha256((source_ckpt / "model.safetensors").read_bytes()).hexdigest()
     assert meta["converted_from"] == {"path": str(source_ckpt.resolve()), "weights_sha256": sha,
                                       "method": "mean", "group": "contiguous", "align": "none",
-                                      "calib_windows": 0, "source_n_kv_head": N_HEAD, "seed": 3}
+                                      "calib_windows": 0, "calib_seq_len": 0,
+                                      "source_n_kv_head": N_HEAD, "seed": 3}
     assert "kv_error" not in meta  # no data config: nothing to measure on
     assert meta["source_step"] == 120 and meta["max_steps"] == 120
     # a converted checkpoint converts again and keeps the original step count

@@ -1,0 +1,186 @@
+"""The real-model experiment's cheap parts on tiny random models: the MHA expansion and KV
+head permutation (against transformers' GQA Llama as the reference), the proofs the
+experiment runs on SmolLM2 in miniature, calibration options, corpora and the report math.
+The SmolLM2 run itself (download, GGUF, minutes of forwards) is not part of CI."""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from experiments import real_model as rm
+from model.align import ALIGNMENTS
+from model.convert import (ConvertError, calib_shape, convert_checkpoint, convert_model,
+                           expand_kv_heads, permute_kv_heads)
+from model.checkpoint import read_meta
+from model.hf import import_hf
+
+
+@pytest.fixture(scope="module")
+def hf_gqa(tmp_path_factory):
+    """A random GQA Llama (6 query heads, 2 KV heads: groups of 3 as SmolLM2's 9/3) saved
+    with transformers, and its logits on fixed tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                      max_position_embeddings=64, tie_word_embeddings=True,
+                      attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, mean=0.0 if p.dim() > 1 else 1.0, std=0.2)
+    out = tmp_path_factory.mktemp("hf_gqa")
+    model.save_pretrained(out)
+    tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return out, tokens, model(tokens).logits
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model.eval()(tokens)
+
+
+def test_expanded_mha_has_transformers_gqa_logits_and_mean_pools_back_exactly(hf_gqa):
+    path, tokens, reference = hf_gqa
+    gqa = import_hf(path)
+    mha = expand_kv_heads(gqa, 3)
+    assert (mha.config.n_head, mha.config.n_kv_head) == (6, 6)
+    torch.testing.assert_close(logits(mha, tokens), reference, atol=1e-5, rtol=0)
+    k = mha.blocks[0].attn.k_proj.weight.view(6, 8, 48)
+    assert torch.equal(k[3], k[5]) and not torch.equal(k[2], k[3])  # copies sit in groups of 3
+    back = convert_model(mha, 2, "mean")
+    for name, t in gqa.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], t, atol=1e-7, rtol=0)
+    with pytest.raises(ConvertError, match="must divide"):
+        expand_kv_heads(gqa, 2)
+
+
+def test_permuted_heads_keep_the_function_and_similar_grouping_recovers_the_groups(hf_gqa):
+    """The experiment's proof in miniature: the permuted MHA has the same logits; pooled
+    back to 2 KV heads, group=similar finds the copies (original logits), contiguous mean
+    pools unrelated heads (it does not)."""
+    path, tokens, reference = hf_gqa
+    mha = expand_kv_heads(import_hf(path), 3)
+    orders = [torch.tensor([0, 3, 1, 4, 2, 5]), torch.tensor([5, 1, 0, 2, 4, 3])]
+    permuted = permute_kv_heads(mha, orders)
+    torch.testing.assert_close(logits(permuted, tokens), reference, atol=1e-5, rtol=0)
+    k = permuted.blocks[0].attn.k_proj.weight.view(6, 8, 48)
+    assert torch.equal(k[0], k[2]) and not torch.equal(k[0], k[1])  # the copies are apart
+    calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(2))
+    similar = convert_model(permuted, 2, "mean", group="similar", calib=calib)
+    torch.testing.assert_close(logits(similar, tokens), reference, atol=1e-5, rtol=0)
+    contiguous = convert_model(permuted, 2, "mean")
+    assert (logits(contiguous, tokens) - reference).abs().max() > 1e-2
+    with pytest.raises(ConvertError, match="not a permutation"):
+        permute_kv_heads(mha, [torch.tensor([0, 0, 1, 2, 3, 4])])
+
+
+def test_calib_shape():
+    assert calib_shape(8192, 64) == (64, 1024)  # not the full context
+    assert calib_shape(256, 64) == (64, 256)
+    assert calib_shape(8192, 64, 512) == (64, 512)
+    assert calib_shape(8192, 64, 512, calib_tokens=5000) == (10, 512)  # a budget: ceil
+    with pytest.raises(ConvertError, match="exceeds the model's context"):
+        calib_shape(256, 4, 512)
+    with pytest.raises(ConvertError, match=">= 0"):
+        calib_shape(256, 4, calib_tokens=-1)
+
+
+def test_conversion_calibrates_on_short_windows_and_reports_its_cost(tmp_path, capsys):
+    """An HF dir whose context is longer than its data's val split: calib_seq_len makes
+    the windows fit, a plain mean conversion gets its K/V error measured, and the time,
+    tokens and peak memory land in meta.json and on stderr."""
+    from hf_fixtures import CORPUS, tiny_hf_llama
+    tiny_hf_llama(tmp_path / "hf", "spm")  # context 256
+    (tmp_path / "corpus").mkdir()
+    for d in range(30):
+        (tmp_path / "corpus" / f"doc{d}.txt").write_text("".join(CORPUS[d % 5:d % 5 + 3]))
+    data = {"source": "text_files", "files": [f"{tmp_path}/corpus/*.txt"],
+            "cache_dir": str(tmp_path / "cache"), "num_proc": 1}
+    out = convert_checkpoint(tmp_path / "hf", tmp_path / "mean", 2, calib_windows=3,
+                             calib_seq_len=32, data=data)
+    meta = read_meta(out)
+    assert meta["kv_error"]["seq_len"] == 32 and meta["kv_error"]["windows"] == 3
+    assert meta["calibration"]["kv_error_tokens"] == 96 and meta["calibration"]["fit_tokens"] == 0
+    assert meta["calibration"]["peak_rss_mb"] > 10 and meta["calibration"]["seconds"] >= 0
+    err = capsys.readouterr().err
+    assert "calibration:" in err and "peak memory" in err
+    from model.convert import main as convert_main
+    code = convert_main([f"ckpt={tmp_path / 'hf'}", "n_kv_head=2", "calib_seq_len=300",
+                         f"out={tmp_path / 'long'}", "data.source=text_files", f"data.files=[{tmp_path}/corpus/*.txt]",
+                         f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: calib_seq_len=300 exceeds the model's context 256")
+    assert "\n" not in err.strip() and not (tmp_path / "long").exists()
+    fit = convert_checkpoint(tmp_path / "hf", tmp_path / "fit", 2, align="procrustes",
+                             calib_tokens=100, calib_seq_len=32, data=data)
+    calib = read_meta(fit)["converted_from"]
+    assert (calib["calib_windows"], calib["calib_seq_len"]) == (4, 32)  # ceil(100 / 32)
+    assert read_meta(fit)["calibration"]["fit_tokens"] == 128
+
+
+def test_corpora_are_disjoint_and_prose_is_docstrings(tmp_path):
+    root = tmp_path / "lib"
+    root.mkdir()
+    doc = "An English paragraph about a module. " * 10
+    for i in range(60):
+        (root / f"m{i}.py").write_text(f'"""{doc}{i}"""\nX = {i}\n')
+    corpora = rm.write_corpora(tmp_path / "cache", root)
+    names = {c: {p.name.removesuffix(".txt") for p in corpora[c].iterdir()} for c in corpora}
+    assert names["code"] and names["prose"] and names["train"]
+    assert not (names["code"] & names["train"]) and not (names["prose"] & names["train"])
+    assert not (names["code"] & names["prose"])
+    assert len(names["code"]) + len(names["prose"]) + len(names["train"]) == 60
+    prose = next(corpora["prose"].iterdir()).read_text()
+    assert prose.startswith("An English paragraph") and "X =" not in prose
+
+
+def test_methods_follow_what_model_align_offers():
+    assert rm.conversion_options("similar+procrustes") == {
+        "method": "mean", "group": "similar", "align": "procrustes"}
+    assert rm.conversion_options("first") == {"method": "first", "group": "contiguous",
+                                              "align": "none"}
+    methods = rm.available_methods()
+    assert methods[:6] == ["mean", "first", "random", "similar", "procrustes",
+                           "similar+procrustes"][:4] + methods[4:6]
+    assert ("linear" in methods) == ("linear" in ALIGNMENTS)
+    for m in methods:
+        opts = rm.conversion_options(m)
+        assert opts["align"] in ALIGNMENTS
+
+
+def test_gap_closed():
+    row = lambda method, prose, code, tokens=0: {
+        "source": "s", "target": "MQA", "method": method, "tokens": tokens,
+        "prose_nll": prose, "code_nll": code}
+    rows = [row("original", 2.0, 1.0), row("mean", 6.0, 3.0), row("procrustes", 5.0, 1.5),
+            row("mean", 4.0, 2.0, 100), row("procrustes", 3.0, 2.0, 100)]
+    rows[0]["target"] = "GQA-3"
+    rm.gap_closed(rows)
+    assert rows[2]["prose_gap_closed"] == 0.25 and rows[2]["code_gap_closed"] == 0.75
+    assert rows[1]["prose_gap_closed"] == 0.0
+    assert rows[4]["prose_gap_closed"] == 0.5 and rows[4]["code_gap_closed"] == 0.0
+
+
+def test_settings_refuse_bad_input(capsys):
+    assert rm.main(["preset=nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert rm.main(["preset=quick", "methods=[mean]", "pairs=[gqa3>mha9]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: pair") and err.count("\n") == 1
+    assert rm.main(["preset=quick", "methods=[mean,bogus]"]) == 2
+    assert "unknown method 'bogus'" in capsys.readouterr().err
+    cfg = rm.load_settings(["preset=quick", "methods=[mean,similar+linear]"])
+    assert list(cfg.methods) == ["mean"] + (["similar+linear"] if "linear" in ALIGNMENTS else [])
+
+
+def test_a_gguf_with_the_wrong_sha256_is_refused(tmp_path, monkeypatch):
+    from experiments import smollm2
+    gguf = tmp_path / smollm2.GGUF
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"not the model")
+    with pytest.raises(smollm2.ModelFetchError, match="expected b179c952"):
+        smollm2.gguf_file(tmp_path)
+    monkeypatch.setattr(smollm2, "GGUF_SHA256", smollm2.sha256_of(gguf))
+    assert smollm2.gguf_file(tmp_path) == gguf  # the checked file, not downloaded again
