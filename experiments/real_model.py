@@ -106,6 +106,7 @@ class Settings:
     budgets: list[int] = field(default_factory=lambda: [50_000, 200_000])  # uptraining tokens
     uptrain_pairs: list[str] = field(default_factory=lambda: ["gqa3>mqa"])
     uptrain_methods: list[str] = field(default_factory=lambda: ["mean", "similar+procrustes"])
+    control: bool = True  # the original model trained on for each budget (the fair reference)
     proofs: bool = True
     proof_tokens: int = 64
     report_only: bool = False  # write the report from what earlier runs computed; compute nothing
@@ -525,7 +526,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.proofs:
         jobs += [j for j in PROOF_JOBS if j not in jobs]
     ups = [(p, m, b) for p in cfg.uptrain_pairs for m in cfg.uptrain_methods for b in cfg.budgets]
-    bar = tqdm(total=1 + len(jobs) + len(ups) + len(cfg.budgets), desc="real model", unit="row")
+    bar = tqdm(total=1 + len(jobs) + len(ups) + len(cfg.budgets) * cfg.control, desc="real model", unit="row")
     rows, convs, missing = [], {}, []
     ev = evaluate("original", hf, str(hf), windows, cfg, cache)
     rows.append(conversion_row(SOURCES["gqa3"], "—", "original", 0, ev, {}, None))
@@ -543,7 +544,7 @@ def run(cfg: DictConfig) -> Path:
             continue
         rows.append(conversion_row(SOURCES[src], dst.upper().replace("GQA3", "GQA-3"), method,
                                    0, ev, read_meta(path), None))
-    for budget in cfg.budgets:  # the fair control: the unconverted model trained on as long
+    for budget in (cfg.budgets if cfg.control else []):  # the fair control: the unconverted model trained on as long
         bar.set_postfix_str(f"control {budget:,} tokens")
         ckpt, seconds = uptrain(f"control-{budget}", hf, budget, cfg, corpora, cache)
         ev = evaluate(f"control-{budget}", ckpt, str(ckpt), windows, cfg, cache)
