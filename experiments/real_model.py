@@ -400,10 +400,15 @@ def proofs(sources: dict[str, Path], convs: dict[tuple, Path], windows: torch.Te
     d = max_logit_diff(sources["gqa3"], convs[("mha9>gqa3", "mean")], windows)
     lines.append(f"{ok(d <= tol)}: MHA-9 -> GQA-3 by mean reproduces the original logits "
                  f"(max |diff| {d:.2e}, tolerance {tol:g})")
+    # moving Q rows and O columns reorders fp32 sums: the permuted copy itself is off by a
+    # rounding floor, which a recovered grouping may match but not beat
+    floor = max_logit_diff(sources["gqa3"], sources["mha9p"], windows)
     d = max_logit_diff(sources["gqa3"], convs[("mha9p>gqa3", "similar")], windows)
     d0 = max_logit_diff(sources["gqa3"], convs[("mha9p>gqa3", "mean")], windows)
-    lines.append(f"{ok(d <= tol < d0)}: permuted MHA-9 -> GQA-3 by group=similar finds the "
-                 f"original groups (max |diff| {d:.2e}); contiguous mean does not ({d0:.2e})")
+    lines.append(f"{ok(d <= max(tol, 2 * floor) and d0 > 1e-2)}: permuted MHA-9 -> GQA-3 by "
+                 f"group=similar finds the original groups (max |diff| {d:.2e}; the permuted "
+                 f"copy itself: {floor:.2e}, fp32 summation order); contiguous mean does not "
+                 f"({d0:.2e})")
     same = greedy_matches_transformers(hf, tok, new_tokens)
     lines.append(f"{ok(all(same))}: import + greedy generation equal transformers' generate on "
                  f"{sum(same)}/{len(same)} prompts x {new_tokens} tokens")
