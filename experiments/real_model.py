@@ -108,6 +108,7 @@ class Settings:
     budgets: list[int] = field(default_factory=lambda: [50_000, 200_000])  # uptraining tokens
     uptrain_pairs: list[str] = field(default_factory=lambda: ["gqa3>mqa"])
     uptrain_methods: list[str] = field(default_factory=lambda: ["mean", "similar+procrustes"])
+    control: bool = True  # the original model trained on for each budget (the fair reference)
     proofs: bool = True
     proof_tokens: int = 64
     report_only: bool = False  # write the report from what earlier runs computed; compute nothing
@@ -402,10 +403,15 @@ def proofs(sources: dict[str, Path], convs: dict[tuple, Path], windows: torch.Te
     d = max_logit_diff(sources["gqa3"], convs[("mha9>gqa3", "mean")], windows)
     lines.append(f"{ok(d <= tol)}: MHA-9 -> GQA-3 by mean reproduces the original logits "
                  f"(max |diff| {d:.2e}, tolerance {tol:g})")
+    # moving Q rows and O columns reorders fp32 sums: the permuted copy itself is off by a
+    # rounding floor, which a recovered grouping may match but not beat
+    floor = max_logit_diff(sources["gqa3"], sources["mha9p"], windows)
     d = max_logit_diff(sources["gqa3"], convs[("mha9p>gqa3", "similar")], windows)
     d0 = max_logit_diff(sources["gqa3"], convs[("mha9p>gqa3", "mean")], windows)
-    lines.append(f"{ok(d <= tol < d0)}: permuted MHA-9 -> GQA-3 by group=similar finds the "
-                 f"original groups (max |diff| {d:.2e}); contiguous mean does not ({d0:.2e})")
+    lines.append(f"{ok(d <= max(tol, 2 * floor) and d0 > 1e-2)}: permuted MHA-9 -> GQA-3 by "
+                 f"group=similar finds the original groups (max |diff| {d:.2e}; the permuted "
+                 f"copy itself: {floor:.2e}, fp32 summation order); contiguous mean does not "
+                 f"({d0:.2e})")
     same = greedy_matches_transformers(hf, tok, new_tokens)
     lines.append(f"{ok(all(same))}: import + greedy generation equal transformers' generate on "
                  f"{sum(same)}/{len(same)} prompts x {new_tokens} tokens")
@@ -528,7 +534,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.proofs:
         jobs += [j for j in PROOF_JOBS if j not in jobs]
     ups = [(p, m, b) for p in cfg.uptrain_pairs for m in cfg.uptrain_methods for b in cfg.budgets]
-    bar = tqdm(total=1 + len(jobs) + len(ups) + len(cfg.budgets), desc="real model", unit="row")
+    bar = tqdm(total=1 + len(jobs) + len(ups) + len(cfg.budgets) * cfg.control, desc="real model", unit="row")
     rows, convs, missing = [], {}, []
     ev = evaluate("original", hf, str(hf), windows, cfg, cache)
     rows.append(conversion_row(SOURCES["gqa3"], "—", "original", 0, ev, {}, None))
@@ -546,7 +552,7 @@ def run(cfg: DictConfig) -> Path:
             continue
         rows.append(conversion_row(SOURCES[src], dst.upper().replace("GQA3", "GQA-3"), method,
                                    0, ev, read_meta(path), None))
-    for budget in cfg.budgets:  # the fair control: the unconverted model trained on as long
+    for budget in (cfg.budgets if cfg.control else []):  # the fair control: the unconverted model trained on as long
         bar.set_postfix_str(f"control {budget:,} tokens")
         ckpt, seconds = uptrain(f"control-{budget}", hf, budget, cfg, corpora, cache)
         ev = evaluate(f"control-{budget}", ckpt, str(ckpt), windows, cfg, cache)
