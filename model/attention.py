@@ -84,6 +84,8 @@ class CausalSelfAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, G, T, hd)
         if cache is None:
             y = self._attend_full(q, k, v)
+        elif cache.quantized and T == 1:  # int8 decode: the cache reads its own layout
+            y = cache.attend(self.layer, q, k, v, input_pos, kv_len)
         else:
             k, v = cache.update(self.layer, input_pos, k, v)  # (B, G, max_len, hd)
             y = self._attend_grouped(q, k[:, :, :kv_len], v[:, :, :kv_len], mask)
