@@ -335,7 +335,8 @@ def load_real(path: Path):
     return import_hf(path, torch.float32).eval()
 
 
-def section_r(quick: bool, path: Path, modes: list[str], group_size: int) -> None:
+def section_r(quick: bool, path: Path, modes: list[str], group_size: int,
+              batches: tuple[int, ...] = (1, 8)) -> None:
     """The real model at b1 and b8: fp32 compiled, each weight mode compiled, the int8 KV
     cache, transformers' generate on the same weights, a 256 MiB read; taking turns."""
     if not (path / "config.json").is_file():
@@ -358,7 +359,7 @@ def section_r(quick: bool, path: Path, modes: list[str], group_size: int) -> Non
     print(f"{'b':>3}{'GB/s':>6}{'HF tok/s':>10}"
           + "".join(f"{c + ' tok/s':>16}{'/fp32':>7}{'/HF':>7}{'MiB/step':>9}{'roofl':>7}"
                     for c in cols) + "  targets b1: fp32 >= 2.5x HF, int4 >= 2.8x fp32")
-    for b in (1, 8):
+    for b in batches:
         torch._dynamo.reset()
         prompt = prompt_batch(b, plen, model.config.vocab_size)
         runs = {"mem": big.sum, "HF": lambda: hf_generate(hf, prompt, new)}
@@ -472,6 +473,7 @@ def main() -> None:
                          "int4_head; int4:32 sets that mode's group size)")
     ap.add_argument("--types", default="MHA,GQA-2,MQA",
                     help="sections a-c, q, k: comma-separated attention types (MHA, GQA-2, MQA)")
+    ap.add_argument("--batches", default="1,8", help="section r: comma-separated batch sizes")
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
     ap.add_argument("--int8-kernel", choices=["bf16", "fused", "dequant"],
                     help="force the fp32 int8 kernel (default: chosen per CPU)")
@@ -498,7 +500,8 @@ def main() -> None:
     if args.section in ("k", "all"):
         section_k(args.quick)
     if args.section in ("r", "all"):
-        section_r(args.quick, args.real_model, args.quant.split(","), args.group_size)
+        section_r(args.quick, args.real_model, args.quant.split(","), args.group_size,
+                  tuple(int(b) for b in args.batches.split(",")))
     if args.section in ("p", "all"):
         section_p(args.quick, args.real_model, args.group_size)
 
