@@ -28,9 +28,9 @@ import cli
 from model.checkpoint import CONFIG, load_checkpoint
 from model.hf import checkpoint_tokenizer, import_hf, is_hf_model
 from model.kv_cache import kv_bytes_per_token
-from model.quantize import (is_quantized, load_quantized, quantization_of, quantize_model,
-                            weight_bytes)
-from model.sampling import SamplingConfig, compile_decode, stream
+from model.quantize import (describe, is_quantized, kernel_report, load_quantized,
+                            quantize_model, weight_bytes)
+from model.sampling import KV_CACHES, SamplingConfig, compile_decode, stream
 from model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +56,9 @@ class GenerateConfig:
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 elsewhere; or float32/bfloat16/float16
     compile: bool = False  # torch.compile the decode step: ~1 min once, then 2-3x faster on CPU
     stream: bool = True  # print tokens as they come (num_samples == 1 only)
-    quantize: str = "none"  # none | int8 (blocks' linear layers) | int8_head (and the output head)
+    quantize: str = "none"  # none | int8 | int4 (blocks' linear layers) | int8_head | int4_head
+    group_size: int = 64  # int4: inputs per scale and zero (32, 64 or 128)
+    kv_cache: str = "float"  # float (in dtype) | int8 (KIVI: int8 + a full-precision window)
 
 
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
@@ -237,7 +239,9 @@ def run(cfg: GenerateConfig) -> None:
     path = resolve_checkpoint(cfg.ckpt)
     model, tokenizer = load_model(path, device, dtype)
     if cfg.quantize != "none":
-        quantize_model(model, cfg.quantize)
+        quantize_model(model, cfg.quantize, cfg.group_size)
+    if cfg.kv_cache not in KV_CACHES:
+        raise UsageError(f"kv_cache={cfg.kv_cache!r} is unknown: use {' or '.join(KV_CACHES)}")
     ids = prompt_tokens(cfg, tokenizer, model)
     eos_id = tokenizer.eos_id if tokenizer is not None and cfg.stop_at_eos else None
     generator = torch.Generator(device).manual_seed(cfg.seed)
@@ -247,7 +251,8 @@ def run(cfg: GenerateConfig) -> None:
     done = [False] * cfg.num_samples
     started = time.perf_counter()
     if cfg.compile:  # before the clock starts, so decode tok/s is the steady rate
-        compile_decode(model, cfg.num_samples, len(ids) + cfg.max_new_tokens)
+        compile_decode(model, cfg.num_samples, len(ids) + cfg.max_new_tokens,
+                       kv_cache=cfg.kv_cache)
     compile_s = time.perf_counter() - started
     if live:
         print(texts[0], end="", flush=True)
@@ -256,7 +261,7 @@ def run(cfg: GenerateConfig) -> None:
     t_first = None
     steps = 0
     for token in stream(model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, eos_id,
-                        generator, compile=cfg.compile):
+                        generator, compile=cfg.compile, kv_cache=cfg.kv_cache):
         token = token.tolist()  # the one host sync per step
         if t_first is None:
             t_first = time.perf_counter()
@@ -279,9 +284,12 @@ def run(cfg: GenerateConfig) -> None:
         print(SEPARATOR.join(texts), flush=True)
 
     cfg_m = model.config
-    kv = kv_bytes_per_token(cfg_m, dtype) * cfg.num_samples * (len(ids) + steps)
+    kv_float = kv_bytes_per_token(cfg_m, dtype) * cfg.num_samples * (len(ids) + steps)
     kv_mha = kv_bytes_per_token(cfg_m.with_kv_heads(cfg_m.n_head), dtype) * cfg.num_samples * (
         len(ids) + steps)
+    kv = KV_CACHES[cfg.kv_cache].for_model(cfg_m, cfg.num_samples, len(ids) + steps, dtype,
+                                           device="meta").nbytes  # sized, not allocated
+    kv_note = "" if cfg.kv_cache == "float" else f", int8 (float: {mib(kv_float)})"
     prefill_s = t_first - t0
     decode_s = t_end - t_first
     decode_tps = cfg.num_samples * (steps - 1) / decode_s if steps > 1 and decode_s > 0 else 0.0
@@ -291,9 +299,10 @@ def run(cfg: GenerateConfig) -> None:
           f"({cfg.num_samples * len(ids) / prefill_s:,.1f} tok/s)\n"
           f"decode: {steps} steps x {cfg.num_samples} in {decode_s:.3f} s "
           f"({decode_tps:,.1f} tok/s)\n"
-          f"weights: {mib(weight_bytes(model))}, quantization {quantization_of(model)}\n"
-          f"KV cache: {mib(kv)} ({cfg_m.attention_type}; MHA equivalent {mib(kv_mha)}, "
-          f"{kv_mha / kv:.0f}x more) | {memory_report(device)}", file=sys.stderr)
+          f"weights: {mib(weight_bytes(model))}, quantization {describe(model)}"
+          f"{kernel_report(model, device)}\n"
+          f"KV cache: {mib(kv)} ({cfg_m.attention_type}{kv_note}; MHA equivalent "
+          f"{mib(kv_mha)}, {kv_mha / kv:.0f}x more) | {memory_report(device)}", file=sys.stderr)
 
 
 def quote_prompt_args(argv: list[str], key: str = "prompt") -> list[str]:

@@ -4,7 +4,11 @@
     python bench/decode.py --section a     # cached vs uncached, 512 new tokens (issue 2)
     python bench/decode.py --section b     # ours vs transformers generate, greedy 256 tokens
     python bench/decode.py --section c     # long context: roofline MHA vs GQA vs MQA
-    python bench/decode.py --section q     # int8 weight-only vs fp32 compiled vs transformers
+    python bench/decode.py --section q     # int8/int4 weight-only vs fp32 compiled vs transformers
+    python bench/decode.py --section k     # int8 KV cache vs float, long prompt, b8 (compiled)
+    python bench/decode.py --section r     # the real model (SmolLM2-135M): fp32, int8, int4,
+                                           # int8 KV vs transformers generate, b1 and b8
+    python bench/decode.py --section p     # the real model's perplexity: fp32, int8, int4, KV int8
     python bench/decode.py --quick         # shorter runs, same tables
 
 Shapes (fp32, random weights, vocab 4096, SwiGLU ffn 1408 / 704):
@@ -19,6 +23,7 @@ import argparse
 import contextlib
 import functools
 import io
+import math
 import os
 import sys
 import tempfile
@@ -30,8 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import ModelConfig  # noqa: E402
 from model.kv_cache import kv_bytes_per_token  # noqa: E402
-from model.sampling import SamplingConfig, compile_decode, generate, stream  # noqa: E402
-from model.quantize import quantize_model, weight_bytes  # noqa: E402
+from model.sampling import (KV_CACHES, SamplingConfig, compile_decode, generate,  # noqa: E402
+                            stream)
+from model.quantize import (CPU_CAPABILITY, describe, int8_kernel, quantize_model,  # noqa: E402
+                            set_int8_kernel, weight_bytes)
 from model.transformer import Transformer  # noqa: E402
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -136,7 +143,7 @@ def section_b(quick: bool, compiled: bool) -> None:
             hf = to_hf(model, tmp)
             for b in (1, 8):
                 prompt = prompt_batch(b, plen, BENCH["vocab_size"])
-                runs = {"mem": big.sum, "HF": lambda: hf_generate(hf, prompt, new),
+                runs = {"HF": lambda: hf_generate(hf, prompt, new),
                         "ours": lambda: generate(model, prompt, new, GREEDY)}
                 t_compile = 0.0
                 if compiled:
@@ -227,17 +234,24 @@ def section_c(quick: bool, compiled: bool) -> None:
 
 # ---------------------------------------------------------------- (q)
 
-def section_q(quick: bool, modes: list[str]) -> None:
+def quantize(model: Transformer, mode: str, group_size: int) -> Transformer:
+    """mode: a quantize mode, optionally with its group size: int4, int4:32."""
+    name, _, group = mode.partition(":")
+    return quantize_model(model, name, int(group or group_size))
+
+
+def section_q(quick: bool, modes: list[str], group_size: int) -> None:
     new, plen = (64 if quick else 128), 16
     big = torch.ones(256 * 2**20 // 4)  # far larger than the caches
-    print(f"\n(q) int8 weight-only vs fp32, both compiled, vs transformers generate; greedy, "
+    print(f"\n(q) weight-only int8/int4 vs fp32, all compiled, vs transformers generate "
+          f"(CPU {CPU_CAPABILITY}, int8 kernel {int8_kernel()}, int4 group {group_size}); greedy, "
           f"{new} new tokens, prompt {plen} (bench model: {BENCH['n_layer']} layers, "
           f"d={BENCH['d_model']}); times include the prefill. GB/s: a sum over 256 MiB,\n"
           f"    timed in turn with the rest (the memory roofline under the same load); "
           f"roofl = achieved tok/s / (GB/s / bytes per step)")
     print(f"{'type':<7}{'b':>3}{'GB/s':>6}{'HF tok/s':>10}{'fp32 tok/s':>12}{'fp32/HF':>9}"
           + "".join(f"{m + ' tok/s':>17}{'/fp32':>7}{'/HF':>7}{'MiB/step':>9}{'roofl':>7}"
-                    for m in modes) + "  target int8 b1 >= 1.6x fp32")
+                    for m in modes) + "  target b1: int8 >= 1.6x, int4 >= 2.8x fp32")
     import transformers
     transformers.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +259,7 @@ def section_q(quick: bool, modes: list[str]) -> None:
             torch._dynamo.reset()
             model = build(BENCH, n_kv)
             hf = to_hf(model, tmp)
-            quantized = {m: quantize_model(build(BENCH, n_kv), m) for m in modes}
+            quantized = {m: quantize(build(BENCH, n_kv), m, group_size) for m in modes}
             for b in (1, 8):
                 prompt = prompt_batch(b, plen, BENCH["vocab_size"])
                 runs = {"mem": big.sum, "HF": lambda: hf_generate(hf, prompt, new),
@@ -271,21 +285,209 @@ def row_q(name: str, b: int, new: int, plen: int, times: dict, quantized: dict,
         ratio = tps[m] / tps["fp32"]
         row += (f"{tps[m]:>17,.1f}{ratio:>6.2f}x{tps[m] / tps['HF']:>6.2f}x"
                 f"{step / 2**20:>9.1f}{tps[m] / roofline:>7.0%}")
-        verdicts.append(verdict(ratio >= 1.6) if b == 1 else "")
+        verdicts.append(verdict(ratio >= (2.8 if "int4" in m else 1.6)) if b == 1 else "")
     return row + "  " + " / ".join(v for v in verdicts if v)
+
+
+# ---------------------------------------------------------------- (k)
+
+def section_k(quick: bool) -> None:
+    """int8 KV cache against the float cache at a long prompt, b8, MHA, both compiled."""
+    plen, new, b = (1024 if quick else 4096), (16 if quick else 32), 8
+    shape = {**BENCH, "max_seq_len": plen + new}
+    print(f"\n(k) int8 KV cache (KIVI, window 32) vs float32 cache: prompt {plen}, b={b}, {new} "
+          f"new tokens, greedy, compiled decode (bench model, fp32 weights); decode only")
+    print(f"{'type':<7}{'float KV':>12}{'int8 KV':>12}{'float tok/s':>13}{'int8 tok/s':>12}"
+          f"{'speed-up':>10}{'same ids':>10}  target MHA >= 1.5x")
+    for name, n_kv in KV_HEADS.items():
+        torch._dynamo.reset()
+        model = build(shape, n_kv)
+        prompt = prompt_batch(b, plen, BENCH["vocab_size"])
+        rates, ids = {}, {}
+        for kind in ("float", "int8"):
+            compile_decode(model, b, plen + new, kv_cache=kind)
+            rates[kind] = kv_decode_rate(model, prompt, new, kind)
+            ids[kind] = generate(model, prompt, 8, GREEDY, compile=True, kv_cache=kind)
+        kv = {k: KV_CACHES[k].for_model(model.config, b, plen + new, device="meta").nbytes
+              for k in rates}
+        ratio = rates["int8"] / rates["float"]
+        print(f"{name:<7}{mib(kv['float']):>12}{mib(kv['int8']):>12}{rates['float']:>13,.1f}"
+              f"{rates['int8']:>12,.1f}{ratio:>9.2f}x{str(torch.equal(*ids.values())):>10}"
+              + (f"  {verdict(ratio >= 1.5)}" if name == "MHA" else ""))
+
+
+def kv_decode_rate(model: Transformer, prompt: torch.Tensor, new: int, kind: str) -> float:
+    """Decode tok/s (prefill and first token excluded), best of 2."""
+    best = 0.0
+    for _ in range(2):
+        steps = stream(model, prompt, new, GREEDY, compile=True, kv_cache=kind)
+        next(steps)
+        t = time.perf_counter()
+        n = sum(1 for _ in steps)
+        best = max(best, prompt.shape[0] * n / (time.perf_counter() - t))
+    return best
+
+
+# ---------------------------------------------------------------- (r) the real model
+
+def load_real(path: Path):
+    from model.hf import import_hf
+    return import_hf(path, torch.float32).eval()
+
+
+def section_r(quick: bool, path: Path, modes: list[str], group_size: int,
+              batches: tuple[int, ...] = (1, 8)) -> None:
+    """The real model at b1 and b8: fp32 compiled, each weight mode compiled, the int8 KV
+    cache, transformers' generate on the same weights, a 256 MiB read; taking turns."""
+    if not (path / "config.json").is_file():
+        print(f"\n(r) skipped: no HF model at {path} (pass --real-model DIR)")
+        return
+    from transformers import AutoModelForCausalLM
+    import transformers
+    transformers.logging.set_verbosity_error()
+    new, plen = (16 if quick else 64), 16
+    big = torch.ones(256 * 2**20 // 4)
+    model = load_real(path)
+    print(f"\n(r) real model {path.name}: {model.config.n_layer} layers, d={model.config.d_model}, "
+          f"{model.config.attention_type}, vocab {model.config.vocab_size}; greedy, {new} new "
+          f"tokens, prompt {plen}; all ours compiled; CPU {CPU_CAPABILITY}, int8 kernel "
+          f"{int8_kernel()}, int4 group {group_size}; times include the prefill")
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32,
+                                              attn_implementation="sdpa").eval()
+    variants = {"fp32": model, **{m: quantize(load_real(path), m, group_size) for m in modes}}
+    cols = list(variants) + ["kv8"]
+    print(f"{'b':>3}{'GB/s':>6}{'HF tok/s':>10}"
+          + "".join(f"{c + ' tok/s':>16}{'/fp32':>7}{'/HF':>7}{'MiB/step':>9}{'roofl':>7}"
+                    for c in cols) + "  targets b1: fp32 >= 2.5x HF, int4 >= 2.8x fp32")
+    for b in batches:
+        torch._dynamo.reset()
+        prompt = prompt_batch(b, plen, model.config.vocab_size)
+        runs = {"mem": big.sum, "HF": lambda: hf_generate(hf, prompt, new)}
+        for name, m in variants.items():
+            compile_decode(m, b, plen + new)
+            runs[name] = functools.partial(generate, m, prompt, new, GREEDY, compile=True)
+        compile_decode(model, b, plen + new, kv_cache="int8")
+        runs["kv8"] = functools.partial(generate, model, prompt, new, GREEDY, compile=True,
+                                        kv_cache="int8")
+        times, outs = interleaved(runs, repeats=2 if quick else 3)
+        tps = {k: b * new / t for k, t in times.items()}
+        bandwidth = big.numel() * 4 / times["mem"]
+        row = f"{b:>3}{bandwidth / 1e9:>6.1f}{tps['HF']:>10,.1f}"
+        for c in cols:
+            m = variants.get(c, model)
+            step = decode_bytes(m, b, plen + new // 2)
+            if c == "kv8":  # the cache in int8: about a quarter of the float one's bytes
+                kv_f = kv_bytes_per_token(model.config) * b * (plen + new // 2)
+                step = step - kv_f + kv_f // 4
+            row += (f"{tps[c]:>16,.1f}{tps[c] / tps['fp32']:>6.2f}x{tps[c] / tps['HF']:>6.2f}x"
+                    f"{step / 2**20:>9.1f}{tps[c] / (bandwidth / step * b):>7.0%}")
+        verdicts = [verdict(tps["fp32"] / tps["HF"] >= 2.5)] + [
+            verdict(tps[m] / tps["fp32"] >= 2.8) for m in variants if "int4" in m]
+        same = "" if torch.equal(outs["fp32"], outs["HF"]) else "  (fp32 ids differ from HF!)"
+        print(row + (f"  {' / '.join(verdicts)}" if b == 1 else "") + same)
+
+
+# ---------------------------------------------------------------- (p) perplexity
+
+def heldout_tokens(path: Path, n_tokens: int) -> torch.Tensor:
+    """A held-out text the model was not tuned on here: this Python's own standard library
+    sources (a fixed, sorted list of files), tokenized with the model's tokenizer."""
+    import sysconfig
+    from data.tokenizer import load_tokenizer
+    tok = load_tokenizer(path)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[a-m]*.py"))
+    ids: list[int] = []
+    for f in files:
+        ids += tok.encode(f.read_text(encoding="utf-8", errors="replace"))
+        if len(ids) >= n_tokens:
+            break
+    return torch.tensor(ids[:n_tokens])
+
+
+@torch.inference_mode()
+def nll(model: Transformer, windows: torch.Tensor) -> float:
+    """Mean next-token negative log-likelihood over windows (N, T), full forwards."""
+    total = 0.0
+    for w in windows.split(1):
+        logits = model(w[:, :-1])
+        total += torch.nn.functional.cross_entropy(logits[0].float(), w[0, 1:]).item()
+    return total / len(windows)
+
+
+@torch.inference_mode()
+def nll_decoded(model: Transformer, windows: torch.Tensor, prompt: int, kind: str) -> float:
+    """Mean NLL of each window's tokens after the first `prompt`, teacher-forced one token
+    at a time through a KV cache of kind (float or int8): what decoding would score."""
+    from model.sampling import new_cache, prefill
+    total, count = 0.0, 0
+    for w in windows:
+        w = w[None]
+        cache = new_cache(model, 1, w.shape[1], kind=kind)
+        logits = prefill(model, w[:, :prompt], cache)
+        for t in range(prompt, w.shape[1]):
+            total += torch.nn.functional.cross_entropy(logits.float(), w[:, t]).item()
+            count += 1
+            if t + 1 < w.shape[1]:
+                logits = model(w[:, t:t + 1], cache, torch.tensor([t]), kv_len=t + 1)[:, -1]
+    return total / count
+
+
+def section_p(quick: bool, path: Path, group_size: int) -> None:
+    if not (path / "config.json").is_file():
+        print(f"\n(p) skipped: no HF model at {path} (pass --real-model DIR)")
+        return
+    n_win, seq = (4, 256) if quick else (16, 512)
+    tokens = heldout_tokens(path, n_win * (seq + 1))
+    windows = tokens[:n_win * (seq + 1)].view(n_win, seq + 1)
+    print(f"\n(p) real model {path.name}: perplexity on {n_win} windows of {seq} tokens of this "
+          f"Python's standard library (files a*-m*.py, sorted), full forwards in fp32")
+    base = None
+    for mode in ["none", "int8", "int8_head", f"int4:{group_size}", f"int4_head:{group_size}",
+                 "int4:32", "int4_head:32"]:
+        model = load_real(path)
+        if mode != "none":
+            try:
+                quantize(model, mode, group_size)
+            except ValueError as e:
+                print(f"{mode:<16} skipped: {e}")
+                continue
+        loss = nll(model, windows)
+        base = loss if base is None else base
+        ppl, ppl0 = math.exp(loss), math.exp(base)
+        print(f"{describe(model):<22} ppl {ppl:8.3f}  {ppl / ppl0 - 1:+7.2%}"
+              + ("" if mode == "none" else f"  {verdict(ppl / ppl0 - 1 <= 0.03)} (<= 3%)"))
+    model = load_real(path)
+    prompt = seq // 2
+    f, q = (nll_decoded(model, windows[:max(2, n_win // 4)], prompt, k) for k in ("float", "int8"))
+    print(f"KV cache int8 vs float, teacher-forced decode of tokens {prompt}..{seq} "
+          f"({max(2, n_win // 4)} windows): ppl {math.exp(f):.3f} -> {math.exp(q):.3f} "
+          f"({math.exp(q - f) - 1:+.3%})  {verdict(math.exp(q - f) - 1 <= 0.005)} (<= 0.5%)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--section", choices=["a", "b", "c", "q", "all"], default="all")
-    ap.add_argument("--quant", default="int8,int8_head",
-                    help="section q: comma-separated quantize modes (int8, int8_head)")
+    ap.add_argument("--section", choices=["a", "b", "c", "q", "k", "r", "p", "all"],
+                    default="all")
+    ap.add_argument("--quant", default="int8,int8_head,int4,int4_head",
+                    help="sections q, r: comma-separated quantize modes (int8, int8_head, int4, "
+                         "int4_head; int4:32 sets that mode's group size)")
+    ap.add_argument("--types", default="MHA,GQA-2,MQA",
+                    help="sections a-c, q, k: comma-separated attention types (MHA, GQA-2, MQA)")
+    ap.add_argument("--batches", default="1,8", help="section r: comma-separated batch sizes")
+    ap.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+    ap.add_argument("--int8-kernel", choices=["bf16", "fused", "dequant"],
+                    help="force the fp32 int8 kernel (default: chosen per CPU)")
+    ap.add_argument("--real-model", type=Path, default=Path("/work/cache/smollm2/hf"),
+                    help="sections r, p: an HF Llama dir (SmolLM2-135M); skipped when absent")
     ap.add_argument("--quick", action="store_true", help="shorter runs, same tables")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled columns")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_int8_kernel(args.int8_kernel)
+    for name in set(KV_HEADS) - set(args.types.split(",")):
+        del KV_HEADS[name]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     if args.section in ("a", "all"):
         section_a(args.quick, compiled=not args.no_compile)
@@ -294,7 +496,14 @@ def main() -> None:
     if args.section in ("c", "all"):
         section_c(args.quick, compiled=not args.no_compile)
     if args.section in ("q", "all"):
-        section_q(args.quick, args.quant.split(","))
+        section_q(args.quick, args.quant.split(","), args.group_size)
+    if args.section in ("k", "all"):
+        section_k(args.quick)
+    if args.section in ("r", "all"):
+        section_r(args.quick, args.real_model, args.quant.split(","), args.group_size,
+                  tuple(int(b) for b in args.batches.split(",")))
+    if args.section in ("p", "all"):
+        section_p(args.quick, args.real_model, args.group_size)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ class CausalSelfAttention(nn.Module):
             y = self._attend_full(q, k, v)
             if self.on_attention is not None:
                 self.on_attention(self.layer, attention_logprobs(q, k))
+        elif cache.quantized and T == 1:  # int8 decode: the cache reads its own layout
+            y = cache.attend(self.layer, q, k, v, input_pos, kv_len)
         else:
             k, v = cache.update(self.layer, input_pos, k, v)  # (B, G, max_len, hd)
             y = self._attend_grouped(q, k[:, :, :kv_len], v[:, :, :kv_len], mask)

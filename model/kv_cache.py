@@ -1,7 +1,9 @@
-"""A preallocated per-layer KV cache that holds only the n_kv_head K/V heads."""
+"""A preallocated per-layer KV cache that holds only the n_kv_head K/V heads, in full
+precision (KVCache) or int8 (QuantizedKVCache)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from model.config import ModelConfig
 
@@ -14,6 +16,8 @@ class KVCache:
     bytes. The cache keeps no position of its own: the caller owns input_pos, so a
     compiled decode step sees the same shapes and no Python state at every step.
     """
+
+    quantized = False  # attention reads the buffers update returns
 
     def __init__(self, n_layer: int, batch_size: int, max_len: int, n_kv_head: int,
                  head_dim: int, dtype: torch.dtype = torch.float32,
@@ -50,3 +54,135 @@ class KVCache:
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
     """Cache bytes one token costs per sequence: K and V, every layer, n_kv heads."""
     return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
+
+
+class QuantizedKVCache(KVCache):
+    """An int8 KV cache in KIVI's layout: keys per channel (one scale per channel, head and
+    block of `window` tokens: keys have outlier channels), values per token (one scale
+    per token and head), both symmetric; the newest block, 1..window tokens, stays in full
+    precision until it is complete.
+
+    One static graph decodes with it: every step writes its token into the full-precision
+    ring (slot = position % window) and re-quantizes the whole current block into the int8
+    store. Attention reads the store only for complete blocks and the ring for the rest,
+    so a block's int8 copy is read only once it holds its final tokens. The prompt is
+    written in one chunk from position 0 (prefill attends to its own full-precision K/V);
+    afterwards one token per step.
+    """
+
+    quantized = True
+
+    def __init__(self, n_layer: int, batch_size: int, max_len: int, n_kv_head: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", window: int = 32) -> None:
+        self.window, self.max_len = window, max_len
+        blocks = -(-max_len // window)
+        store = (batch_size, n_kv_head, blocks * window, head_dim)
+        ring = (batch_size, n_kv_head, window, head_dim)
+        self.kq = [torch.zeros(store, dtype=torch.int8, device=device) for _ in range(n_layer)]
+        self.vq = [torch.zeros(store, dtype=torch.int8, device=device) for _ in range(n_layer)]
+        self.k_scale = [torch.zeros(batch_size, n_kv_head, blocks, head_dim, device=device)
+                        for _ in range(n_layer)]  # per channel and block
+        self.v_scale = [torch.zeros(batch_size, n_kv_head, blocks * window, device=device)
+                        for _ in range(n_layer)]  # per token
+        self.k = [torch.zeros(ring, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(ring, dtype=dtype, device=device) for _ in range(n_layer)]
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  window: int = 32) -> "QuantizedKVCache":
+        cache = super().for_model(cfg, batch_size, max_len, dtype, device)  # checks max_len
+        if window < 1:
+            raise ValueError(f"the full-precision window must be >= 1 token, got {window}")
+        return cls(cfg.n_layer, batch_size, cache.max_len, cfg.n_kv_head, cfg.head_dim, dtype,
+                   device, window)
+
+    def _store_blocks(self, layer: int, first_block: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> None:
+        """Quantize k, v (B, G, n * window, hd) into the store from block first_block (1,)."""
+        B, G, T, hd = k.shape
+        R = self.window
+        kb = k.float().view(B, G, T // R, R, hd)
+        k_scale = kb.abs().amax(3).clamp(min=1e-30) / 127  # (B, G, n, hd): per channel
+        kq = torch.round(kb / k_scale[:, :, :, None]).to(torch.int8).view(B, G, T, hd)
+        v_scale = v.float().abs().amax(-1).clamp(min=1e-30) / 127  # (B, G, T): per token
+        vq = torch.round(v.float() / v_scale[..., None]).to(torch.int8)
+        blocks = first_block + torch.arange(T // R, device=k.device)
+        slots = (first_block * R + torch.arange(T, device=k.device))
+        self.kq[layer].index_copy_(2, slots, kq)
+        self.vq[layer].index_copy_(2, slots, vq)
+        self.k_scale[layer].index_copy_(2, blocks, k_scale)
+        self.v_scale[layer].index_copy_(2, slots, v_scale)
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, G, T, hd) at input_pos (T,). One token: into the ring, then the
+        current block re-quantized; returns the ring. A prompt (T > 1, from position 0):
+        its blocks quantized, the last one also kept in the ring; returns k, v themselves,
+        which the prompt's own attention reads."""
+        R, T = self.window, k.shape[2]
+        if T == 1:
+            self.k[layer].index_copy_(2, input_pos % R, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, input_pos % R, v.to(self.v[layer].dtype))
+            self._store_blocks(layer, input_pos // R, self.k[layer], self.v[layer])
+            return self.k[layer], self.v[layer]
+        if int(input_pos[0]) != 0:
+            raise ValueError("kv_cache=int8 takes the prompt in one chunk from position 0, "
+                             "then one token per step: prefill without chunk_size")
+        pad = -T % R  # complete the last block with zeros: slots past the prompt are masked
+        kp, vp = (F.pad(t, (0, 0, 0, pad)) for t in (k, v))
+        self._store_blocks(layer, input_pos[:1] * 0, kp, vp)
+        self.k[layer].copy_(kp[:, :, -R:])
+        self.v[layer].copy_(vp[:, :, -R:])
+        return k, v
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """Decode attention of one new token: q (B, H, 1, hd), its k, v (B, G, 1, hd) at
+        input_pos (1,) -> (B, H, 1, hd). Complete blocks come from the int8 store (scales
+        folded into q and the probabilities, so the int8 values are read once and never
+        dequantized into a buffer), the current block from the ring. kv_len (eager): read
+        only the blocks filled so far."""
+        B, H, _, hd = q.shape
+        G, R = self.kq[layer].shape[1], self.window
+        ring_k, ring_v = self.update(layer, input_pos, k, v)
+        n = self.kq[layer].shape[2] if kv_len is None else (kv_len - 1) // R * R
+        kq, vq = self.kq[layer][:, :, :n], self.vq[layer][:, :, :n]  # (B, G, n, hd)
+        k_scale = self.k_scale[layer][:, :, :n // R]  # (B, G, n / R, hd)
+        v_scale = self.v_scale[layer][:, :, :n]  # (B, G, n)
+        qg = q.view(B, G, H // G, hd).float() * hd ** -0.5  # (B, G, g, hd): contiguous groups
+        pos = input_pos[-1]
+        block_start = pos // R * R
+        # complete blocks (slot < block_start) from the store; the ring's slots up to pos
+        q_blocks = qg[:, :, :, None, :] * k_scale[:, :, None]  # (B, G, g, n / R, hd)
+        s_store = int8_dot(q_blocks, kq.view(B, G, n // R, R, hd)).flatten(-2)  # (B, G, g, n)
+        s_store = s_store.masked_fill(torch.arange(n, device=q.device) >= block_start,
+                                      float("-inf"))
+        s_ring = qg @ ring_k.float().transpose(-1, -2)  # (B, G, g, R)
+        s_ring = s_ring.masked_fill(torch.arange(R, device=q.device) > pos - block_start,
+                                    float("-inf"))
+        p = torch.cat([s_store, s_ring], dim=-1).softmax(-1)  # (B, G, g, n + R)
+        y = int8_weighted_sum(p[..., :n] * v_scale[:, :, None], vq)  # (B, G, g, hd)
+        y = y + p[..., n:] @ ring_v.float()
+        return y.to(q.dtype).view(B, H, 1, hd)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = self.kq + self.vq + self.k_scale + self.v_scale + self.k + self.v
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def int8_dot(q: torch.Tensor, kq: torch.Tensor) -> torch.Tensor:
+    """q (B, G, g, nb, hd) float . kq (B, G, nb, R, hd) int8 over hd -> (B, G, g, nb, R).
+    Compiled: a broadcast product summed over hd, which inductor fuses into one loop that
+    reads the int8 values (a matmul would first write them out as floats, 4x the bytes)."""
+    if torch.compiler.is_compiling():
+        return (q[:, :, :, :, None, :] * kq[:, :, None]).sum(-1)
+    return torch.einsum("bgqnd,bgnrd->bgqnr", q, kq.float())
+
+
+def int8_weighted_sum(p: torch.Tensor, vq: torch.Tensor) -> torch.Tensor:
+    """p (B, G, g, n) float, vq (B, G, n, hd) int8 -> sum over n of p * vq: (B, G, g, hd)."""
+    if torch.compiler.is_compiling():
+        return (p[..., None] * vq[:, :, None]).sum(-2)
+    return p @ vq.float()

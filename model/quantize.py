@@ -1,12 +1,21 @@
-"""Int8 weight-only quantization for decode, and quantized checkpoints.
+"""Int8 and int4 weight-only quantization for decode, and quantized checkpoints.
 
 At batch 1 a decode step reads every weight once, so its speed is bounded by the bytes of
 the weights. Int8 weights with one scale per output channel (symmetric, round to nearest)
-read 4x fewer bytes than fp32. Activations, embeddings, norms and the KV cache stay in
-float.
+read 4x fewer bytes than fp32; int4 weights with a scale and a zero point per group of
+group_size inputs (asymmetric, gpt-fast's scheme) about 7x fewer. Activations,
+embeddings, norms and the KV cache stay in float.
 
     python -m model.quantize ckpt=runs/x/checkpoints/step_1000 out=ckpts/x-int8 [mode=int8_head]
     python -m model.quantize --help  (a Hydra app: configs/quantize.yaml, QuantizeConfig below)
+    python -m model.quantize ckpt=... out=ckpts/x-int4 mode=int4 group_size=64
+
+int4 (int4_matmul): on CPU, torch's _weight_int4pack_mm_for_cpu with bfloat16 activations
+(its fp32 path is a scalar loop), eager and compiled (inductor keeps it as an extern
+kernel, or on AMX CPUs autotunes it against its own int4 template). Its weight layout
+depends on the CPU's ISA (AVX2 and AVX-512 tile differently), so checkpoints store plain
+nibbles (pack_nibbles) and each process repacks them once (Int4Linear.pack_for_cpu);
+out_features must be a multiple of 16 for it. Elsewhere: dequantize + matmul.
 
 The matmul (int8_matmul) takes the fastest correct path measured on torch 2.13's CPU:
 - bfloat16 activations on CPU: torch._weight_int8pack_mm (AVX512/AVX2 kernel), eager and
@@ -25,6 +34,7 @@ The matmul (int8_matmul) takes the fastest correct path measured on torch 2.13's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +52,8 @@ from model.checkpoint import (QUANTIZED, Checkpoint, CheckpointError, check_out,
                               read_weights, save_checkpoint)
 from model.transformer import Transformer
 
-MODES = ("int8", "int8_head")  # the blocks' linear layers; and the output head too
+MODES = ("int8", "int8_head", "int4", "int4_head")  # the blocks' linear layers; and the head
+GROUP_SIZES = (32, 64, 128)  # int4: inputs per scale/zero pair
 TRAIN_CONFIG = "train_config.yaml"
 
 
@@ -73,13 +84,47 @@ def int8pack_rows(x: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+INT8_KERNELS = ("bf16", "fused", "dequant")  # float32 activations on CPU: see int8_kernel
+_int8_kernel_override: str | None = None
+# read once: ATEN_CPU_CAPABILITY is fixed per process, and torch.compile cannot trace the call
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+
+
+def int8_kernel() -> str:
+    """How int8 layers multiply float32 activations on this CPU:
+    - bf16: activations cast to bfloat16 for torch._weight_int8pack_mm (vectorised on
+      AVX2 and AVX-512), the output cast back; eager and compiled;
+    - fused: compiled, x * w summed over K, one inductor loop reading the int8 rows
+      (eager: dequant);
+    - dequant: F.linear(x, w.float()) * scales; compiled, freezing folds the float copy
+      into a constant, so this is fp32 speed: the fallback where no int8 path wins.
+    Picked by the CPU's capability from the measurements in docs/generate.md;
+    set_int8_kernel overrides it (bench/decode.py --int8-kernel)."""
+    if _int8_kernel_override is not None:
+        return _int8_kernel_override
+    return "bf16" if CPU_CAPABILITY in ("AVX2", "AVX512") else "dequant"
+
+
+def set_int8_kernel(name: str | None) -> None:
+    """Force a kernel (one of INT8_KERNELS), None for the per-CPU choice. Compiled steps
+    keep the kernel they were traced with: reset torch._dynamo after a change."""
+    global _int8_kernel_override
+    if name is not None and name not in INT8_KERNELS:
+        raise ValueError(f"int8 kernel {name!r} is unknown: use one of {INT8_KERNELS}")
+    _int8_kernel_override = name
+
+
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (..., K) float @ weight (N, K) int8 with per-row scales (N,) -> (..., N) in x's
     dtype. The path per device and dtype is explained in the module docstring."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0:
-        y = torch._weight_int8pack_mm(int8pack_rows(x), weight, scales.to(x.dtype))
-        return y.view(*x.shape[:-1], weight.shape[0])
-    if torch.compiler.is_compiling() and x.dtype == torch.float32:
+    on_cpu, k_ok = x.device.type == "cpu", x.shape[-1] % 16 == 0
+    if on_cpu and k_ok and (x.dtype == torch.bfloat16 or
+                           (x.dtype == torch.float32 and int8_kernel() == "bf16")):
+        rows = int8pack_rows(x.to(torch.bfloat16))
+        y = torch._weight_int8pack_mm(rows, weight, scales.to(torch.bfloat16))
+        return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    if torch.compiler.is_compiling() and x.dtype == torch.float32 and \
+            not (on_cpu and int8_kernel() == "dequant"):
         return (x.unsqueeze(-2) * weight).sum(-1) * scales  # (..., 1, K) * (N, K) -> (..., N)
     if x.dtype == torch.float16:  # a sum over unscaled int8 (up to 127 * K |x|) passes 65504
         return F.linear(x, weight.to(x.dtype) * scales.to(x.dtype)[:, None])
@@ -117,46 +162,202 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, int8 per-channel")
 
 
+# ---------------------------------------------------------------- int4
+
+def quantize_groupwise(weight: torch.Tensor, group_size: int):
+    """weight (N, K) float -> q (N, K) uint8 in 0..15, scales and zeros (N, K // group_size)
+    fp32, with weight ~= (q - 8) * scale + zero per group (the layout of torch's int4
+    kernels: zero is the group's midpoint, min + 8 * scale). scale = (max - min) / 15 over
+    the group, so nothing clips and |weight - dequantized| <= scale / 2."""
+    N, K = weight.shape
+    w = weight.detach().float().view(N, K // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)  # (N, G)
+    scales = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.view(N, K), scales, lo + 8 * scales
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) uint8 in 0..15 -> (N, K // 2): even k in the low nibble, odd k in the high."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # (N, K)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor) -> torch.Tensor:
+    q = unpack_nibbles(packed).float()  # (N, K)
+    N, G = scales.shape
+    w = (q.view(N, G, -1) - 8) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.view(N, -1)
+
+
+def int4_matmul(x: torch.Tensor, layer: "Int4Linear") -> torch.Tensor:
+    """x (..., K) float @ layer's int4 weight -> (..., N) in x's dtype."""
+    if x.device.type == "cpu" and layer.cpu_weight is not None:
+        kernel_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        rows = x.reshape(-1, x.shape[-1]).to(kernel_dtype)  # (M, K)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows, layer.cpu_weight, layer.group_size, layer.cpu_scales_zeros.to(kernel_dtype))
+        return y.to(x.dtype).view(*x.shape[:-1], layer.out_features)
+    w = dequantize_int4(layer.weight, layer.scales, layer.zeros)
+    return F.linear(x, w.to(x.dtype))
+
+
+class Int4Linear(nn.Module):
+    """nn.Linear with an int4 weight: nibbles (out, in // 2) uint8, scales and zeros
+    (out, in // group_size), optional bias. On CPU, pack_for_cpu adds the kernel's own
+    layout as non-persistent buffers (not saved: it depends on the CPU)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 64,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2,
+                                                   dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups))
+        self.register_buffer("zeros", torch.zeros(out_features, groups))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("cpu_weight", None, persistent=False)
+        self.register_buffer("cpu_scales_zeros", None, persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> "Int4Linear":
+        layer = cls(linear.in_features, linear.out_features, group_size, linear.bias is not None)
+        q, scales, zeros = quantize_groupwise(linear.weight, group_size)
+        float_kw = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.weight = pack_nibbles(q).to(linear.weight.device)
+        layer.scales, layer.zeros = scales.to(**float_kw), zeros.to(**float_kw)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer.pack_for_cpu()
+
+    @torch.no_grad()
+    def pack_for_cpu(self) -> "Int4Linear":
+        """Repack the nibbles for _weight_int4pack_mm_for_cpu (N % 16 == 0 only; other
+        layers and devices dequantize)."""
+        if self.weight.device.type == "cpu" and self.out_features % 16 == 0:
+            q = unpack_nibbles(self.weight).to(torch.int32)  # (N, K)
+            self.cpu_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1)  # (G, N, 2)
+            self.cpu_scales_zeros = sz.to(torch.bfloat16).contiguous()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int4_matmul(x, self)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, int4 group_size={self.group_size}")
+
+
 # ---------------------------------------------------------------- the model
 
-def check_mode(mode: str) -> None:
+def check_mode(mode: str, group_size: int = 64) -> None:
     if mode not in MODES:
-        raise ValueError(f"quantize={mode!r} is unknown: use int8 (the blocks' linear layers) "
-                         f"or int8_head (those and the output head)")
+        raise ValueError(f"quantize={mode!r} is unknown: use int8 or int4 (the blocks' linear "
+                         f"layers), or int8_head or int4_head (those and the output head)")
+    if mode.startswith("int4") and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} is not supported: use one of "
+                         f"{', '.join(map(str, GROUP_SIZES))}")
 
 
-def replace_linears(model: Transformer, mode: str, make) -> list[str]:
-    """Swap each nn.Linear that mode covers for make(linear), in place; their names."""
-    check_mode(mode)
-    names = []
+def covered(model: Transformer, mode: str) -> list[tuple[nn.Module, str, str]]:
+    """(parent, attribute, full name) of each nn.Linear that mode quantizes."""
+    found = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
-            if isinstance(child, nn.Linear) and (full != "lm_head" or mode == "int8_head"):
-                setattr(parent, name, make(child))
-                names.append(full)
+            if isinstance(child, nn.Linear) and (full != "lm_head" or mode.endswith("_head")):
+                found.append((parent, name, full))
+    return found
+
+
+def replace_linears(model: Transformer, mode: str, make, group_size: int = 64) -> list[str]:
+    """Swap each nn.Linear that mode covers for make(linear), in place; their names.
+    int4 needs group_size to divide every covered layer's in_features: checked first, so
+    a refused model is left as it was."""
+    check_mode(mode, group_size)
+    layers = covered(model, mode)
+    if mode.startswith("int4"):
+        for _, _, full in layers:
+            k = model.get_submodule(full).in_features
+            if k % group_size:
+                fits = [g for g in GROUP_SIZES if k % g == 0]
+                raise ValueError(f"group_size={group_size} does not divide {full}'s "
+                                 f"{k} inputs: use group_size="
+                                 f"{' or '.join(map(str, fits)) or '(none fits: use int8)'}")
+    for parent, name, _ in layers:
+        setattr(parent, name, make(getattr(parent, name)))
+    names = [full for _, _, full in layers]
     if "lm_head" in names:
-        # the head now has its own int8 weight; the float embedding stays for the lookup
+        # the head now has its own quantized weight; the float embedding stays for the lookup
         model.config = dataclasses.replace(model.config, tie_embeddings=False)
     return names
 
 
-def empty_int8(linear: nn.Linear) -> Int8Linear:
-    return Int8Linear(linear.in_features, linear.out_features, linear.bias is not None)
+def maker(mode: str, group_size: int, empty: bool = False):
+    """linear -> its quantized layer for mode (empty: zeros, to be loaded into)."""
+    if mode.startswith("int8"):
+        if empty:
+            return lambda lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None)
+        return Int8Linear.from_linear
+    if empty:
+        return lambda lin: Int4Linear(lin.in_features, lin.out_features, group_size,
+                                      lin.bias is not None)
+    return functools.partial(Int4Linear.from_linear, group_size=group_size)
 
 
 @torch.no_grad()
-def quantize_model(model: Transformer, mode: str = "int8") -> Transformer:
-    """Quantize model's linear layers to int8 in place (mode: int8 = those of the blocks,
-    int8_head = also the output head); layers already int8 are kept. Returns model."""
-    replace_linears(model, mode, Int8Linear.from_linear)
+def quantize_model(model: Transformer, mode: str = "int8", group_size: int = 64) -> Transformer:
+    """Quantize model's linear layers in place (mode: int8/int4 = those of the blocks,
+    int8_head/int4_head = also the output head; group_size: int4's inputs per scale).
+    Layers already quantized are kept. Returns model."""
+    replace_linears(model, mode, maker(mode, group_size), group_size)
     return model
 
 
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+
+
 def quantization_of(model: nn.Module) -> str:
-    """'none', 'int8' or 'int8_head': what quantize_model did to model."""
-    layers = {name for name, m in model.named_modules() if isinstance(m, Int8Linear)}
-    return "none" if not layers else "int8_head" if "lm_head" in layers else "int8"
+    """'none', 'int8', 'int8_head', 'int4' or 'int4_head': what quantize_model did."""
+    layers = quantized_layers(model)
+    if not layers:
+        return "none"
+    bits = "int4" if any(isinstance(m, Int4Linear) for m in layers.values()) else "int8"
+    return f"{bits}_head" if "lm_head" in layers else bits
+
+
+def group_size_of(model: nn.Module) -> int | None:
+    sizes = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)}
+    return sizes.pop() if sizes else None
+
+
+def describe(model: nn.Module) -> str:
+    """The quantization for a report: 'int4 (group 64)', 'int8_head', 'none'."""
+    mode, group = quantization_of(model), group_size_of(model)
+    return mode if group is None else f"{mode} (group {group})"
+
+
+def kernel_report(model: nn.Module, device: torch.device | str = "cpu") -> str:
+    """Which matmul the quantized layers run on device, for the stderr report."""
+    kinds = {type(m) for m in quantized_layers(model).values()}
+    if not kinds or torch.device(device).type != "cpu":
+        return ""
+    cap, notes = CPU_CAPABILITY, []
+    if Int8Linear in kinds:
+        notes.append(f"int8 kernel {int8_kernel()} on {cap}" + (
+            " (no int8 path beats fp32 here: int8 saves memory, not time)"
+            if int8_kernel() == "dequant" else ""))
+    if Int4Linear in kinds:
+        notes.append(f"int4 kernel _weight_int4pack_mm_for_cpu (bf16 activations) on {cap}")
+    return "; " + "; ".join(notes)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -173,51 +374,63 @@ def is_quantized(path: str | Path) -> bool:
 
 def save_quantized(path: str | Path, model: Transformer, meta: dict | None = None,
                    files: dict | None = None, overwrite: bool = False) -> Path:
-    """A checkpoint dir of model as quantize_model left it: int8 weights and their scales
-    in model.safetensors, the mode in meta.json, so loading does not quantize again."""
+    """A checkpoint dir of model as quantize_model left it: the quantized weights, scales
+    (and int4 zeros, as plain nibbles) in model.safetensors, the mode in meta.json, so
+    loading does not quantize again."""
     mode = quantization_of(model)
     if mode == "none":
         raise CheckpointError("the model is not quantized: call quantize_model first")
-    layers = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
-    meta = {**(meta or {}), QUANTIZED: {"mode": mode, "layers": len(layers),
-                                       "scheme": "int8 weight-only, symmetric per-channel"}}
+    info = {"mode": mode, "layers": len(quantized_layers(model))}
+    if mode.startswith("int4"):
+        info |= {"group_size": group_size_of(model),
+                 "scheme": "int4 weight-only, asymmetric per group: (q - 8) * scale + zero, "
+                           "even inputs in the low nibble"}
+    else:
+        info["scheme"] = "int8 weight-only, symmetric per-channel"
+    meta = {**(meta or {}), QUANTIZED: info}
     return save_checkpoint(path, model, meta, files, overwrite=overwrite)
 
 
 def load_quantized(path: str | Path, device: torch.device | str = "cpu",
                    dtype: torch.dtype | None = None) -> Checkpoint:
-    """Load a save_quantized checkpoint: int8 weights as stored (never re-quantized),
+    """Load a save_quantized checkpoint: quantized weights as stored (never re-quantized),
     floats converted to dtype. Executes no code: safetensors and JSON only."""
     path = Path(path)
     meta = read_meta(path)
-    mode = meta.get(QUANTIZED, {}).get("mode")
+    info = meta.get(QUANTIZED, {})
+    mode, group_size = info.get("mode"), info.get("group_size", 64)
     if mode not in MODES:
         raise CheckpointError(f"{path} is not a quantized checkpoint (meta.json has no "
                               f"{QUANTIZED}.mode in {MODES})")
     state = read_weights(path)
+    stored = torch.int8 if mode.startswith("int8") else torch.uint8
 
-    def build(cfg):  # int8 layers where the checkpoint has them, so no float copy is made
+    def build(cfg):  # quantized layers where the checkpoint has them: no float copy is made
         model = Transformer(cfg)
-        for name in replace_linears(model, mode, empty_int8):
-            if state.get(f"{name}.weight", torch.empty(0, dtype=torch.int8)).dtype != torch.int8:
+        for name in replace_linears(model, mode, maker(mode, group_size, empty=True), group_size):
+            if state.get(f"{name}.weight", torch.empty(0, dtype=stored)).dtype != stored:
                 raise CheckpointError(f"{path}: {name}.weight is {state[f'{name}.weight'].dtype}"
-                                      f", a quantized checkpoint stores it as int8")
+                                      f", a {mode} checkpoint stores it as {stored}")
         return model
     model = model_from_state(read_config(path), state, path, dtype, build).to(device)
+    for layer in model.modules():
+        if isinstance(layer, Int4Linear):
+            layer.pack_for_cpu()
     return Checkpoint(model.eval(), model.config, path, meta)
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8",
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, group_size: int = 64) -> Path:
     """Write a quantized copy of float checkpoint src at out, tokenizer and train config
-    included, provenance in meta.json."""
+    included, provenance in meta.json. Nothing is written when mode or group_size do not
+    fit the model (a ValueError)."""
     src, out = Path(src), Path(out)
-    check_mode(mode)
-    check_out(src, out, overwrite, "int8")
+    check_mode(mode, group_size)
+    check_out(src, out, overwrite, mode)
     if (src / "meta.json").is_file() and is_quantized(src):
         raise CheckpointError(f"{src} is already quantized: pass the float checkpoint")
     ckpt = load_checkpoint(src)
-    model = quantize_model(ckpt.model.float(), mode)
+    model = quantize_model(ckpt.model.float(), mode, group_size)
     meta = {**ckpt.meta, "quantized_from": str(src.resolve())}
     files = tokenizer_files(src)  # the tokenizer travels whole: model file and its configs
     if (src / TRAIN_CONFIG).is_file():
@@ -230,7 +443,8 @@ class QuantizeConfig:
     """python -m model.quantize's options (configs/quantize.yaml; --help describes them)."""
     ckpt: str = MISSING  # a float gqalab checkpoint dir
     out: str = MISSING  # the new, quantized checkpoint dir
-    mode: str = "int8"  # int8 | int8_head (MODES)
+    mode: str = "int8"  # int8 | int8_head | int4 | int4_head (MODES; _head: the output head too)
+    group_size: int = 64  # int4: inputs per scale/zero pair (GROUP_SIZES)
     overwrite: bool = False  # replace an existing out
 
 
@@ -242,11 +456,11 @@ def command(cfg: DictConfig) -> None:
     cli.require(cfg)
     args: QuantizeConfig = OmegaConf.to_object(cfg)
     if args.mode not in MODES:
-        raise cli.UserError(f"mode={args.mode!r} is unknown: use int8 (the blocks' linear "
-                            f"layers) or int8_head (those and the output head)")
-    out = quantize_checkpoint(args.ckpt, args.out, args.mode, args.overwrite)
+        raise cli.UserError(f"mode={args.mode!r} is unknown: use int8 or int4 (the blocks' "
+                            f"linear layers), int8_head or int4_head (and the output head)")
+    out = quantize_checkpoint(args.ckpt, args.out, args.mode, args.overwrite, args.group_size)
     model = load_quantized(out).model
-    print(f"wrote {out}: {args.mode} weights, {weight_bytes(model) / 2**20:,.2f} MiB "
+    print(f"wrote {out}: {describe(model)} weights, {weight_bytes(model) / 2**20:,.2f} MiB "
           f"(from {args.ckpt})")
 
 

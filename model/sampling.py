@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, QuantizedKVCache
 from model.transformer import Transformer
 
 
@@ -99,7 +100,11 @@ def compiled_decode_step():
         # every call: a recompile (new shape) must freeze too. The autotuner's tables
         # would otherwise land in the middle of a streamed sample.
         with torch._inductor.config.patch(freezing=True, autotune_num_choices_displayed=0,
-                                          max_autotune_report_choices_stats=False):
+                                          max_autotune_report_choices_stats=False), \
+                warnings.catch_warnings():
+            # the autotuner's benchmark of torch's int4 kernel calls the deprecated
+            # TypedStorage API; the warning would land in a streamed sample
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             return compiled(*args)
     return step
 
@@ -114,18 +119,26 @@ def kv_dtype(model: Transformer) -> torch.dtype:
     return model.embed.weight.dtype
 
 
+KV_CACHES = {"float": KVCache, "int8": QuantizedKVCache}
+
+
 def new_cache(model: Transformer, batch_size: int, max_len: int,
-              dtype: torch.dtype | None = None) -> KVCache:
-    return KVCache.for_model(model.config, batch_size, max_len, dtype or kv_dtype(model),
-                             model.device)
+              dtype: torch.dtype | None = None, kind: str = "float") -> KVCache:
+    """kind: float (K/V in dtype) or int8 (QuantizedKVCache: int8 with a full-precision
+    window of the newest tokens in dtype)."""
+    if kind not in KV_CACHES:
+        raise ValueError(f"kv_cache={kind!r} is unknown: use {' or '.join(KV_CACHES)}")
+    return KV_CACHES[kind].for_model(model.config, batch_size, max_len,
+                                     dtype or kv_dtype(model), model.device)
 
 
 @torch.inference_mode()
 def compile_decode(model: Transformer, batch_size: int, max_len: int,
-                   cache_dtype: torch.dtype | None = None) -> None:
+                   cache_dtype: torch.dtype | None = None, kv_cache: str = "float") -> None:
     """Compile the decode step for the shapes stream(compile=True) will use with this
-    batch and max_len (prompt + new tokens), so timing afterwards excludes compiling."""
-    cache = new_cache(model, batch_size, max_len, cache_dtype)
+    batch, max_len (prompt + new tokens) and kind of cache, so timing afterwards excludes
+    compiling."""
+    cache = new_cache(model, batch_size, max_len, cache_dtype, kv_cache)
     token = torch.zeros(batch_size, dtype=torch.long, device=model.device)
     compiled_decode_step()(model, token, torch.tensor([0], device=model.device), cache)
 
@@ -160,17 +173,19 @@ def mark_finished(token: torch.Tensor, done: torch.Tensor, eos_id: int | None) -
 def stream(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens: int,
            sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1,
            eos_id: int | None = None, generator: torch.Generator | None = None,
-           cache_dtype: torch.dtype | None = None,
-           compile: bool = False) -> Iterator[torch.Tensor]:
+           cache_dtype: torch.dtype | None = None, compile: bool = False,
+           kv_cache: str = "float") -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (B,) as it is produced.
 
     A 1-D prompt is repeated num_samples times; a 2-D prompt (B, T) is used as is.
     Sequences that emitted eos_id keep yielding eos_id; the stream ends when all have.
     compile=True decodes with compiled_decode_step (the prefill stays eager).
+    kv_cache: "float" or "int8" (new_cache).
     """
     tokens = as_batch(prompt, num_samples, model.device)
     check_length(model, tokens.shape[1], max_new_tokens)
-    cache = new_cache(model, tokens.shape[0], tokens.shape[1] + max_new_tokens, cache_dtype)
+    cache = new_cache(model, tokens.shape[0], tokens.shape[1] + max_new_tokens, cache_dtype,
+                      kv_cache)
     logits = prefill(model, tokens, cache)
     compiled = compiled_decode_step() if compile else None
     pos = tokens.shape[1]
@@ -192,12 +207,14 @@ def stream(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens:
 def generate(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1,
              eos_id: int | None = None, generator: torch.Generator | None = None,
-             use_cache: bool = True, compile: bool = False) -> torch.Tensor:
+             use_cache: bool = True, compile: bool = False,
+             kv_cache: str = "float") -> torch.Tensor:
     """Prompt plus continuations, (B, T + new). use_cache=False recomputes the whole
     prefix every step (the baseline the KV cache is measured against)."""
     tokens = as_batch(prompt, num_samples, model.device)
     args = (model, tokens, max_new_tokens, sampling, num_samples, eos_id, generator)
-    new = list(stream(*args, compile=compile) if use_cache else stream_uncached(*args))
+    new = list(stream(*args, compile=compile, kv_cache=kv_cache) if use_cache
+               else stream_uncached(*args))
     return torch.cat([tokens, torch.stack(new, dim=1)], dim=1) if new else tokens
 
 
