@@ -109,8 +109,8 @@ CASES = [
      "cannot write /dev/null/gqa: File exists (/dev/null): choose an output path in a writable"),
     ("python -m model.quantize", [f"ckpt={CKPT}", "out=/dev/null/int8"], "cannot write "
                                                                         "/dev/null/int8"),
-    ("python -m model.quantize", [f"ckpt={CKPT}", "out={new}", "mode=int4"],
-     "mode='int4' is unknown: use int8"),
+    ("python -m model.quantize", [f"ckpt={CKPT}", "out={new}", "mode=int3"],
+     "mode='int3' is unknown: use int8"),
     ("python -m model.hf", ["export", f"ckpt={CKPT}", "out=/dev/null/hf"], "cannot write "
                                                                           "/dev/null/hf"),
     ("python -m model.hf", [], "no command: python -m model.hf import"),
