@@ -110,7 +110,7 @@ def set_int8_kernel(name: str | None) -> None:
     keep the kernel they were traced with: reset torch._dynamo after a change."""
     global _int8_kernel_override
     if name is not None and name not in INT8_KERNELS:
-        raise ValueError(f"int8 kernel {name!r} is unknown: use one of {INT8_KERNELS}")
+        raise cli.UserError(f"int8 kernel {name!r} is unknown: use one of {INT8_KERNELS}")
     _int8_kernel_override = name
 
 
@@ -259,10 +259,10 @@ class Int4Linear(nn.Module):
 
 def check_mode(mode: str, group_size: int = 64) -> None:
     if mode not in MODES:
-        raise ValueError(f"quantize={mode!r} is unknown: use int8 or int4 (the blocks' linear "
+        raise cli.UserError(f"quantize={mode!r} is unknown: use int8 or int4 (the blocks' linear "
                          f"layers), or int8_head or int4_head (those and the output head)")
     if mode.startswith("int4") and group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size={group_size} is not supported: use one of "
+        raise cli.UserError(f"group_size={group_size} is not supported: use one of "
                          f"{', '.join(map(str, GROUP_SIZES))}")
 
 
@@ -288,7 +288,7 @@ def replace_linears(model: Transformer, mode: str, make, group_size: int = 64) -
             k = model.get_submodule(full).in_features
             if k % group_size:
                 fits = [g for g in GROUP_SIZES if k % g == 0]
-                raise ValueError(f"group_size={group_size} does not divide {full}'s "
+                raise cli.UserError(f"group_size={group_size} does not divide {full}'s "
                                  f"{k} inputs: use group_size="
                                  f"{' or '.join(map(str, fits)) or '(none fits: use int8)'}")
     for parent, name, _ in layers:
