@@ -18,11 +18,15 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +43,9 @@ from data.config import DataError
 from data.loader import IGNORE_INDEX, TokenStream, eval_batches
 from data.prepare import as_data_config, prepare_data
 from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
-from model.checkpoint import (WEIGHTS, CheckpointError, load_checkpoint, read_config, read_meta,
-                              save_checkpoint, unwrap, write_json)
+from model import lock, runs
+from model.checkpoint import (RUN_LOCK, WEIGHTS, CheckpointError, load_checkpoint, read_config,
+                              read_meta, save_checkpoint, unwrap, write_json)
 from model.hf import import_hf, is_hf_model, read_hf_config
 from model.config import ConfigError, ModelConfig
 from model.sampling import SamplingConfig, generate
@@ -69,6 +74,7 @@ class TrainResult:
     checkpoint: Path | None  # the last checkpoint written
     run_dir: Path
     sample: str = ""  # generated from cfg.sample_prompt at the end
+    stopped_by: str | None = None  # the signal that stopped the run before max_steps
 
 
 # ---------------------------------------------------------------- schedule and optimizer
@@ -164,6 +170,38 @@ def prune_checkpoints(root: Path, keep_last: int, newer_than: int | None = None)
 
 def has_checkpoints(ckpts: Path) -> bool:
     return ckpts.is_dir() and bool(step_dirs(ckpts) or os.path.lexists(ckpts / "latest"))
+
+
+RUN_BUSY_FIX = ("one run dir takes one train.py at a time: wait for it, stop it (SIGTERM "
+                "checkpoints it; then resume=true), or choose another run_dir")
+
+
+@contextmanager
+def hold_run_dir(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
+    """The main process locks run_dir for the run's life (an flock: it dies with the process,
+    SIGKILL included); every rank learns of a refusal and raises it too. A dir made here is
+    removed again if the run leaves it empty (refused after the lock)."""
+    fd, refusal, made = None, None, []
+    if accelerator.is_main_process:
+        made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = lock.acquire(run_dir / RUN_LOCK, str(run_dir), RUN_BUSY_FIX, TrainError)
+        except (TrainError, OSError) as e:
+            refusal = e
+    refusal = broadcast_object_list([refusal and str(refusal)])[0]
+    if refusal is not None:
+        raise TrainError(refusal)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            lock.release(run_dir / RUN_LOCK, fd)
+        for folder in made:  # innermost first; stops at the first one in use
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def check_run_dir(run_dir: Path, cfg: Any, resuming: bool) -> None:
@@ -297,9 +335,34 @@ def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> D
         raise TrainError(f"seq_len={cfg.seq_len} exceeds the context of {source}, "
                          f"max_seq_len={source_cfg.max_seq_len}: pass seq_len="
                          f"{source_cfg.max_seq_len} or less (or drop seq_len: it follows the source)")
-    if not overridden("data.tokenizer"):  # the user names the corpus, the source its tokens
+    check_target_heads(cfg, source_cfg)
+    if overridden("data.tokenizer"):
+        check_data_tokenizer(cfg.data.tokenizer, source, source_cfg.vocab_size)
+    else:  # the user names the corpus, the source its tokens
         cfg.data.tokenizer = str(source.resolve())
     return cfg
+
+
+def check_target_heads(cfg: DictConfig, source_cfg: ModelConfig) -> None:
+    """The KV heads init_from converts to, refused before any data is prepared."""
+    from model.convert import ConvertError, check_target
+    n_kv, up = cfg.attention.n_kv_head or source_cfg.n_head, cfg.uptrain
+    try:
+        if n_kv != source_cfg.n_kv_head:
+            check_target(source_cfg.n_kv_head, n_kv, up.method, up.group, up.align)
+    except ConvertError as e:
+        raise TrainError(str(e)) from None
+    model_config(cfg, source_cfg.vocab_size)  # the converted model's own consistency
+
+
+def check_data_tokenizer(tokenizer: str, source: Path, vocab_size: int) -> None:
+    """A data.tokenizer given with init_from or resume: the source's own, and one its
+    embeddings hold, checked before it tokenizes anything."""
+    given = load_tokenizer(tokenizer)
+    runs.check_tokenizer(given, source, TrainError)
+    if given.vocab_size > vocab_size:  # fewer is fine: HF pads embeddings
+        raise TrainError(f"{source} has vocab_size {vocab_size} but the tokenizer has "
+                         f"{given.vocab_size} ids: use the source's tokenizer (drop data.tokenizer)")
 
 
 def take_source_model(cfg: DictConfig, source: Path, source_cfg: ModelConfig,
@@ -332,7 +395,7 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
     model = (import_hf(source, dtype=torch.float32) if is_hf_model(source)
              else load_checkpoint(source, dtype=torch.float32).model)
     source_cfg = model.config
-    if vocab_size > source_cfg.vocab_size:  # fewer is fine: HF pads embeddings
+    if vocab_size > source_cfg.vocab_size:  # the source's own tokenizer, larger than its model
         raise TrainError(f"{source} has vocab_size {source_cfg.vocab_size} but the tokenizer has "
                          f"{vocab_size} ids: use the source's tokenizer (drop data.tokenizer)")
     n_kv = cfg.attention.n_kv_head or source_cfg.n_head
@@ -356,13 +419,52 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
     return model.train(), provenance
 
 
-def check_tokenizer(prepared: Tokenizer, source: Path) -> None:
-    """Uptraining and resuming must see the source's token ids: the tokenizer the data was
-    prepared with has to be the source's own (same bytes)."""
-    if tokenizer_files(source) and load_tokenizer(source).sha256() != prepared.sha256():
-        raise TrainError(f"the data's tokenizer differs from {source}'s: the model needs its own "
-                         f"token ids; drop data.tokenizer and data.vocab_size overrides, or pass "
-                         f"data.tokenizer={source}")
+# ---------------------------------------------------------------- preemption
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# A run stopped by a signal, its checkpoint written, exits 143 = 128 + SIGTERM: what a shell
+# reports for a process SIGTERM killed, so whatever already treats that as "preempted, run
+# again" (a Kubernetes podFailurePolicy, AWS Batch retry rules, a SLURM script) treats a
+# graceful stop alike. One status for all three signals; 0 finished, 1 a crash, 2 refused.
+REQUEUE_STATUS = 143
+
+
+class GracefulStop:
+    """on_signal=checkpoint: SIGTERM, SIGINT or SIGUSR1 only sets a flag; the loop finishes
+    the optimizer step in flight, every rank agrees on the step (requested()), and that step
+    is checkpointed. A second signal takes the signal's default action at once (kill): an
+    impatient Ctrl-C or a scheduler's follow-up is obeyed, and the atomic checkpoint publish
+    leaves `latest` at the last complete checkpoint. on_signal=exit: default actions only."""
+
+    def __init__(self, on_signal: str):
+        self.enabled = on_signal == "checkpoint"
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum is not None:  # the second: no more grace
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+
+    def requested(self, accelerator: Accelerator) -> str | None:
+        """The name of a signal any rank received (one all-reduce of a scalar per step
+        when there are several processes), else None."""
+        signum = self.signum or 0
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([signum], device=accelerator.device, dtype=torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signal.Signals(signum).name if signum else None
 
 
 # ---------------------------------------------------------------- the loop
@@ -572,6 +674,8 @@ def resume_config(cfg: DictConfig, checkpoint: Path, overrides: Sequence[str]) -
         OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), merge=False)
     if saved.data.tokenizer and "data.tokenizer" not in user:
         resumed.data.tokenizer = str(checkpoint)  # an uptrain's source tokenizer: it carries it
+    elif "data.tokenizer" in user and resumed.data.tokenizer:
+        check_data_tokenizer(resumed.data.tokenizer, checkpoint, read_config(checkpoint).vocab_size)
     saved.run_dir = resumed.run_dir = str(checkpoint.parent.parent)  # the run that owns it
     saved.resume = resumed.resume = cfg.resume
     changes = config_changes(saved, resumed)
@@ -589,16 +693,24 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     check_config(cfg)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # no per-save INFO lines
     # resume=true names the run by run_dir, which the user then gave: the same on every rank
-    resume_from = resume_point(cfg, Path(cfg.run_dir).resolve())
+    run_dir = Path(cfg.run_dir).resolve()
+    lock.check_free(run_dir / RUN_LOCK, str(run_dir), RUN_BUSY_FIX, TrainError)  # at once
+    resume_from = resume_point(cfg, run_dir)
     if resume_from is not None:  # the accelerator needs its config (grad_accum, precision)
         cfg = resume_config(cfg, resume_from, overrides)
     elif cfg.init_from:
         cfg = uptrain_config(cfg, Path(cfg.init_from), overrides)
     run_dir = Path(cfg.run_dir).resolve()
     accelerator = make_accelerator(cfg, run_dir)
-    main = accelerator.is_main_process
     # Each rank's Hydra picked its own timestamped dir; rank 0's is the run's.
     run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    with hold_run_dir(accelerator, run_dir), GracefulStop(cfg.on_signal) as stop:
+        return run_training(cfg, overrides, accelerator, run_dir, resume_from, stop)
+
+
+def run_training(cfg: DictConfig, overrides: Sequence[str], accelerator: Accelerator,
+                 run_dir: Path, resume_from: Path | None, stop: GracefulStop) -> TrainResult:
+    main = accelerator.is_main_process
     if resume_from is not None:
         state = json.loads((resume_from / TRAINER_STATE).read_text())
         if len(state["loaders"]) != accelerator.num_processes:
@@ -612,8 +724,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     with accelerator.main_process_first():  # one process tokenizes, the others hit the cache
         prepared = prepare_data(as_data_config(cfg.data), progress=main)
     tokenizer = prepared.tokenizer()
-    if cfg.init_from or resume_from is not None:
-        check_tokenizer(tokenizer, resume_from or Path(cfg.init_from))
+    if cfg.init_from or resume_from is not None:  # a tokenizer trained here, e.g. on resume
+        runs.check_tokenizer(tokenizer, resume_from or Path(cfg.init_from), TrainError)
 
     set_seed(cfg.seed)  # identical init on every rank
     if resume_from is not None:
@@ -665,7 +777,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
     t_last, timed_from = time.perf_counter(), step  # throughput: steps since t_last
     # micro-batch losses since the last train_loss record (a resume carries them over)
     loss_sum = torch.full((), loss_carried, device=accelerator.device)
-    while step < cfg.max_steps:
+    stopped_by, save_s = stop.requested(accelerator), 0.0  # one during data prep: no step
+    while step < cfg.max_steps and not stopped_by:
         lr = lr_at(step, cfg.max_steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -685,6 +798,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
         step += 1
         tokens_seen += tokens_per_step
         bar.update(1)
+        stopped_by = stop.requested(accelerator) if step < cfg.max_steps else None
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             # the mean over every micro-batch since the last record, not the last step's
@@ -723,7 +837,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
                         data=[[step, cfg.sample_prompt, sample]], step=step)
             t_last, timed_from = time.perf_counter(), step  # eval time is not throughput
 
-        if step % ckpt_every == 0 or step == cfg.max_steps:
+        if step % ckpt_every == 0 or step == cfg.max_steps or stopped_by:
+            t_save = time.perf_counter()
             meta = {"step": step, "tokens_seen": tokens_seen, "max_steps": cfg.max_steps,
                     "val_loss": val_loss, "train_loss": train_loss,
                     "attention": model_cfg.attention_type, "n_kv_head": model_cfg.n_kv_head,
@@ -736,8 +851,17 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
                                                   trainer_state, cfg_yaml, prepared.tokenizer_files,
                                                   cfg.keep_last)
             t_last, timed_from = time.perf_counter(), step
+            save_s = t_last - t_save
     bar.close()
 
+    if stopped_by:
+        if main:
+            saved = (f"checkpoint {checkpoint} (saved in {save_s:.2f} s)" if checkpoint
+                     else "nothing new to checkpoint")
+            print(f"{stopped_by}: stopped at step {step}/{cfg.max_steps}, {saved}; exit "
+                  f"{REQUEUE_STATUS}, resume=true continues", flush=True)
+        accelerator.end_training()
+        return TrainResult(step, val_loss, checkpoint, run_dir, sample, stopped_by)
     if main:
         plot_losses(run_dir)
         print(f"done: {step} steps, val loss {val_loss}, checkpoint {checkpoint}")
@@ -749,7 +873,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> TrainResult:
 @cli.hydra_main(config_path="configs", config_name="train", errors=(*USER_ERRORS, OSError))
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
-    train(cfg, HydraConfig.get().overrides.task)
+    if train(cfg, HydraConfig.get().overrides.task).stopped_by:
+        sys.exit(REQUEUE_STATUS)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataError
-from data.tokenizer import load_tokenizer, tokenizer_files
+from data.tokenizer import tokenizer_files
+from model import runs
 from model.align import (ALIGNMENTS, GROUPINGS, LayerPlan, attention_input_grams, head_rows,
                          kv_error, move_heads, plan_layer, rope_planes)
 from model.checkpoint import (WEIGHTS, CheckpointError, check_out, config_of, load_checkpoint,
@@ -285,23 +286,10 @@ def data_config(src: Path, overrides: list[str]) -> dict | None:
         raise ConvertError(f"bad data setting: {str(e).splitlines()[0]} (keys as in "
                            f"data/config.py's DataConfig)") from None
     if tokenizer_files(src):  # calibrate on the source's own token ids, as init_from trains on them
-        check_tokenizer(given.get("tokenizer"), src)
+        runs.check_tokenizer(given.get("tokenizer"), src, ConvertError)
         if cfg.tokenizer is None and recipe is None:  # an import: no recipe, its tokenizer
             cfg.tokenizer = str(src.resolve())
     return OmegaConf.to_container(cfg)
-
-
-def check_tokenizer(given: str | None, src: Path) -> None:
-    """Refuse a data.tokenizer other than the one src ships: its ids would mean other tokens."""
-    if given is None:
-        return
-    try:
-        differs = load_tokenizer(given).sha256() != load_tokenizer(src).sha256()
-    except DataError as e:
-        raise ConvertError(str(e)) from None
-    if differs:
-        raise ConvertError(f"data.tokenizer={given} differs from the tokenizer {src} ships: the "
-                           f"model needs its own token ids; drop data.tokenizer")
 
 
 def token_windows(data_cfg, split: str, length: int, n_windows: int,

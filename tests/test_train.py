@@ -207,6 +207,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(base, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert (killed_dir / ".lock").is_file()  # the file stays; its flock died with the process
     killed_at = json.loads((latest / "trainer_state.json").read_text())["step"]
     assert killed_at < 60
 
@@ -218,6 +219,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(base, tmp_path):
     for step in range(1, 61):
         assert res_loss[step] == pytest.approx(ref_loss[step], abs=1e-6), step
     assert resumed.val_loss == pytest.approx(reference.val_loss, abs=1e-6)
+    assert not (killed_dir / ".lock").exists()  # taken over without cleanup, released at the end
 
 
 def killed_after(run_dir: Path, step: int, copy: Path) -> Path:
