@@ -41,7 +41,8 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from experiments.report import CONVERSIONS, variant_name, write_atomic, write_report
-from model.checkpoint import CheckpointError, load_checkpoint, read_meta
+from model import runs
+from model.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_meta
 from model.convert import METHODS, ConvertError, check_target, convert_checkpoint, token_windows
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, stream
@@ -171,8 +172,8 @@ def child_env() -> dict:
 
 
 def final_checkpoint(run_dir: Path) -> Path:
-    latest = (run_dir / "checkpoints" / "latest").resolve()
-    if not (latest / "model.safetensors").is_file():
+    latest = runs.latest_checkpoint(run_dir)
+    if latest is None or not (latest / WEIGHTS).is_file():
         raise ExperimentError(f"{run_dir} finished without a checkpoint at checkpoints/latest")
     return latest
 
@@ -309,10 +310,10 @@ def run(cfg: DictConfig, out: Path) -> dict:
 
 def train_data_config(ckpt: Path) -> dict:
     """The data settings the base run trained on, from its saved train config."""
-    path = ckpt / "train_config.yaml"
-    if not path.is_file():
-        raise ExperimentError(f"{ckpt} has no train_config.yaml: cannot find its val split")
-    return OmegaConf.to_container(OmegaConf.load(path).data, resolve=True)
+    data = runs.read_data_config(ckpt)
+    if data is None:
+        raise ExperimentError(f"{ckpt} has no {runs.TRAIN_CONFIG}: cannot find its val split")
+    return OmegaConf.to_container(data, resolve=True)
 
 
 def main(argv: list[str] | None = None) -> int:

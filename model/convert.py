@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.config import DataError
 from data.tokenizer import tokenizer_files
 from model import runs
+from model.runs import TRAIN_CONFIG
 from model.align import (ALIGNMENTS, GROUPINGS, LayerPlan, attention_input_grams, head_rows,
                          kv_error, move_heads, plan_layer, rope_planes)
 from model.checkpoint import (WEIGHTS, CheckpointError, check_out, config_of, load_checkpoint,
@@ -45,7 +46,6 @@ from model.transformer import Transformer
 
 METHODS = ("mean", "first", "random")
 KV_TENSORS = ("attn.k_proj.weight", "attn.v_proj.weight", "attn.k_proj.bias", "attn.v_proj.bias")
-TRAIN_CONFIG = "train_config.yaml"  # the resolved train config the train loop saves
 
 
 class ConvertError(ValueError):
@@ -276,7 +276,7 @@ def data_config(src: Path, overrides: list[str]) -> dict | None:
     """The data settings src was trained on (its train_config.yaml), with overrides
     ("key=value" under data.); None when there are neither."""
     from data.config import DataConfig  # the data stack is only needed with calibration
-    recipe = OmegaConf.load(src / TRAIN_CONFIG).get("data") if (src / TRAIN_CONFIG).is_file() else None
+    recipe = runs.read_data_config(src)
     if recipe is None and not overrides:
         return None
     try:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from test_train import ENV, ROOT, cli, free_port, records, run
 from test_train import base  # noqa: F401  (a fixture)
 import train as train_mod
-from model import lock
+from model import lock, runs
 from model.checkpoint import (RUN_LOCK, CheckpointError, load_checkpoint, output_lock,
                               save_checkpoint)
 from model.config import ModelConfig
@@ -41,7 +41,7 @@ def reference(base, tmp_path_factory) -> train_mod.TrainResult:
     return run([*steps(base), f"run_dir={tmp_path_factory.mktemp('ref') / 'run'}"])
 
 
-def wait_for_records(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_records(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -156,7 +156,7 @@ def test_second_sigterm_during_the_save_leaves_latest_loadable(base, tmp_path):
     assert proc.returncode == -signal.SIGTERM, err[-3000:]  # killed inside the save
     assert "stopped at step" not in out
     assert latest_step(run_dir) == 3 < max(records(run_dir, "train_loss"))
-    assert train_mod.find_checkpoint(run_dir) == (ckpts / "step_3").resolve()
+    assert runs.find_checkpoint(run_dir) == (ckpts / "step_3").resolve()
     load_checkpoint(ckpts / "latest")
     assert run([f"run_dir={run_dir}", "resume=true", "max_steps=4"]).step == 4
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_3", "step_4"]
