@@ -28,6 +28,7 @@ import torch
 
 from evaluate import val_loss
 from experiments.gqa_ablation import decode_tok_s, train_data_config, val_tokens
+from model import runs
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
 from model.kv_cache import kv_bytes_per_token
@@ -50,7 +51,7 @@ def command(*args: str) -> None:
 def train(run_dir: Path, *overrides: str) -> Path:
     command("train.py", "model=small", "data=pystdlib", "batch_size=8", "eval_batches=10",
             f"hydra.run.dir={run_dir}", *overrides)
-    return (run_dir / "checkpoints" / "latest").resolve()
+    return runs.latest_checkpoint(run_dir)
 
 
 def measure(name: str, ckpt: Path, tokens) -> dict:

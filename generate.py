@@ -25,6 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import cli
+from model import runs
 from model.checkpoint import CONFIG, load_checkpoint
 from model.hf import checkpoint_tokenizer, import_hf, is_hf_model
 from model.kv_cache import kv_bytes_per_token
@@ -113,18 +114,17 @@ def resolve_checkpoint(path: str) -> Path:
         raise UsageError(f"checkpoint {p} not found: pass an existing directory as ckpt=")
     if (p / CONFIG).is_file():
         return p
-    latest = p / "checkpoints" / "latest"
+    latest = runs.latest_link(p)
     if latest.is_dir():  # a directory or a symlink to one
         return latest.resolve()
     if latest.is_symlink():  # pointing at a step that was deleted
-        steps = sorted((d for d in latest.parent.glob("step_*") if (d / CONFIG).is_file()),
-                       key=lambda d: int(d.name[5:]) if d.name[5:].isdigit() else -1)
+        steps = [d for d in runs.step_dirs(latest.parent) if (d / CONFIG).is_file()]
         fix = (f"pass ckpt={steps[-1]} (on disk: {', '.join(d.name for d in steps)})"
                if steps else "no step_N checkpoint is left in it")
         raise UsageError(f"{latest} points at {os.readlink(latest)}, which does not exist "
                          f"(dangling): {fix}")
     if latest.is_file():  # a text file naming the step dir
-        target = p / "checkpoints" / latest.read_text().strip()
+        target = latest.parent / latest.read_text().strip()
         if target.is_dir():
             return target
     raise UsageError(f"{p} holds no {CONFIG} and no checkpoints/latest: pass a checkpoint dir, "

@@ -106,6 +106,8 @@ class TrainConfig:
     resume: Any = False  # true: <run_dir>/checkpoints/latest; or a run/checkpoint dir
     init_from: Optional[str] = None  # a checkpoint or HF Llama dir to start from (uptraining)
     overwrite: bool = False  # allow a new run in a run dir that already has checkpoints
+    # SIGTERM/SIGINT/SIGUSR1: checkpoint (finish the step, checkpoint it, exit 143) | exit
+    on_signal: str = "checkpoint"
 
 
 CHOICES = {
@@ -115,6 +117,7 @@ CHOICES = {
     "logger.backend": ("wandb", "none"),
     "uptrain.method": ("mean", "first", "random"),
     "compile": ("auto", "true", "false"),
+    "on_signal": ("checkpoint", "exit"),
     "uptrain.group": ("contiguous", "similar"),
     "uptrain.align": ALIGNMENTS,
 }

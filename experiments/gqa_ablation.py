@@ -46,7 +46,8 @@ import cli
 from data.prepare import prepare_data
 from evaluate import split_tokens, val_loss
 from experiments.report import CONVERSIONS, variant_name, write_report
-from model.checkpoint import load_checkpoint, read_meta, write_atomic
+from model import runs
+from model.checkpoint import WEIGHTS, load_checkpoint, read_meta, write_atomic
 from model.convert import METHODS, ConvertError, check_target, convert_checkpoint
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, stream
@@ -180,8 +181,8 @@ def child_env() -> dict:
 
 
 def final_checkpoint(run_dir: Path) -> Path:
-    latest = (run_dir / "checkpoints" / "latest").resolve()
-    if not (latest / "model.safetensors").is_file():
+    latest = runs.latest_checkpoint(run_dir)
+    if latest is None or not (latest / WEIGHTS).is_file():
         raise ExperimentError(f"{run_dir} finished without a checkpoint at checkpoints/latest")
     return latest
 
@@ -316,10 +317,10 @@ def run(cfg: DictConfig, out: Path) -> dict:
 
 def train_data_config(ckpt: Path) -> dict:
     """The data settings the base run trained on, from its saved train config."""
-    path = ckpt / "train_config.yaml"
-    if not path.is_file():
-        raise ExperimentError(f"{ckpt} has no train_config.yaml: cannot find its val split")
-    return OmegaConf.to_container(OmegaConf.load(path).data, resolve=True)
+    data = runs.read_data_config(ckpt)
+    if data is None:
+        raise ExperimentError(f"{ckpt} has no {runs.TRAIN_CONFIG}: cannot find its val split")
+    return OmegaConf.to_container(data, resolve=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cli
+from model import lock
 from model.config import ConfigError, ModelConfig
 from model.transformer import Transformer
 
@@ -113,13 +114,19 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
 @contextmanager
 def staged_dir(path: Path) -> Iterator[Path]:
     """A temporary dir beside path, renamed onto it when the block completes and deleted
-    when it fails, so path is never half-written. A filesystem refusal (no such parent,
+    when it fails, so path is never half-written; one writer at a time (a second is
+    refused, naming the first). A filesystem refusal (no such parent,
     read-only, disk full) is a CheckpointError naming path, not a traceback."""
+    lock_file = output_lock(path)
+    held = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        held = lock.acquire(lock_file, f"out={path}", BUSY_FIX, CheckpointError)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     except OSError as e:
-        where = path.parent if ".tmp-" in str(e.filename) else e.filename
+        if held is not None:
+            lock.release(lock_file, held)
+        where = path.parent if str(e.filename).startswith(str(path.parent / ".")) else e.filename
         raise CheckpointError(f"cannot write {path}: {e.strerror} ({where}): choose an "
                               f"output path in a writable directory") from None
     try:
@@ -131,6 +138,17 @@ def staged_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release(lock_file, held)
+
+
+BUSY_FIX = "wait for it to finish, or choose another out"
+RUN_LOCK = ".lock"  # inside a train.py run dir, held by the run for its whole life
+
+
+def output_lock(path: Path) -> Path:
+    """The lock of an output dir, beside it: the dir itself is replaced when published."""
+    return path.parent / f".{path.name}.lock"
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -171,6 +189,8 @@ def check_out(src: Path, out: Path, overwrite: bool, suffix: str) -> None:
         raise CheckpointError(f"out={out} contains the source checkpoint {src}: replacing it would "
                               f"delete the source; pick another out, e.g. out={src}-{suffix}")
     refuse_existing(Path(out), overwrite)
+    for held in (output_lock(Path(out)), Path(out) / RUN_LOCK):  # before any work
+        lock.check_free(held, f"out={out}", BUSY_FIX, CheckpointError)
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:

@@ -42,9 +42,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 import cli
 from data.config import DataConfig, DataError
-from data.tokenizer import load_tokenizer, tokenizer_files
+from data.tokenizer import tokenizer_files
+from model import runs
 from model.align import (ALIGNMENTS, GROUPINGS, LINEAR, LayerPlan, attention_input_grams,
                          head_rows, kv_error, move_heads, plan_layer, rope_planes)
+from model.runs import TRAIN_CONFIG
 from model.checkpoint import (WEIGHTS, check_out, config_of, load_checkpoint,
                               model_from_state, model_state, read_config, read_meta,
                               save_checkpoint)
@@ -56,7 +58,6 @@ from model.transformer import Transformer
 
 METHODS = ("mean", "first", "random")
 KV_TENSORS = ("attn.k_proj.weight", "attn.v_proj.weight", "attn.k_proj.bias", "attn.v_proj.bias")
-TRAIN_CONFIG = "train_config.yaml"  # the resolved train config the train loop saves
 CALIB_SEQ_LEN = 1024  # default calibration window: a trained model's statistics settle well
                       # before its full context, which would cost minutes per window on a CPU
 
@@ -354,7 +355,7 @@ def data_config(src: Path, given: dict) -> dict | None:
     """The data settings src was trained on (its train_config.yaml), updated by given
     (DataConfig keys); None when there are neither. Tokens are the source's own: a corpus
     of the user's choosing is tokenized with the tokenizer src ships."""
-    recipe = OmegaConf.load(src / TRAIN_CONFIG).get("data") if (src / TRAIN_CONFIG).is_file() else None
+    recipe = runs.read_data_config(src)
     if recipe is None and not given:
         return None
     try:
@@ -363,23 +364,10 @@ def data_config(src: Path, given: dict) -> dict | None:
         raise ConvertError(f"bad data setting: {str(e).splitlines()[0]} (keys as in "
                            f"data/config.py's DataConfig)") from None
     if tokenizer_files(src):  # calibrate on the source's own token ids, as init_from trains on them
-        check_tokenizer(given.get("tokenizer"), src)
+        runs.check_tokenizer(given.get("tokenizer"), src, ConvertError)
         if cfg.tokenizer is None and (recipe is None or "source" in given):
             cfg.tokenizer = str(src.resolve())
     return OmegaConf.to_container(cfg)
-
-
-def check_tokenizer(given: str | None, src: Path) -> None:
-    """Refuse a data.tokenizer other than the one src ships: its ids would mean other tokens."""
-    if given is None:
-        return
-    try:
-        differs = load_tokenizer(given).sha256() != load_tokenizer(src).sha256()
-    except DataError as e:
-        raise ConvertError(str(e)) from None
-    if differs:
-        raise ConvertError(f"data.tokenizer={given} differs from the tokenizer {src} ships: the "
-                           f"model needs its own token ids; drop data.tokenizer")
 
 
 def token_windows(data_cfg, split: str, length: int, n_windows: int,

@@ -1,6 +1,6 @@
 """Every command's bad invocations: exit 2, no traceback, stderr ends with exactly one
 `error:` line saying what is wrong, and nothing written: every pre-existing run and
-checkpoint dir is byte-identical afterwards and no stray dir appears.
+checkpoint dir (and, for train.py, the data cache) is byte-identical afterwards and no stray dir appears.
 
 One tiny train run is shared by every case. The cases run in a few lanes at once, each
 lane on its own copy of that run, serially inside the lane, so each case is checked on
@@ -64,6 +64,8 @@ CASES = [
     ("train.py", [*TRAIN, "run_dir={run}/metrics.jsonl/run"], "Not a directory"),
     ("train.py", [*TRAIN, "attention.n_kv_head=3"], "not divisible by n_kv_head=3"),
     ("train.py", [*TRAIN, "init_from={new}"], "not found"),
+    ("train.py", [*TRAIN, "run_dir={new}", f"init_from={CKPT}", "attention.n_kv_head=3"],
+     "n_kv_head=3 does not divide the source's 8 KV heads: pick one of [1, 2, 4, 8]"),
     ("train.py", [*TRAIN, "resume={run}", f"init_from={CKPT}"], "pass either resume or init_from"),
     ("train.py", [*TRAIN, "run_dir={new}", f"init_from={CKPT}", "seq_len=128"],
      "seq_len=128 exceeds the context of {run}/checkpoints/step_4, max_seq_len=64: pass "
@@ -215,15 +217,19 @@ def fixture_run(tmp_path_factory) -> tuple[Path, list[str]]:
 def run_case(lane: Path, tmp: Path, command: str, args: list[str]) -> dict:
     world = lane / "world"
     names = {name: world / name for name in ("run", "trunc", "dangling", "hf", "new")}
-    args = [a.format(corpus=tmp / "corpus", cache=tmp / "cache", **names) for a in args]
+    args = [a.format(corpus=tmp / "corpus", cache=lane / "cache", **names) for a in args]
     cwd = lane / "cwd"
     cwd.mkdir()
-    before = digest(world)
+    # train.py refuses before it prepares any data; data.prepare may leave the datasets
+    # library's own cache entries behind
+    cache = lambda: ({f"cache/{k}": v for k, v in digest(lane / "cache").items()}
+                     if command == "train.py" else {})
+    before = {**digest(world), **cache()}
     head = ([sys.executable, str(ROOT / command)] if command.endswith(".py")
             else [sys.executable, "-m", command.split()[-1]])
     proc = subprocess.run([*head, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
                           timeout=300)
-    after = digest(world)
+    after = {**digest(world), **cache()}
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     stray = sorted(p.name for p in cwd.iterdir())
     shutil.rmtree(cwd)
@@ -238,6 +244,7 @@ def outcomes(fixture_run) -> list[dict]:
     for i in range(LANES):
         lane = tmp / f"lane{i}"
         shutil.copytree(tmp / "world", lane / "world", symlinks=True)
+        shutil.copytree(tmp / "cache", lane / "cache", symlinks=True)  # the run's data, prepared
         lanes.append(lane)
 
     def run_lane(i: int) -> dict[int, dict]:

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 import train as train_mod  # noqa: E402
+import train_start  # noqa: E402
 from data.streaming import IncrementalDecoder  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from generate import GenerateConfig, run as generate_run  # noqa: E402
@@ -123,8 +124,8 @@ def test_hf_dir_uptrain_needs_source_steps_and_its_own_tokenizer(tmp_path, hf_ll
     args = [*overrides(tmp_path, hf_dir), "uptrain.alpha=0.05"]
     args.remove("max_steps=12")
     with pytest.raises(train_mod.TrainError, match=r"uptrain.source_steps=N, or set max_steps=N"):
-        train_mod.uptrain_config(compose_cfg(args), hf_dir, args)
-    cfg = train_mod.uptrain_config(compose_cfg([*args, "uptrain.source_steps=1000"]), hf_dir,
+        train_start.uptrain_config(compose_cfg(args), hf_dir, args)
+    cfg = train_start.uptrain_config(compose_cfg([*args, "uptrain.source_steps=1000"]), hf_dir,
                                    [*args, "uptrain.source_steps=1000"])
     assert cfg.max_steps == 50 and cfg.data.tokenizer == str(hf_dir.resolve())
 

@@ -26,6 +26,8 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import train as train_mod  # noqa: E402  (registers the schema)
+import train_config  # noqa: E402
+import train_start  # noqa: E402
 from data.loader import eval_batches, open_tokens  # noqa: E402
 from data.tokenizer import Tokenizer, tokenizer_files  # noqa: E402
 from model.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
@@ -159,9 +161,9 @@ def test_bf16_run_evaluates_and_samples_under_autocast(base, tmp_path):
 
 def test_eval_sums_in_a_dtype_the_device_has():
     """float64 sums (exact token counts) except on MPS, which has no float64 at all."""
-    assert train_mod.sum_dtype(torch.device("mps")) == torch.float32
-    assert train_mod.sum_dtype(torch.device("cpu")) == torch.float64
-    assert train_mod.sum_dtype(torch.device("cuda", 0)) == torch.float64
+    assert evaluate_mod.sum_dtype(torch.device("mps")) == torch.float32
+    assert evaluate_mod.sum_dtype(torch.device("cpu")) == torch.float64
+    assert evaluate_mod.sum_dtype(torch.device("cuda", 0)) == torch.float64
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
@@ -207,6 +209,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(base, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert (killed_dir / ".lock").is_file()  # the file stays; its flock died with the process
     killed_at = json.loads((latest / "trainer_state.json").read_text())["step"]
     assert killed_at < 60
 
@@ -218,6 +221,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(base, tmp_path):
     for step in range(1, 61):
         assert res_loss[step] == pytest.approx(ref_loss[step], abs=1e-6), step
     assert resumed.val_loss == pytest.approx(reference.val_loss, abs=1e-6)
+    assert not (killed_dir / ".lock").exists()  # taken over without cleanup, released at the end
 
 
 def killed_after(run_dir: Path, step: int, copy: Path) -> Path:
@@ -370,7 +374,7 @@ def test_compose_rejects_typos_and_types(base, override, expected):
 ])
 def test_invalid_combinations_fail_before_any_work(base, tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
-        train_mod.check_config(compose_cfg([*base, f"run_dir={tmp_path}", override]))
+        train_config.check_config(compose_cfg([*base, f"run_dir={tmp_path}", override]))
 
 
 @pytest.mark.parametrize("preset, switches", [
@@ -379,8 +383,8 @@ def test_invalid_combinations_fail_before_any_work(base, tmp_path, override, mes
 ])
 def test_family_presets_build_their_architecture(base, tmp_path, preset, switches):
     cfg = compose_cfg([*base, f"model={preset}", f"run_dir={tmp_path}"])
-    train_mod.check_config(cfg)
-    model = train_mod.model_config(cfg, vocab_size=320)
+    train_config.check_config(cfg)
+    model = train_config.model_config(cfg, vocab_size=320)
     assert {k: getattr(model, k) for k in switches} == switches
     assert model.norm == "layernorm" and model.attn_bias and model.mlp_bias
 
@@ -472,7 +476,7 @@ def test_init_from_trains_and_records_the_source_model(base, small_source, tmp_p
         cfg = OmegaConf.load(recorded)
         assert cfg.seq_len == 96
         # the recorded config rebuilds the model that was trained
-        assert train_mod.model_config(cfg, trained_cfg.vocab_size) == trained_cfg
+        assert train_config.model_config(cfg, trained_cfg.vocab_size) == trained_cfg
 
 
 @pytest.mark.parametrize("override, message", [
@@ -494,7 +498,7 @@ def test_init_from_refuses_what_the_source_cannot_train(base, small_source, tmp_
 def test_init_from_accepts_model_overrides_that_agree(base, small_source, tmp_path):
     args = [*without(base, "model", "seq_len"), f"init_from={small_source}", "model.n_layer=1",
             "model.max_seq_len=96", "seq_len=48", f"run_dir={tmp_path / 'up'}"]
-    cfg = train_mod.uptrain_config(compose_cfg(args), small_source, args)
+    cfg = train_start.uptrain_config(compose_cfg(args), small_source, args)
     assert (cfg.seq_len, cfg.model.n_layer, cfg.model.d_model, cfg.model.ffn_hidden) == (48, 1, 32, 64)
 
 
@@ -506,9 +510,9 @@ def test_uptrain_converts_on_load_with_grouping_and_alignment(base, trained, tmp
             "uptrain.align=procrustes", "uptrain.calib_windows=4"]
     with pytest.raises(ValueError, match="uptrain.group='kmeans' is not one of"):
         run([*args, f"run_dir={tmp_path / 'bad'}", "uptrain.group=kmeans", "max_steps=1"])
-    cfg = train_mod.uptrain_config(compose_cfg([*args, f"run_dir={tmp_path / 'x'}"]),
+    cfg = train_start.uptrain_config(compose_cfg([*args, f"run_dir={tmp_path / 'x'}"]),
                                    source.checkpoint, args)
-    model, provenance = train_mod.init_model(cfg, load_checkpoint(source.checkpoint).config.vocab_size)
+    model, provenance = train_start.init_model(cfg, load_checkpoint(source.checkpoint).config.vocab_size)
     src = load_checkpoint(source.checkpoint).model  # the same conversion as model.convert's
     calib = token_windows(cfg.data, "train", src.config.max_seq_len, 4)
     expected = convert_model(src, 2, "mean", 0, "similar", "procrustes", calib)

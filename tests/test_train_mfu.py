@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train as train_mod
+import train_config
 from model.checkpoint import load_checkpoint
 from model.summary import flops_per_token
 from test_train import base, compose_cfg, records, run  # noqa: F401  (base: fixture)
@@ -53,6 +54,6 @@ def test_peak_tflops_on_cpu_only_when_set():
                                                 ("True", True, True), ("false", False, False)])
 def test_compile_auto_means_cuda_only(base, tmp_path, setting, cuda, cpu):
     cfg = compose_cfg([*base, f"compile={setting}", f"run_dir={tmp_path}"])
-    train_mod.check_config(cfg)  # normalises compile=True (a bool on the command line)
+    train_config.check_config(cfg)  # normalises compile=True (a bool on the command line)
     assert train_mod.use_compile(cfg, torch.device("cuda")) is cuda
     assert train_mod.use_compile(cfg, torch.device("cpu")) is cpu
