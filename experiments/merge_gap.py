@@ -1,8 +1,8 @@
 """How much of mean pooling's perplexity gap each K/V merge closes on a real model, at α = 0.
 
     python -m experiments.merge_gap hf=/work/cache/smollm2/hf n_kv_head=1 \\
-        aligns=[none,procrustes,linear,linear_readers] calib_windows=8 calib_len=512 \\
-        eval_windows=16 eval_len=512 out=experiments/results/merge_gap_smollm2.json
+        aligns=[none,procrustes,linear,linear_readers] calib_windows=16 calib_len=512 \\
+        eval_windows=16 eval_len=512 out=experiments/results/merge_gap/smollm2_mqa.json
 
 Prose from the running Python's standard library: each module's docstring, in path order;
 even-numbered documents are evaluated, odd-numbered ones calibrate (disjoint text). One

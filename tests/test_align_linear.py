@@ -164,7 +164,7 @@ def fitted(model, G, group, align, calib):
     return converted, kv_errors(model, model_state(converted), plans, calib)
 
 
-@pytest.mark.parametrize("G", [4, 2, 1])
+@pytest.mark.parametrize("G", [4, 1])
 def test_linear_error_never_exceeds_procrustes_on_any_layer(trained, G):
     """linear's family of maps holds procrustes's rotations and mean, and its fit is the
     optimum over it: on the calibration tokens no layer's K or V error is higher (contiguous
@@ -204,8 +204,8 @@ def planted(G, family):
 
 
 @pytest.mark.parametrize("family, G, align", [
-    ("rope", 2, "linear"), ("rope", 2, "linear_readers"), ("rope", 1, "linear"),
-    ("partial rotary", 2, "linear"), ("learned positions", 2, "linear")])
+    ("rope", 2, "linear"), ("partial rotary", 2, "linear_readers"),
+    ("learned positions", 1, "linear")])
 def test_planted_maps_convert_exactly_under_linear_only(family, G, align):
     mha, base = planted(G, family)
     calib = torch.randint(0, 61, (8, 32), generator=torch.Generator().manual_seed(2))
