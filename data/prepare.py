@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import cli
 from data.config import DataConfig, DataError
-from data.sources import Source, hf_cache_dir, open_source, text_bytes
+from data.sources import Source, open_source, text_bytes
 from data.bpe import TRAINER_OPTIONS, train_tokenizer
 from data.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, tokenizer_files
 

@@ -4,7 +4,7 @@ import pytest
 
 from data.bpe import chunk_document, train_tokenizer
 from data.config import DataError
-from data.tokenizer import Tokenizer, load_tokenizer
+from data.tokenizer import Tokenizer
 
 CODE = '''\
 import os

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from data.config import DataError
-from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
+from data.tokenizer import load_tokenizer, tokenizer_files
 from test_data_bpe import CODE
 
 # ---------------------------------------------------------------- tokenizer.json, special ids

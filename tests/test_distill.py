@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from test_train import ENV, ROOT, compose_cfg, free_port, records, run, write_corpus
+from test_train import ENV, ROOT, free_port, records, run, write_corpus
 from model.checkpoint import CheckpointError, read_meta, save_checkpoint
 from model.config import ConfigError
 from model.convert import convert_checkpoint

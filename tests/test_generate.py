@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 
 from data.bpe import train_tokenizer
 from data.streaming import IncrementalDecoder
-from data.tokenizer import Tokenizer
 from generate import GenerateConfig, UsageError, quote_prompt_args, run
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from generate import GenerateConfig, run
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.quantize import (Int4Linear, Int8Linear, dequantize, dequantize_int4, int8_matmul,
-                            load_quantized, main, quantization_of, quantize_groupwise,
+from model.quantize import (Int4Linear, Int8Linear, dequantize, dequantize_int4, load_quantized, main, quantization_of, quantize_groupwise,
                             quantize_model, quantize_per_channel, pack_nibbles, save_quantized,
                             set_int8_kernel, weight_bytes)
 from model.sampling import SamplingConfig, generate

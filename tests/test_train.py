@@ -25,6 +25,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+import evaluate as evaluate_mod  # noqa: E402
 import train as train_mod  # noqa: E402  (registers the schema)
 import train_config  # noqa: E402
 import train_start  # noqa: E402
