@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.decode import timed  # noqa: E402  (best of repeats)
 from data.loader import eval_batches  # noqa: E402
 from evaluate import mean_nll, window_scores  # noqa: E402
 from generate import load_model  # noqa: E402
@@ -52,14 +52,6 @@ def transformers_nll(model, tokens, seq_len: int, batch_size: int) -> tuple[floa
         count += n
     return total, count
 
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main() -> None:

@@ -39,16 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 import cli
 from data.prepare import prepare_data
 from evaluate import split_tokens, val_loss
+from experiments.presets import conversion_options, load_preset
 from experiments.report import CONVERSIONS, variant_name, write_report
 from model import runs
 from model.checkpoint import WEIGHTS, load_checkpoint, read_meta, write_atomic
-from model.convert import METHODS, ConvertError, check_target, convert_checkpoint
+from model.convert import ConvertError, check_target, convert_checkpoint
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, stream
 from model.transformer import Transformer
@@ -101,18 +101,7 @@ class Settings:
 
 def load_settings(argv: list[str]) -> DictConfig:
     """preset=<name> (experiments/configs/<name>.yaml) plus key=value overrides of it."""
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), "quick")
-    path = PRESETS / f"{preset}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        raise ExperimentError(f"unknown preset {preset!r}: use one of {names}")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Settings), OmegaConf.load(path),
-                              OmegaConf.from_dotlist([a for a in argv if not a.startswith("preset=")]),
-                              {"command": list(argv)})
-    except OmegaConfBaseException as e:
-        raise ExperimentError(f"bad setting: {str(e).splitlines()[0]} (the keys and types "
-                              f"are in {path})") from None
+    cfg = load_preset(Settings, PRESETS, argv, ExperimentError)
     check_settings(cfg)
     return cfg
 
@@ -213,15 +202,6 @@ def decode_tok_s(model: Transformer, batch_size: int, context: int, new_tokens: 
 
 
 # ---- the experiment ---------------------------------------------------------------------
-
-def conversion_options(name: str) -> dict:
-    """A methods entry -> convert_checkpoint's options: "first", "similar+procrustes",
-    "similar+linear+distill", ... (method mean unless named; "similar" chooses the groups,
-    "procrustes" or "linear" aligns; "distill" only changes the uptraining)."""
-    parts = name.split("+")
-    return {"method": next((p for p in parts if p in METHODS), "mean"),
-            "group": "similar" if "similar" in parts else "contiguous",
-            "align": next((p for p in parts if p in ("procrustes", "linear")), "none")}
 
 
 def uptrain_options(name: str, cfg: DictConfig) -> list[str]:

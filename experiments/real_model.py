@@ -41,18 +41,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 import cli
 from data.sources import pystdlib_dir, pystdlib_files
 from data.tokenizer import load_tokenizer
 
+from experiments.presets import conversion_options, load_preset
 from experiments.smollm2 import DEFAULT_CACHE, smollm2_hf_dir
-from model.align import ALIGNMENTS, GROUPINGS
+from model.align import ALIGNMENTS
 from model.checkpoint import (load_checkpoint, read_meta, save_checkpoint,
                               write_atomic)
-from model.convert import (METHODS, convert_checkpoint, expand_kv_heads,
+from model.convert import (convert_checkpoint, expand_kv_heads,
                            permute_kv_heads)
 from model.hf import import_hf, tokenizer_writer
 from model.kv_cache import kv_bytes_per_token
@@ -138,27 +138,9 @@ def usable_methods(names: list[str]) -> list[str]:
     return usable
 
 
-def conversion_options(name: str) -> dict:
-    """"similar+procrustes" -> convert_checkpoint's method/group/align."""
-    parts = name.split("+")
-    return {"method": next((p for p in parts if p in METHODS), "mean"),
-            "group": next((p for p in parts if p in GROUPINGS), "contiguous"),
-            "align": next((p for p in parts if p in ALIGNMENTS), "none")}
-
 
 def load_settings(argv: list[str]) -> DictConfig:
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), "quick")
-    path = PRESETS / f"{preset}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        raise ExperimentError(f"unknown preset {preset!r}: use one of {names}")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Settings), OmegaConf.load(path),
-                              OmegaConf.from_dotlist([a for a in argv if not a.startswith("preset=")]),
-                              {"command": list(argv)})
-    except OmegaConfBaseException as e:
-        raise ExperimentError(f"bad setting: {str(e).splitlines()[0]} (the keys and types "
-                              f"are in {path})") from None
+    cfg = load_preset(Settings, PRESETS, argv, ExperimentError)
     cfg.methods = usable_methods(cfg.methods)
     cfg.uptrain_methods = usable_methods(cfg.uptrain_methods)
     for pair in [*cfg.pairs, *cfg.uptrain_pairs]:

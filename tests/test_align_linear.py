@@ -1,13 +1,13 @@
 """align=linear (model/align.py): the wider exact maps it relies on, checked on imported
 Llama, GPT-2 and NeoX sources against maps built here; its K/V error against procrustes's
 on a trained model; and a planted model that only it converts without loss."""
-import copy
 import math
 
 import pytest
 import torch
 
 from hf_fixtures import tiny_hf_family, tiny_hf_llama
+from test_convert import add_bias, rewritten
 from model import ModelConfig, Transformer
 from model.align import LayerPlan
 from model.checkpoint import model_state
@@ -25,27 +25,6 @@ def logits(model, seed=1, T=24):
         return model(tokens)
 
 
-def rewritten(model, plans):
-    """A copy of model with its attention tensors rewritten by plans (no pooling)."""
-    state = model_state(model)
-    for layer, plan in enumerate(plans):
-        state.update(aligned_attention(state, layer, plan, model.config.n_kv_head))
-    new = copy.deepcopy(model)
-    new.load_state_dict(state, strict=False)
-    return new
-
-
-def add_bias(model, gen):
-    """A random bias on every Q/K/V/O projection."""
-    for block in model.blocks:
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            old = getattr(block.attn, name)
-            new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-            with torch.no_grad():
-                new.weight.copy_(old.weight)
-                new.bias.copy_(torch.randn(old.out_features, generator=gen) * 0.3)
-            setattr(block.attn, name, new)
-    return model
 
 
 def invertible(n_heads, n, gen):

@@ -4,13 +4,11 @@ and two CPU processes (DDP, the teacher replicated) match one."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from test_train import ENV, ROOT, free_port, records, run, write_corpus
+from test_train import records, run, run_two_processes, write_corpus
 from model.checkpoint import CheckpointError, read_meta, save_checkpoint
 from model.config import ConfigError
 from model.convert import convert_checkpoint
@@ -121,13 +119,8 @@ def test_two_cpu_processes_distill_like_one(source, tmp_path):
     base, ckpt = source
     common = [*base, f"init_from={ckpt}", "attention=mqa", "max_steps=3", "batch_mode=sequential",
               "uptrain.distill=0.5", "uptrain.distill_temperature=2"]
-    env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     two_dir = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), str(ROOT / "train.py"), *common,
-                           "batch_size=4", f"hydra.run.dir={two_dir}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_two_processes([*common, "batch_size=4", f"hydra.run.dir={two_dir}"], tmp_path)
     assert proc.stdout.count("distill: λ=0.5") == 1  # the startup line, from rank 0
     one = run([*common, f"run_dir={tmp_path / 'one'}"])
     for key in ("train_loss", "distill_kl"):

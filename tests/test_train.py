@@ -313,6 +313,16 @@ def test_fresh_run_replaces_the_logs_of_an_attempt_without_checkpoints(base, tmp
     assert steps == [1, 2, 3, 3]  # train_loss at each step, val_loss at the end
 
 
+def run_two_processes(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """train.py args on two CPU processes (torchrun, gloo); fails the test if it fails."""
+    env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), str(ROOT / "train.py"), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -333,13 +343,8 @@ def test_two_cpu_processes_match_one(base, tmp_path):
     and both evaluate the whole val split, an odd number of windows, each once."""
     common = [*base, "max_steps=6", "eval_every=6", "log_every=1", "batch_mode=sequential",
               "eval_batches=1000", f"seq_len={odd_val_seq_len(base)}"]  # 1000: all of val
-    env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     two_dir = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), str(ROOT / "train.py"), *common,
-                           "batch_size=4", f"hydra.run.dir={two_dir}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_two_processes([*common, "batch_size=4", f"hydra.run.dir={two_dir}"], tmp_path)
     one = run([*common, f"run_dir={tmp_path / 'one'}"])
     two_loss, one_loss = records(two_dir, "train_loss"), records(one.run_dir, "train_loss")
     assert sorted(two_loss) == sorted(one_loss) == list(range(1, 7))  # no duplicate records
