@@ -428,7 +428,9 @@ def section_decode(ctx: Context, sec: Section) -> None:
 
 # ---------------------------------------------------------------- (e) quant
 
-QUANT_BOUND = {"int8": 0.05, "int4": 0.25}  # logits' relative error on random weights
+QUANT_BOUND = {"int8": 0.05, "int4": 0.35}  # logits' relative error on random weights (int4 at
+# group 32 measured 0.23 on the CPU smoke shape; a wrong kernel or layout gives ~1)
+INT4_GROUP = 32  # the smallest group: random weights have no structure to spare
 
 
 def section_quant(ctx: Context, sec: Section) -> None:
@@ -462,7 +464,7 @@ def section_quant(ctx: Context, sec: Section) -> None:
     base_rate = rate(base, ctx.cuda)[0]
     sec.figures["unquantized_tok_s"] = round(base_rate, 1)
     for mode in modes:
-        q = quantize.quantize_model(copy.deepcopy(base), mode)
+        q = quantize.quantize_model(copy.deepcopy(base), mode, group_size=INT4_GROUP)
         with torch.no_grad():
             err = rel_err(q(tokens), reference)
         sec.check(f"{mode}_logits_error", err <= QUANT_BOUND[mode], rel_err=err,
