@@ -244,7 +244,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
     path = Path(path)
     cfg = read_config(path)
     if QUANTIZED in read_meta(path):
-        raise CheckpointError(f"{path} holds int8-quantized weights for generation: load it "
+        raise CheckpointError(f"{path} holds quantized (int8 or int4) weights for generation: load it "
                               f"with model.quantize.load_quantized or generate.py")
     model = model_from_state(cfg, read_weights(path), path, dtype).to(device)
     return Checkpoint(model.eval(), cfg, path, read_meta(path))

@@ -50,11 +50,11 @@ from data.tokenizer import tokenizer_files
 from model.checkpoint import (QUANTIZED, Checkpoint, CheckpointError, check_out,
                               load_checkpoint, model_from_state, read_config, read_meta,
                               read_weights, save_checkpoint)
+from model.runs import TRAIN_CONFIG
 from model.transformer import Transformer
 
 MODES = ("int8", "int8_head", "int4", "int4_head")  # the blocks' linear layers; and the head
 GROUP_SIZES = (32, 64, 128)  # int4: inputs per scale/zero pair
-TRAIN_CONFIG = "train_config.yaml"
 
 
 # ---------------------------------------------------------------- the arithmetic
