@@ -203,7 +203,7 @@ def test_checkpoint_round_trip_gives_identical_logits(trained, tmp_path, mode):
         assert torch.equal(loaded.model(x), q(x))
     for name, t in q.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], t), name
-    with pytest.raises(CheckpointError, match="quantized \(int8 or int4\)"):
+    with pytest.raises(CheckpointError, match=r"quantized \(int8 or int4\)"):
         load_checkpoint(path)  # training/conversion must not read int8 weights as floats
 
 
