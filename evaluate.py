@@ -693,6 +693,22 @@ def main(dcfg) -> None:
     run(OmegaConf.to_object(dcfg))
 
 
+def leave_process_group() -> None:
+    """End a finished multi-process run (torchrun, accelerate launch) without the
+    interpreter's teardown: once in CI a gloo rank that had printed its
+    results aborted there ("terminate called without an active exception", a C++ thread
+    destroyed while joinable) and turned a good run into exit 134."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()  # no rank leaves while another still needs it
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     sys.argv[1:] = quote_prompt_args(sys.argv[1:], "attention.prompt")
     main()
+    leave_process_group()
