@@ -2,9 +2,10 @@
 `error:` line saying what is wrong, and nothing written: every pre-existing run and
 checkpoint dir (and, for train.py, the data cache) is byte-identical afterwards and no stray dir appears.
 
-One tiny train run is shared by every case. The cases run in a few lanes at once, each
+One tiny train run is shared by every case. The cases run in two lanes at once, each
 lane on its own copy of that run, serially inside the lane, so each case is checked on
-its own files (a subprocess costs a few seconds of imports)."""
+its own files. Each case is its own process, forked from one that imported the commands'
+libraries once (tests/command_forks.py): a fresh interpreter costs seconds of imports."""
 from __future__ import annotations
 
 import hashlib
@@ -214,7 +215,8 @@ def fixture_run(tmp_path_factory) -> tuple[Path, list[str]]:
     return tmp, overrides
 
 
-def run_case(lane: Path, tmp: Path, command: str, args: list[str]) -> dict:
+def run_case(forks: subprocess.Popen, lane: Path, tmp: Path, command: str, args: list[str]
+             ) -> dict:
     world = lane / "world"
     names = {name: world / name for name in ("run", "trunc", "dangling", "hf", "new")}
     args = [a.format(corpus=tmp / "corpus", cache=lane / "cache", **names) for a in args]
@@ -225,15 +227,17 @@ def run_case(lane: Path, tmp: Path, command: str, args: list[str]) -> dict:
     cache = lambda: ({f"cache/{k}": v for k, v in digest(lane / "cache").items()}
                      if command == "train.py" else {})
     before = {**digest(world), **cache()}
-    head = ([sys.executable, str(ROOT / command)] if command.endswith(".py")
-            else [sys.executable, "-m", command.split()[-1]])
-    proc = subprocess.run([*head, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    head = [str(ROOT / command)] if command.endswith(".py") else ["-m", command.split()[-1]]
+    forks.stdin.write(json.dumps({"argv": [*head, *args], "cwd": str(cwd),
+                                  "stderr": str(lane / "stderr")}) + "\n")
+    forks.stdin.flush()
+    rc = json.loads(forks.stdout.readline())["rc"]
+    stderr = (lane / "stderr").read_text()
     after = {**digest(world), **cache()}
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     stray = sorted(p.name for p in cwd.iterdir())
     shutil.rmtree(cwd)
-    return {"rc": proc.returncode, "stderr": proc.stderr, "changed": changed, "stray": stray,
+    return {"rc": rc, "stderr": stderr, "changed": changed, "stray": stray,
             "args": args, "names": names}
 
 
@@ -248,7 +252,14 @@ def outcomes(fixture_run) -> list[dict]:
         lanes.append(lane)
 
     def run_lane(i: int) -> dict[int, dict]:
-        return {c: run_case(lanes[i], tmp, *CASES[c][:2]) for c in range(i, len(CASES), LANES)}
+        with subprocess.Popen([sys.executable, str(ROOT / "tests" / "command_forks.py")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=ENV, text=True,
+                              cwd=lanes[i]) as forks:
+            try:
+                return {c: run_case(forks, lanes[i], tmp, *CASES[c][:2])
+                        for c in range(i, len(CASES), LANES)}
+            finally:
+                forks.stdin.close()
 
     with ThreadPoolExecutor(LANES) as pool:
         results = {}
