@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import cli
+from evaluate import mean_nll, score
 from data.sources import pystdlib_dir, pystdlib_files
 from data.tokenizer import load_tokenizer
 
@@ -108,6 +108,8 @@ class Settings:
     budgets: list[int] = field(default_factory=lambda: [50_000, 200_000])  # uptraining tokens
     uptrain_pairs: list[str] = field(default_factory=lambda: ["gqa3>mqa"])
     uptrain_methods: list[str] = field(default_factory=lambda: ["mean", "similar+procrustes"])
+    distill: list[float] = field(default_factory=lambda: [0.0])  # uptrain.distill λ per run (0: plain CE)
+    distill_temperature: float = 1.0
     control: bool = True  # the original model trained on for each budget (the fair reference)
     proofs: bool = True
     proof_tokens: int = 64
@@ -150,6 +152,8 @@ def load_settings(argv: list[str]) -> DictConfig:
                                   f"><{'|'.join(TARGETS)}>")
     if any(b <= 0 for b in cfg.budgets):
         raise ExperimentError("budgets are uptraining tokens: positive integers")
+    if any(not 0 <= lam <= 1 for lam in cfg.distill):
+        raise ExperimentError("distill holds uptrain.distill weights λ in [0, 1]")
     return cfg
 
 
@@ -266,17 +270,31 @@ def child_env() -> dict:
     return env
 
 
+def distill_args(cfg: DictConfig, lam: float) -> list[str]:
+    """train.py's distillation overrides for weight λ; none for plain CE (λ = 0), so those
+    runs keep their cache keys."""
+    return ([f"uptrain.distill={lam}", f"uptrain.distill_temperature={cfg.distill_temperature}"]
+            if lam else [])
+
+
+def distill_note(cfg: DictConfig) -> str:
+    lams = [f"{lam:g}" for lam in cfg.distill if lam]
+    return (f"; `+ distill λ` rows add the KL to the unconverted model (uptrain.distill=λ, "
+            f"temperature {cfg.distill_temperature:g}): loss (1 − λ)·CE + λ·τ²·KL, "
+            f"λ = {', '.join(lams)}" if lams else "")
+
+
 def uptrain(name: str, init_from: Path, tokens: int, cfg: DictConfig,
-            corpora: dict[str, Path], cache: Path) -> tuple[Path, float]:
-    """Train init_from on for `tokens` tokens; a stopped run resumes from its last
-    checkpoint (train.py resume: the same losses as an uninterrupted run). -> its final
-    checkpoint and seconds."""
+            corpora: dict[str, Path], cache: Path, extra: list[str] = ()) -> tuple[Path, float]:
+    """Train init_from on for `tokens` tokens (with extra train.py overrides); a stopped
+    run resumes from its last checkpoint (train.py resume: the same losses as an
+    uninterrupted run). -> its final checkpoint and seconds."""
     t = cfg.train
     steps = max(1, tokens // (t.batch_size * t.seq_len))
     args = [f"init_from={init_from}", *data_overrides(corpora, cache, cfg.train_max_tokens),
             f"max_steps={steps}", f"batch_size={t.batch_size}", f"seq_len={t.seq_len}",
             f"optim.lr={t.lr}", "eval_every=0", f"ckpt_every={t.ckpt_every}", "eval_batches=2",
-            "sample_tokens=16", "logger=none", "keep_last=1", *t.extra]
+            "sample_tokens=16", "logger=none", "keep_last=1", *t.extra, *extra]
     run_dir = cache / "runs" / f"{name}-{key_of(args)}"
     done = run_dir / "experiment_done.json"
     if done.is_file():
@@ -308,17 +326,11 @@ def uptrain(name: str, init_from: Path, tokens: int, cfg: DictConfig,
 
 # ---- measurements ---------------------------------------------------------------------
 
-@torch.no_grad()
 def nll(model: Transformer, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token negative log-likelihood (nats) over the windows' predicted tokens."""
-    model.eval()
-    total = 0.0
-    for batch in windows.split(batch_size):
-        batch = batch.to(model.device)
-        logits = model(batch[:, :-1])  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                 reduction="sum").item()
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
+    """Mean next-token negative log-likelihood (nats) over the windows' predicted tokens,
+    scored by evaluate.py's own scorer (the numbers `python evaluate.py` prints)."""
+    batches = [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
+    return mean_nll(score(model, batches, model.device))
 
 
 def evaluate(name: str, path: Path, model_key: str, windows: dict[str, torch.Tensor],
@@ -487,6 +499,37 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_recovery(rows: list[dict], path: Path) -> None:
+    """Prose and code perplexity against uptraining tokens, one line per uptrained
+    conversion (with and without distillation), from its α = 0 row; the control dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    trained = [r for r in rows if r["tokens"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, corpus in zip(axes, ("prose", "code")):
+        for key in dict.fromkeys((r["source"], r["target"], r["method"]) for r in trained):
+            base = key[2].split(" + ")[0]  # the conversion a distilled run started from
+            start = [r for r in rows if r["tokens"] == 0 and (r["source"], r["target"])
+                     == key[:2] and r["method"] == base]
+            line = start + sorted((r for r in trained if (r["source"], r["target"], r["method"])
+                                   == key), key=lambda r: r["tokens"])
+            original = key[2] == "original"
+            ax.plot([r["tokens"] for r in line], [math.exp(r[f"{corpus}_nll"]) for r in line],
+                    "k--o" if original else "-o", ms=4,
+                    label="control (original trained on)" if original
+                    else f"{key[0].split(' ')[0]}→{key[1]} {key[2]}")
+        ax.set_yscale("log")
+        ax.set_xlabel("uptraining tokens")
+        ax.set_ylabel("perplexity")
+        ax.set_title(corpus)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: recovery with uptraining")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---- the experiment ---------------------------------------------------------------------
 
 def conversion_row(label: str, target: str, method: str, tokens: int, ev: dict,
@@ -515,7 +558,8 @@ def run(cfg: DictConfig) -> Path:
     jobs = [(p, m) for p in cfg.pairs for m in cfg.methods]
     if cfg.proofs:
         jobs += [j for j in PROOF_JOBS if j not in jobs]
-    ups = [(p, m, b) for p in cfg.uptrain_pairs for m in cfg.uptrain_methods for b in cfg.budgets]
+    ups = [(p, m, b, lam) for p in cfg.uptrain_pairs for m in cfg.uptrain_methods
+           for b in cfg.budgets for lam in cfg.distill]
     bar = tqdm(total=1 + len(jobs) + len(ups) + len(cfg.budgets) * cfg.control, desc="real model", unit="row")
     rows, convs, missing = [], {}, []
     ev = evaluate("original", hf, str(hf), windows, cfg, cache)
@@ -543,19 +587,20 @@ def run(cfg: DictConfig) -> Path:
             missing.append(f"control {budget:,} tokens")
             continue
         rows.append(conversion_row(SOURCES["gqa3"], "GQA-3", "original", budget, ev, {}, seconds))
-    for pair, method, budget in ups:
-        bar.set_postfix_str(f"uptrain {pair} {method} {budget:,}")
+    for pair, method, budget, lam in ups:
+        label = method + (f" + distill {lam:g}" if lam else "")
+        bar.set_postfix_str(f"uptrain {pair} {label} {budget:,}")
         conv = convs.get((pair, method)) or convert(sources, pair, method, cfg, corpora, cache)
-        ckpt, seconds = (uptrain(f"{pair.replace('>', '-')}-{method}-{budget}", conv, budget,
-                                 cfg, corpora, cache) if conv else (None, None))
-        ev = evaluate(f"up-{pair.replace('>', '-')}-{method}-{budget}", ckpt, str(ckpt),
-                      windows, cfg, cache)
+        name = f"{pair.replace('>', '-')}-{method}-{budget}" + (f"-distill{lam:g}" if lam else "")
+        ckpt, seconds = (uptrain(name, conv, budget, cfg, corpora, cache, distill_args(cfg, lam))
+                         if conv else (None, None))
+        ev = evaluate(f"up-{name}", ckpt, str(ckpt), windows, cfg, cache)
         bar.update()
         if ev is None:
-            missing.append(f"uptrain {pair} {method} {budget:,} tokens")
+            missing.append(f"uptrain {pair} {label} {budget:,} tokens")
             continue
         src, _, dst = pair.partition(">")
-        rows.append(conversion_row(SOURCES[src], dst.upper().replace("GQA3", "GQA-3"), method,
+        rows.append(conversion_row(SOURCES[src], dst.upper().replace("GQA3", "GQA-3"), label,
                                    budget, ev, {}, seconds))
     bar.close()
     proof_lines = (proofs(sources, convs, windows["prose"][:2, :128], hf, tok, cfg.proof_tokens,
@@ -580,7 +625,8 @@ def run(cfg: DictConfig) -> Path:
              f"Uptraining: train.py on the third corpus, batch {cfg.train.batch_size} × "
              f"{cfg.train.seq_len} tokens, AdamW lr {cfg.train.lr:g} (warmup + cosine), "
              f"budgets {', '.join(format(b, ',') for b in cfg.budgets)} tokens; the control is "
-             f"the original GQA-3 model trained on with the same recipe and tokens.  ",
+             f"the original GQA-3 model trained on with the same recipe and tokens"
+             f"{distill_note(cfg)}.  ",
              f"Wall time {minutes:.1f} min on {torch.get_num_threads()} threads (cached steps "
              f"from earlier invocations count as 0)."]
     if missing:
@@ -588,6 +634,8 @@ def run(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
     plot(rows, out / "perplexity.png")
+    if any(r["tokens"] for r in rows):
+        plot_recovery(rows, out / "recovery.png")
     write_atomic(out / "results.md", markdown(rows, notes, proof_lines))
     return out
 

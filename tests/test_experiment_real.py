@@ -173,6 +173,16 @@ def test_settings_refuse_bad_input(capsys):
     assert "unknown method 'bogus'" in capsys.readouterr().err
     cfg = rm.load_settings(["preset=quick", "methods=[mean,similar+linear]"])
     assert list(cfg.methods) == ["mean"] + (["similar+linear"] if "linear" in ALIGNMENTS else [])
+    assert rm.main(["preset=quick", "distill=[0,1.5]"]) == 2
+    assert "λ in [0, 1]" in capsys.readouterr().err
+
+
+def test_distillation_runs_pass_their_weight_and_plain_runs_keep_their_keys():
+    """λ = 0 adds no override, so plain uptraining runs cached before distillation existed
+    are found again; λ > 0 passes train.py's own uptrain.distill options."""
+    cfg = rm.load_settings(["preset=quick", "distill=[0,0.5]", "distill_temperature=2"])
+    assert rm.distill_args(cfg, 0.0) == []
+    assert rm.distill_args(cfg, 0.5) == ["uptrain.distill=0.5", "uptrain.distill_temperature=2.0"]
 
 
 def test_a_gguf_with_the_wrong_sha256_is_refused(tmp_path, monkeypatch):
