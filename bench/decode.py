@@ -8,6 +8,7 @@
     python bench/decode.py --section k     # int8 KV cache vs float, long prompt, b8 (compiled)
     python bench/decode.py --section r     # the real model (SmolLM2-135M): fp32, int8, int4,
                                            # int8 KV vs transformers generate, b1 and b8
+                                           # (--real-kv MHA-9,GQA-3,MQA: its KV layouts)
     python bench/decode.py --section p     # the real model's perplexity: fp32, int8, int4, KV int8
     python bench/decode.py --quick         # shorter runs, same tables
 
@@ -334,56 +335,81 @@ def load_real(path: Path):
     return import_hf(path, torch.float32).eval()
 
 
+REAL_KV = {"MHA-9": 9, "GQA-3": 3, "MQA": 1}  # SmolLM2-135M's 9 query heads; GQA-3 is its own
+
+
+def real_variant(path: Path, name: str) -> Transformer:
+    """The real model with REAL_KV[name] KV heads: itself (GQA-3), its exact MHA copy (each
+    KV head repeated, the same logits), or MQA by mean pooling (the quality is not the
+    point here, only the shapes a step reads)."""
+    from model.convert import convert_model, expand_kv_heads
+    model = load_real(path)
+    n_kv, own = REAL_KV[name], model.config.n_kv_head
+    if n_kv > own:
+        return expand_kv_heads(model, n_kv // own).eval()
+    return model if n_kv == own else convert_model(model, n_kv).eval()
+
+
 def section_r(quick: bool, path: Path, modes: list[str], group_size: int,
-              batches: tuple[int, ...] = (1, 8)) -> None:
-    """The real model at b1 and b8: fp32 compiled, each weight mode compiled, the int8 KV
-    cache, transformers' generate on the same weights, a 256 MiB read; taking turns."""
+              batches: tuple[int, ...] = (1, 8), kv: tuple[str, ...] = ("GQA-3",),
+              kv8: bool = True) -> None:
+    """The real model (and its MHA-9 / MQA variants) at each batch: fp32 compiled, each
+    weight mode compiled, the int8 KV cache, transformers' generate on the same weights, a
+    256 MiB read; taking turns."""
     if not (path / "config.json").is_file():
         print(f"\n(r) skipped: no HF model at {path} (pass --real-model DIR)")
         return
-    from transformers import AutoModelForCausalLM
     import transformers
     transformers.logging.set_verbosity_error()
     new, plen = (16 if quick else 64), 16
-    big = torch.ones(256 * 2**20 // 4)
     model = load_real(path)
     print(f"\n(r) real model {path.name}: {model.config.n_layer} layers, d={model.config.d_model}, "
-          f"{model.config.attention_type}, vocab {model.config.vocab_size}; greedy, {new} new "
+          f"{model.config.n_head} query heads, vocab {model.config.vocab_size}; greedy, {new} new "
           f"tokens, prompt {plen}; all ours compiled; CPU {CPU_CAPABILITY}, int8 kernel "
           f"{int8_kernel()}, int4 group {group_size}; times include the prefill")
-    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32,
-                                              attn_implementation="sdpa").eval()
-    variants = {"fp32": model, **{m: quantize(load_real(path), m, group_size) for m in modes}}
-    cols = list(variants) + ["kv8"]
-    print(f"{'b':>3}{'GB/s':>6}{'HF tok/s':>10}"
+    cols = ["fp32", *modes, *(["kv8"] if kv8 else [])]
+    print(f"{'kv':<6}{'b':>3}{'KV B/tok':>9}{'GB/s':>6}{'HF tok/s':>10}"
           + "".join(f"{c + ' tok/s':>16}{'/fp32':>7}{'/HF':>7}{'MiB/step':>9}{'roofl':>7}"
                     for c in cols) + "  targets b1: fp32 >= 2.5x HF, int4 >= 2.8x fp32")
-    for b in batches:
-        torch._dynamo.reset()
-        prompt = prompt_batch(b, plen, model.config.vocab_size)
-        runs = {"mem": big.sum, "HF": lambda: hf_generate(hf, prompt, new)}
-        for name, m in variants.items():
-            compile_decode(m, b, plen + new)
-            runs[name] = functools.partial(generate, m, prompt, new, GREEDY, compile=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in kv:
+            model = real_variant(path, name)
+            hf = to_hf(model, tmp)
+            variants = {"fp32": model, **{m: quantize(real_variant(path, name), m, group_size)
+                                          for m in modes}}
+            for b in batches:
+                print(real_row(name, b, model, hf, variants, new, plen, quick, kv8), flush=True)
+
+
+def real_row(name: str, b: int, model: Transformer, hf, variants: dict, new: int, plen: int,
+             quick: bool, kv8: bool) -> str:
+    torch._dynamo.reset()
+    big = torch.ones(256 * 2**20 // 4)
+    prompt = prompt_batch(b, plen, model.config.vocab_size)
+    runs = {"mem": big.sum, "HF": lambda: hf_generate(hf, prompt, new)}
+    for mode, m in variants.items():
+        compile_decode(m, b, plen + new)
+        runs[mode] = functools.partial(generate, m, prompt, new, GREEDY, compile=True)
+    if kv8:
         compile_decode(model, b, plen + new, kv_cache="int8")
         runs["kv8"] = functools.partial(generate, model, prompt, new, GREEDY, compile=True,
                                         kv_cache="int8")
-        times, outs = interleaved(runs, repeats=2 if quick else 3)
-        tps = {k: b * new / t for k, t in times.items()}
-        bandwidth = big.numel() * 4 / times["mem"]
-        row = f"{b:>3}{bandwidth / 1e9:>6.1f}{tps['HF']:>10,.1f}"
-        for c in cols:
-            m = variants.get(c, model)
-            step = decode_bytes(m, b, plen + new // 2)
-            if c == "kv8":  # the cache in int8: about a quarter of the float one's bytes
-                kv_f = kv_bytes_per_token(model.config) * b * (plen + new // 2)
-                step = step - kv_f + kv_f // 4
-            row += (f"{tps[c]:>16,.1f}{tps[c] / tps['fp32']:>6.2f}x{tps[c] / tps['HF']:>6.2f}x"
-                    f"{step / 2**20:>9.1f}{tps[c] / (bandwidth / step * b):>7.0%}")
-        verdicts = [verdict(tps["fp32"] / tps["HF"] >= 2.5)] + [
-            verdict(tps[m] / tps["fp32"] >= 2.8) for m in variants if "int4" in m]
-        same = "" if torch.equal(outs["fp32"], outs["HF"]) else "  (fp32 ids differ from HF!)"
-        print(row + (f"  {' / '.join(verdicts)}" if b == 1 else "") + same)
+    times, outs = interleaved(runs, repeats=2 if quick else 3)
+    tps = {k: b * new / t for k, t in times.items()}
+    bandwidth = big.numel() * 4 / times["mem"]
+    row = (f"{name:<6}{b:>3}{kv_bytes_per_token(model.config):>9,}{bandwidth / 1e9:>6.1f}"
+           f"{tps['HF']:>10,.1f}")
+    for c in [*variants, *(["kv8"] if kv8 else [])]:
+        step = decode_bytes(variants.get(c, model), b, plen + new // 2)
+        if c == "kv8":  # the cache in int8: about a quarter of the float one's bytes
+            kv_f = kv_bytes_per_token(model.config) * b * (plen + new // 2)
+            step = step - kv_f + kv_f // 4
+        row += (f"{tps[c]:>16,.1f}{tps[c] / tps['fp32']:>6.2f}x{tps[c] / tps['HF']:>6.2f}x"
+                f"{step / 2**20:>9.1f}{tps[c] / (bandwidth / step * b):>7.0%}")
+    verdicts = [verdict(tps["fp32"] / tps["HF"] >= 2.5)] + [
+        verdict(tps[m] / tps["fp32"] >= 2.8) for m in variants if "int4" in m]
+    same = "" if torch.equal(outs["fp32"], outs["HF"]) else "  (fp32 ids differ from HF!)"
+    return row + (f"  {' / '.join(verdicts)}" if b == 1 else "") + same
 
 
 # ---------------------------------------------------------------- (p) perplexity
@@ -473,6 +499,11 @@ def main() -> None:
     ap.add_argument("--types", default="MHA,GQA-2,MQA",
                     help="sections a-c, q, k: comma-separated attention types (MHA, GQA-2, MQA)")
     ap.add_argument("--batches", default="1,8", help="section r: comma-separated batch sizes")
+    ap.add_argument("--real-kv", default="GQA-3",
+                    help="section r: comma-separated KV layouts of the real model (MHA-9, GQA-3, "
+                         "MQA)")
+    ap.add_argument("--no-kv8", action="store_true",
+                    help="section r: skip the int8 KV cache column (one compile less per row)")
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
     ap.add_argument("--int8-kernel", choices=["bf16", "fused", "dequant"],
                     help="force the fp32 int8 kernel (default: chosen per CPU)")
@@ -500,7 +531,8 @@ def main() -> None:
         section_k(args.quick)
     if args.section in ("r", "all"):
         section_r(args.quick, args.real_model, args.quant.split(","), args.group_size,
-                  tuple(int(b) for b in args.batches.split(",")))
+                  tuple(int(b) for b in args.batches.split(",")), tuple(args.real_kv.split(",")),
+                  not args.no_kv8)
     if args.section in ("p", "all"):
         section_p(args.quick, args.real_model, args.group_size)
 
