@@ -2,7 +2,7 @@
 
     bash bench/gpu_check.sh                     # what a lent GPU machine runs (see docs/gpu.md)
     python bench/gpu_check.py --out report.json [--device auto|cuda|cpu] [--model-dir DIR]
-                              [--sections train,fsdp,gqa_flash,decode,quant,evaluate]
+                              [--sections train,fsdp,distill,gqa_flash,decode,quant,evaluate]
                               [--budget 450] [--work DIR]
 
 Sections (each timed; each records pass / fail / skip / error with its figures; one that
@@ -11,6 +11,10 @@ fails or raises does not stop the others):
              run's metrics.jsonl (steady-state records, the compiling one left out)
   fsdp       FSDP2 on one GPU (`accelerate launch --config_file configs/accelerate/fsdp.yaml
              --num_processes 1 train.py ...`) against a plain run of the same batches
+  distill    issue 22's uptraining with the unconverted model as teacher, in bf16: a base
+             trained briefly, mean-pooled to MQA, uptrained with uptrain.distill=0.5 and
+             without (same batches), and under FSDP2 (1 process): the teacher's bytes and
+             time per step against the plain run's step
   gqa_flash  SDPA enable_gqa (CausalSelfAttention's CUDA bf16 path) vs the expanded-K/V
              path: forward and backward parity, kernel names, time
   decode     greedy decode b1/b8 vs transformers generate, same weights (bench/decode.py's
@@ -54,7 +58,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SECTIONS = ("train", "fsdp", "gqa_flash", "decode", "quant", "evaluate")
+SECTIONS = ("train", "fsdp", "distill", "gqa_flash", "decode", "quant", "evaluate")
 # SmolLM2-135M's config.json, the fields that set its shape (the real model: docs/gpu.md)
 SMOLLM2 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576,
            "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -102,7 +106,8 @@ class Scale:
     train_model: list[str]
     train_steps: int
     train_batch: int
-    fsdp_model: list[str]
+    fsdp_model: list[str]  # the fsdp and distill sections
+    distill_steps: int
     attn: dict  # ModelConfig fields of the parity check
     attn_batch: int
     attn_len: int
@@ -115,12 +120,12 @@ class Scale:
 
 
 FULL = Scale(train_model=["model=gpt2s"], train_steps=150, train_batch=16,
-             fsdp_model=["model=small"],
+             fsdp_model=["model=small"], distill_steps=20,
              attn=dict(n_head=16, n_kv_head=4, d_model=1024), attn_batch=4, attn_len=2048,
              decode=dict(vocab_size=4096, n_layer=6, n_head=8, d_model=512, max_seq_len=2560),
              decode_new=128, eval_layers=None, eval_windows=64, eval_seq_len=1024, vocab=4096)
 SMOKE = Scale(train_model=["model=tiny", "seq_len=64"], train_steps=4, train_batch=4,
-              fsdp_model=["model=tiny", "seq_len=64"],
+              fsdp_model=["model=tiny", "seq_len=64"], distill_steps=3,
               attn=dict(n_head=4, n_kv_head=2, d_model=64), attn_batch=2, attn_len=32,
               decode=dict(vocab_size=512, n_layer=2, n_head=4, d_model=64, max_seq_len=128),
               decode_new=8, eval_layers=2, eval_windows=4, eval_seq_len=64, vocab=512)
@@ -314,7 +319,61 @@ def section_fsdp(ctx: Context, sec: Section) -> None:
     sec.check("consolidated_checkpoint", ok)
 
 
-# ---------------------------------------------------------------- (c) gqa_flash
+# ---------------------------------------------------------------- (c) distill
+
+def section_distill(ctx: Context, sec: Section) -> None:
+    """bf16 everywhere, on the CPU too (autocast): the teacher is loaded in bf16."""
+    prepare_corpus(ctx)
+    from model.convert import convert_checkpoint
+    s, work = ctx.scale, ctx.work
+    common = [*train_args(ctx, s.fsdp_model, s.distill_steps, 8), "log_every=1",
+              "compile=false", "mixed_precision=bf16"]
+    rc, tail = run_command(ctx, [sys.executable, "train.py", *common,
+                                 f"run_dir={work / 'distill_base'}"], work / "distill_base.log", 150)
+    if not sec.check("base_exit_status", rc == 0, rc=rc, **({"tail": tail} if rc else {})):
+        return
+    mqa = convert_checkpoint(work / "distill_base/checkpoints/latest", work / "distill_mqa", 1,
+                             overwrite=True)
+    up = [*common, f"init_from={mqa}", "attention=mqa", "batch_mode=sequential"]
+    kd = [*up, "uptrain.distill=0.5"]
+    sec.figures["command"] = " ".join(["train.py", *kd])
+    runs = {"plain": [sys.executable, "train.py", *up, f"run_dir={work / 'distill_plain'}"],
+            "distill": [sys.executable, "train.py", *kd, f"run_dir={work / 'distill_kd'}"]}
+    if ctx.cuda:
+        runs["fsdp"] = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "1",
+                        "--main_process_port", str(free_port()), "train.py", *kd,
+                        f"hydra.run.dir={work / 'distill_fsdp'}"]
+    else:
+        sec.skip("fsdp_distill", "needs CUDA; FSDP2 distillation on CPU is tests/test_distill.py")
+    for name, argv in runs.items():
+        rc, tail = run_command(ctx, argv, work / f"distill_{name}.log", 150)
+        if not sec.check(f"{name}_exit_status", rc == 0, rc=rc, **({"tail": tail} if rc else {})):
+            return
+    teacher = next((l for l in (work / "distill_distill.log").read_text().splitlines()
+                    if l.startswith("distill:")), "")
+    sec.check("teacher_in_bf16", "of torch.bfloat16 weights" in teacher, line=teacher[:400])
+    plain = records(work / "distill_plain", "train_loss")
+    ce, kl = records(work / "distill_kd", "train_loss"), records(work / "distill_kd", "distill_kl")
+    sec.check("same_first_step_ce", abs(ce[1] - plain[1]) <= 1e-3 * abs(plain[1]),
+              distill=ce[1], plain=plain[1])  # the same model and batch before any update
+    sec.check("kl_finite_positive", bool(kl) and all(math.isfinite(v) and v > 0 for v in kl.values()),
+              first=kl.get(1), last=kl.get(max(kl, default=0)))
+    steady = lambda run, key: statistics.median(
+        v for k, v in records(work / run, key).items() if k > 1)  # step 1 warms up
+    plain_tok_s, kd_tok_s = steady("distill_plain", "tokens_per_s"), steady("distill_kd", "tokens_per_s")
+    sec.figures.update(plain_tok_s=round(plain_tok_s, 1), distill_tok_s=round(kd_tok_s, 1),
+                       distill_slowdown=round(plain_tok_s / kd_tok_s, 3),
+                       teacher_s_per_step=round(steady("distill_kd", "teacher_s_per_step"), 4),
+                       teacher_mib=round(steady("distill_kd", "teacher_bytes") / 2**20, 1))
+    if ctx.cuda:
+        fsdp = records(work / "distill_fsdp", "train_loss")
+        worst = max((abs(fsdp[k] - ce[k]) / abs(ce[k]) for k in ce), default=math.inf) \
+            if fsdp.keys() == ce.keys() else math.inf
+        sec.check("fsdp_distill", worst <= 3e-2, max_rel_diff=worst)  # bf16 both ways
+
+
+# ---------------------------------------------------------------- (d) gqa_flash
 
 def section_gqa_flash(ctx: Context, sec: Section) -> None:
     import model.attention as attention
@@ -376,7 +435,7 @@ def section_gqa_flash(ctx: Context, sec: Section) -> None:
                        speedup=round(timings["expanded"] / timings["enable_gqa"], 3))
 
 
-# ---------------------------------------------------------------- (d) decode
+# ---------------------------------------------------------------- (e) decode
 
 def decode_helpers():
     """bench/decode.py's functions (imported, not copied): raises Skip naming what is
@@ -426,7 +485,7 @@ def section_decode(ctx: Context, sec: Section) -> None:
                           ratio=round(rates[name] / rates["HF"], 3))
 
 
-# ---------------------------------------------------------------- (e) quant
+# ---------------------------------------------------------------- (f) quant
 
 QUANT_BOUND = {"int8": 0.05, "int4": 0.35}  # logits' relative error on random weights (int4 at
 # group 32 measured 0.23 on the CPU smoke shape; a wrong kernel or layout gives ~1)
@@ -481,7 +540,7 @@ def section_quant(ctx: Context, sec: Section) -> None:
         torch._dynamo.reset()
 
 
-# ---------------------------------------------------------------- (f) evaluate
+# ---------------------------------------------------------------- (g) evaluate
 
 def random_smollm2(ctx: Context, out: Path) -> str:
     """A random-weight HF Llama dir at SmolLM2-135M's shape (shrunk on CPU) holding the
@@ -529,7 +588,8 @@ def section_evaluate(ctx: Context, sec: Section) -> None:
 # ---------------------------------------------------------------- driver
 
 RUNNERS: dict[str, Callable[[Context, Section], None]] = {
-    "train": section_train, "fsdp": section_fsdp, "gqa_flash": section_gqa_flash,
+    "train": section_train, "fsdp": section_fsdp, "distill": section_distill,
+    "gqa_flash": section_gqa_flash,
     "decode": section_decode, "quant": section_quant, "evaluate": section_evaluate}
 
 

@@ -18,7 +18,7 @@ import gpu_check  # noqa: E402
 STATUSES = {"pass", "fail", "skip", "error"}
 CUDA_ONLY = {("train", "mfu_reported"), ("gqa_flash", "flash_kernel"),
              ("decode", "b1_compiled"), ("decode", "b8_compiled"),
-             ("quant", "int8_compiled_equals_eager")}
+             ("quant", "int8_compiled_equals_eager"), ("distill", "fsdp_distill")}
 
 
 def test_cpu_run_of_the_script_reports_every_section_and_none_errors(tmp_path):
@@ -48,13 +48,14 @@ def test_cpu_run_of_the_script_reports_every_section_and_none_errors(tmp_path):
             assert section.get("reason") or all(c["status"] == "skip"
                                                 for c in section["checks"].values()), name
     # what runs on a CPU ran and measured something
-    for name in ("train", "gqa_flash", "decode", "quant"):
+    for name in ("train", "distill", "gqa_flash", "decode", "quant"):
         assert sections[name]["status"] == "pass", (name, sections[name])
     train = sections["train"]["figures"]
     assert train["tokens_per_s"] > 0 and train["last_loss"] < train["first_loss"]
     assert sections["fsdp"]["status"] == "skip" and "configs/accelerate/fsdp.yaml" in \
         sections["fsdp"]["figures"]["command"]
     assert sections["quant"]["checks"]["int8_logits_error"]["rel_err"] < 0.05
+    assert sections["distill"]["checks"]["teacher_in_bf16"]["status"] == "pass"
 
 
 def test_a_section_that_raises_is_reported_and_the_rest_still_run(tmp_path, monkeypatch):

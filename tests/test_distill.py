@@ -1,6 +1,7 @@
 """Distillation during uptraining (model/distill.py): the loss against hand-written
 references, λ = 0 is plain uptraining bit for bit, the teacher is the unconverted source,
-and two CPU processes (DDP, the teacher replicated) match one."""
+two CPU processes (DDP or FSDP2, the teacher replicated) match one, and bf16 keeps a bf16
+teacher."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ import json
 import pytest
 import torch
 
-from test_train import records, run, run_two_processes, write_corpus
+from test_train import cli, records, run, run_two_processes, write_corpus
+from test_train_fsdp import launch_fsdp
 from model.checkpoint import CheckpointError, read_meta, save_checkpoint
 from model.config import ConfigError
 from model.convert import convert_checkpoint
@@ -113,18 +115,42 @@ def test_bad_distill_settings_are_refused(source, tmp_path, override, message):
     assert not (tmp_path / "bad").exists()
 
 
-def test_two_cpu_processes_distill_like_one(source, tmp_path):
-    """DDP with a replicated teacher: 2 processes x batch 4 see 1 process x batch 8's
-    sequential batches; the CE and the KL records agree."""
+@pytest.mark.parametrize("launch", ["ddp", "fsdp"])
+def test_two_cpu_processes_distill_like_one(source, tmp_path, launch):
+    """DDP and FSDP2 with a replicated teacher: 2 processes x batch 4 see 1 process x
+    batch 8's sequential batches; the CE and the KL records agree."""
     base, ckpt = source
     common = [*base, f"init_from={ckpt}", "attention=mqa", "max_steps=3", "batch_mode=sequential",
               "uptrain.distill=0.5", "uptrain.distill_temperature=2"]
     two_dir = tmp_path / "two"
-    proc = run_two_processes([*common, "batch_size=4", f"hydra.run.dir={two_dir}"], tmp_path)
-    assert proc.stdout.count("distill: λ=0.5") == 1  # the startup line, from rank 0
+    two_args = [*common, "batch_size=4", f"hydra.run.dir={two_dir}"]
+    out = (run_two_processes(two_args, tmp_path).stdout if launch == "ddp"
+           else launch_fsdp(two_args, tmp_path))
+    assert out.count("distill: λ=0.5") == 1  # the startup line, from rank 0
+    assert launch != "fsdp" or "FSDP2 mixed precision:" in out  # the student is sharded
     one = run([*common, f"run_dir={tmp_path / 'one'}"])
     for key in ("train_loss", "distill_kl"):
         two, single = records(two_dir, key), records(one.run_dir, key)
         assert sorted(two) == sorted(single) == [1, 2, 3]
         for step in single:
             assert two[step] == pytest.approx(single[step], rel=1e-4), (key, step)
+
+
+def test_bf16_distills_with_a_bf16_teacher(source, tmp_path):
+    """mixed_precision=bf16 (CPU autocast here, CUDA in bench/gpu_check.py): the teacher
+    holds bf16 weights, half the fp32 run's bytes, and its logits are bf16; the losses stay
+    near the fp32 run's at the same batches."""
+    fp32 = uptrain(source, tmp_path / "fp32", "uptrain.distill=0.5")
+    base, ckpt = source  # a subprocess: Accelerate keeps a process's first mixed precision
+    proc = cli([*base, f"init_from={ckpt}", "attention=gqa", "max_steps=3", "optim.lr=1e-3",
+                f"run_dir={tmp_path / 'bf16'}", "uptrain.distill=0.5", "mixed_precision=bf16"],
+               cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "of torch.bfloat16 weights per process" in out
+    first = lambda d: json.loads((d / "metrics.jsonl").read_text().splitlines()[0])
+    full, half = first(fp32.run_dir), first(tmp_path / "bf16")
+    assert half["teacher_bytes"] * 2 == full["teacher_bytes"]
+    assert half["teacher_logits_bytes"] * 2 == full["teacher_logits_bytes"]
+    for key, rel in (("train_loss", 1e-3), ("distill_kl", 2e-2)):  # measured: 4e-5, 1e-3
+        assert half[key] == pytest.approx(full[key], rel=rel), key
