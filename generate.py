@@ -57,7 +57,7 @@ class GenerateConfig:
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 elsewhere; or float32/bfloat16/float16
     compile: bool = False  # torch.compile the decode step: ~1 min once, then 2-3x faster on CPU
     stream: bool = True  # print tokens as they come (num_samples == 1 only)
-    quantize: str = "none"  # none | int8 | int4 (blocks' linear layers) | int8_head | int4_head
+    quantize: str = "none"  # none | int8 | int4 (blocks' linear layers) | int8_head | int4_head | int4_int8head
     group_size: int = 64  # int4: inputs per scale and zero (32, 64 or 128)
     kv_cache: str = "float"  # float (in dtype) | int8 (KIVI: int8 + a full-precision window)
 

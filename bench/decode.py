@@ -468,7 +468,7 @@ def section_p(quick: bool, path: Path, group_size: int) -> None:
           f"Python's standard library (files a*-m*.py, sorted), full forwards in fp32")
     base = None
     for mode in ["none", "int8", "int8_head", f"int4:{group_size}", f"int4_head:{group_size}",
-                 "int4:32", "int4_head:32"]:
+                 "int4:32", "int4_head:32", "int4_int8head:32"]:
         model = load_real(path)
         if mode != "none":
             try:
@@ -495,7 +495,7 @@ def main() -> None:
                     default="all")
     ap.add_argument("--quant", default="int8,int8_head,int4,int4_head",
                     help="sections q, r: comma-separated quantize modes (int8, int8_head, int4, "
-                         "int4_head; int4:32 sets that mode's group size)")
+                         "int4_head, int4_int8head; int4:32 sets that mode's group size)")
     ap.add_argument("--types", default="MHA,GQA-2,MQA",
                     help="sections a-c, q, k: comma-separated attention types (MHA, GQA-2, MQA)")
     ap.add_argument("--batches", default="1,8", help="section r: comma-separated batch sizes")

@@ -53,7 +53,10 @@ from model.checkpoint import (QUANTIZED, Checkpoint, CheckpointError, check_out,
 from model.runs import TRAIN_CONFIG
 from model.transformer import Transformer
 
-MODES = ("int8", "int8_head", "int4", "int4_head")  # the blocks' linear layers; and the head
+# the blocks' linear layers; _head: the output head too, in the same format; int4_int8head:
+# int4 blocks and an int8 head (llama.cpp's Q4_K_M keeps its head at 6 bits too: a small
+# model's head is a large share of its bytes and the layer int4 hurts most)
+MODES = ("int8", "int8_head", "int4", "int4_head", "int4_int8head")
 GROUP_SIZES = (32, 64, 128)  # int4: inputs per scale/zero pair
 
 
@@ -257,10 +260,13 @@ class Int4Linear(nn.Module):
 
 # ---------------------------------------------------------------- the model
 
+MODES_HELP = ("int8 or int4 (the blocks' linear layers), int8_head or int4_head (those and the "
+              "output head), or int4_int8head (int4 blocks, int8 head)")
+
+
 def check_mode(mode: str, group_size: int = 64) -> None:
     if mode not in MODES:
-        raise cli.UserError(f"quantize={mode!r} is unknown: use int8 or int4 (the blocks' linear "
-                         f"layers), or int8_head or int4_head (those and the output head)")
+        raise cli.UserError(f"quantize={mode!r} is unknown: use {MODES_HELP}")
     if mode.startswith("int4") and group_size not in GROUP_SIZES:
         raise cli.UserError(f"group_size={group_size} is not supported: use one of "
                          f"{', '.join(map(str, GROUP_SIZES))}")
@@ -272,26 +278,32 @@ def covered(model: Transformer, mode: str) -> list[tuple[nn.Module, str, str]]:
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
-            if isinstance(child, nn.Linear) and (full != "lm_head" or mode.endswith("_head")):
+            if isinstance(child, nn.Linear) and (full != "lm_head" or "head" in mode):
                 found.append((parent, name, full))
     return found
 
 
-def replace_linears(model: Transformer, mode: str, make, group_size: int = 64) -> list[str]:
-    """Swap each nn.Linear that mode covers for make(linear), in place; their names.
-    int4 needs group_size to divide every covered layer's in_features: checked first, so
-    a refused model is left as it was."""
+def layer_format(mode: str, name: str) -> str:
+    """'int8' or 'int4': how mode stores the covered layer `name`."""
+    return "int8" if mode == "int4_int8head" and name == "lm_head" else mode[:4]
+
+
+def replace_linears(model: Transformer, mode: str, group_size: int = 64,
+                    empty: bool = False) -> list[str]:
+    """Swap each nn.Linear that mode covers for its quantized layer (empty: zeros, to be
+    loaded into), in place; their names. int4 needs group_size to divide every int4
+    layer's in_features: checked first, so a refused model is left as it was."""
     check_mode(mode, group_size)
     layers = covered(model, mode)
-    if mode.startswith("int4"):
-        for _, _, full in layers:
-            k = model.get_submodule(full).in_features
-            if k % group_size:
-                fits = [g for g in GROUP_SIZES if k % g == 0]
-                raise cli.UserError(f"group_size={group_size} does not divide {full}'s "
-                                 f"{k} inputs: use group_size="
-                                 f"{' or '.join(map(str, fits)) or '(none fits: use int8)'}")
-    for parent, name, _ in layers:
+    for _, _, full in layers:
+        k = model.get_submodule(full).in_features
+        if layer_format(mode, full) == "int4" and k % group_size:
+            fits = [g for g in GROUP_SIZES if k % g == 0]
+            raise cli.UserError(f"group_size={group_size} does not divide {full}'s "
+                             f"{k} inputs: use group_size="
+                             f"{' or '.join(map(str, fits)) or '(none fits: use int8)'}")
+    for parent, name, full in layers:
+        make = maker(layer_format(mode, full), group_size, empty)
         setattr(parent, name, make(getattr(parent, name)))
     names = [full for _, _, full in layers]
     if "lm_head" in names:
@@ -300,9 +312,9 @@ def replace_linears(model: Transformer, mode: str, make, group_size: int = 64) -
     return names
 
 
-def maker(mode: str, group_size: int, empty: bool = False):
-    """linear -> its quantized layer for mode (empty: zeros, to be loaded into)."""
-    if mode.startswith("int8"):
+def maker(fmt: str, group_size: int, empty: bool = False):
+    """linear -> its quantized layer in fmt, int8 or int4 (empty: zeros, to be loaded into)."""
+    if fmt == "int8":
         if empty:
             return lambda lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None)
         return Int8Linear.from_linear
@@ -315,9 +327,9 @@ def maker(mode: str, group_size: int, empty: bool = False):
 @torch.no_grad()
 def quantize_model(model: Transformer, mode: str = "int8", group_size: int = 64) -> Transformer:
     """Quantize model's linear layers in place (mode: int8/int4 = those of the blocks,
-    int8_head/int4_head = also the output head; group_size: int4's inputs per scale).
-    Layers already quantized are kept. Returns model."""
-    replace_linears(model, mode, maker(mode, group_size), group_size)
+    int8_head/int4_head = also the output head, int4_int8head = int4 blocks and an int8
+    head; group_size: int4's inputs per scale). Layers already quantized are kept."""
+    replace_linears(model, mode, group_size)
     return model
 
 
@@ -326,12 +338,15 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def quantization_of(model: nn.Module) -> str:
-    """'none', 'int8', 'int8_head', 'int4' or 'int4_head': what quantize_model did."""
+    """One of MODES, or 'none': what quantize_model did."""
     layers = quantized_layers(model)
     if not layers:
         return "none"
+    head = layers.pop("lm_head", None)
     bits = "int4" if any(isinstance(m, Int4Linear) for m in layers.values()) else "int8"
-    return f"{bits}_head" if "lm_head" in layers else bits
+    if head is None:
+        return bits
+    return "int4_int8head" if bits == "int4" and isinstance(head, Int8Linear) else f"{bits}_head"
 
 
 def group_size_of(model: nn.Module) -> int | None:
@@ -384,7 +399,9 @@ def save_quantized(path: str | Path, model: Transformer, meta: dict | None = Non
     if mode.startswith("int4"):
         info |= {"group_size": group_size_of(model),
                  "scheme": "int4 weight-only, asymmetric per group: (q - 8) * scale + zero, "
-                           "even inputs in the low nibble"}
+                           "even inputs in the low nibble" + (
+                               "; the head int8, symmetric per-channel"
+                               if mode == "int4_int8head" else "")}
     else:
         info["scheme"] = "int8 weight-only, symmetric per-channel"
     meta = {**(meta or {}), QUANTIZED: info}
@@ -403,11 +420,11 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu",
         raise CheckpointError(f"{path} is not a quantized checkpoint (meta.json has no "
                               f"{QUANTIZED}.mode in {MODES})")
     state = read_weights(path)
-    stored = torch.int8 if mode.startswith("int8") else torch.uint8
 
     def build(cfg):  # quantized layers where the checkpoint has them: no float copy is made
         model = Transformer(cfg)
-        for name in replace_linears(model, mode, maker(mode, group_size, empty=True), group_size):
+        for name in replace_linears(model, mode, group_size, empty=True):
+            stored = torch.int8 if layer_format(mode, name) == "int8" else torch.uint8
             if state.get(f"{name}.weight", torch.empty(0, dtype=stored)).dtype != stored:
                 raise CheckpointError(f"{path}: {name}.weight is {state[f'{name}.weight'].dtype}"
                                       f", a {mode} checkpoint stores it as {stored}")
@@ -416,6 +433,10 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu",
     for layer in model.modules():
         if isinstance(layer, Int4Linear):
             layer.pack_for_cpu()
+        elif isinstance(layer, Int8Linear) and layer.weight.data_ptr() % 64:
+            # a view into the file's bytes at whatever offset the tensors before it left:
+            # _weight_int8pack_mm's aligned loads fault on it (a fresh tensor is 64-aligned)
+            layer.weight = layer.weight.clone()
     return Checkpoint(model.eval(), model.config, path, meta)
 
 
@@ -443,7 +464,7 @@ class QuantizeConfig:
     """python -m model.quantize's options (configs/quantize.yaml; --help describes them)."""
     ckpt: str = MISSING  # a float gqalab checkpoint dir
     out: str = MISSING  # the new, quantized checkpoint dir
-    mode: str = "int8"  # int8 | int8_head | int4 | int4_head (MODES; _head: the output head too)
+    mode: str = "int8"  # int8 | int8_head | int4 | int4_head | int4_int8head (MODES; _head: the head too)
     group_size: int = 64  # int4: inputs per scale/zero pair (GROUP_SIZES)
     overwrite: bool = False  # replace an existing out
 
@@ -456,8 +477,7 @@ def command(cfg: DictConfig) -> None:
     cli.require(cfg)
     args: QuantizeConfig = OmegaConf.to_object(cfg)
     if args.mode not in MODES:
-        raise cli.UserError(f"mode={args.mode!r} is unknown: use int8 or int4 (the blocks' "
-                            f"linear layers), int8_head or int4_head (and the output head)")
+        raise cli.UserError(f"mode={args.mode!r} is unknown: use {MODES_HELP}")
     out = quantize_checkpoint(args.ckpt, args.out, args.mode, args.overwrite, args.group_size)
     model = load_quantized(out).model
     print(f"wrote {out}: {describe(model)} weights, {weight_bytes(model) / 2**20:,.2f} MiB "
