@@ -19,8 +19,8 @@ out_features must be a multiple of 16 for it. Elsewhere: dequantize + matmul.
 
 The matmul (int8_matmul) takes the fastest correct path measured on torch 2.13's CPU:
 - bfloat16 activations on CPU: torch._weight_int8pack_mm (AVX512/AVX2 kernel), eager and
-  compiled (inductor autotunes it against its own C++ GEMM template), where in_features is
-  a multiple of 16 (the kernel has no remainder loop; int8pack_rows);
+  compiled (behind an opaque op, int8pack_mm: inductor's own int8 template crashed),
+  where in_features is a multiple of 16 (the kernel has no remainder loop);
 - float32 activations in a compiled decode step: x (B, 1, K) * w (N, K) summed over K,
   which inductor fuses into one vectorised loop that reads the int8 rows. Both obvious
   spellings lose here: `F.linear(x, w.float()) * s` has its dequantized copy constant-
@@ -74,17 +74,26 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales.float()[:, None]  # (N, K)
 
 
-def int8pack_rows(x: torch.Tensor) -> torch.Tensor:
-    """x (..., K) as the rows (M, K) torch._weight_int8pack_mm's CPU kernel can read. Its
-    AVX512 loop takes each row 16 values at a time with aligned 32-byte loads and no
+@torch.library.custom_op("gqalab::int8pack_mm", mutates_args=())
+def int8pack_mm(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """torch._weight_int8pack_mm on rows (M, K) bf16, weight (N, K) int8, scales (N,) bf16
+    -> (M, N) bf16, as an op inductor cannot see into. Lowered as itself, it is autotuned
+    against inductor's own C++ int8 GEMM template, and that template, picked at batch 1
+    with the RMSNorm fused in front, corrupted the heap (torch 2.13, AVX-512: glibc's
+    "malloc(): unaligned tcache chunk detected", or a segfault a few kernels later).
+    The kernel reads each row 16 values at a time with aligned 32-byte loads and no
     remainder (AVX2: 8 and 16 bytes), so K % 16 == 0 (the caller checks) and every row
-    32-byte aligned: a view that is not (an offset, an odd row stride) faults or reads
-    garbage, so it is copied to a fresh (64-byte aligned) tensor. N and M may be anything:
-    it tiles them by 4 with remainders. Compiled, inductor passes its own buffers."""
-    rows = x.reshape(-1, x.shape[-1])  # (M, K)
-    if not torch.compiler.is_compiling() and (rows.data_ptr() % 32 or rows.stride(0) % 16):
+    must be 32-byte aligned: a view that is not (an offset, an odd row stride) faults or
+    reads garbage, so it is copied to a fresh (64-byte aligned) tensor. N and M may be
+    anything: it tiles them by 4 with remainders."""
+    if rows.data_ptr() % 32 or rows.stride(0) % 16 or rows.stride(1) != 1:
         rows = rows.clone(memory_format=torch.contiguous_format)
-    return rows
+    return torch._weight_int8pack_mm(rows, weight, scales)
+
+
+@int8pack_mm.register_fake
+def _(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[0])
 
 
 INT8_KERNELS = ("bf16", "fused", "dequant")  # float32 activations on CPU: see int8_kernel
@@ -123,8 +132,8 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     on_cpu, k_ok = x.device.type == "cpu", x.shape[-1] % 16 == 0
     if on_cpu and k_ok and (x.dtype == torch.bfloat16 or
                            (x.dtype == torch.float32 and int8_kernel() == "bf16")):
-        rows = int8pack_rows(x.to(torch.bfloat16))
-        y = torch._weight_int8pack_mm(rows, weight, scales.to(torch.bfloat16))
+        rows = x.to(torch.bfloat16).reshape(-1, x.shape[-1])  # (M, K)
+        y = int8pack_mm(rows, weight, scales.to(torch.bfloat16))
         return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     if torch.compiler.is_compiling() and x.dtype == torch.float32 and \
             not (on_cpu and int8_kernel() == "dequant"):
