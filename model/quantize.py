@@ -381,6 +381,9 @@ def kernel_report(model: nn.Module, device: torch.device | str = "cpu") -> str:
             if int8_kernel() == "dequant" else ""))
     if Int4Linear in kinds:
         notes.append(f"int4 kernel _weight_int4pack_mm_for_cpu (bf16 activations) on {cap}")
+    if cap == "AVX2":  # no native bf16: both kernels convert in software
+        notes.append("on AVX2 they decode at about fp32-compiled speed (0.86-1.37x measured at "
+                     "batch 1, docs/generate.md): here quantization saves memory more than time")
     return "; " + "; ".join(notes)
 
 
