@@ -194,6 +194,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def max_rel_diff(losses: dict[int, float], reference: dict[int, float]) -> float:
+    """The largest relative difference of two runs' per-step records; inf when their
+    steps differ."""
+    if losses.keys() != reference.keys():
+        return math.inf
+    return max((abs(losses[k] - v) / abs(v) for k, v in reference.items()), default=math.inf)
+
+
+def fsdp_launch(train_overrides: list[str], run_dir: Path) -> list[str]:
+    """argv of train.py under FSDP2 on one GPU (configs/accelerate/fsdp.yaml)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "1",
+            "--main_process_port", str(free_port()), "train.py", *train_overrides,
+            f"hydra.run.dir={run_dir}"]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in fp32."""
     a, b = a.float(), b.float()
@@ -287,10 +303,7 @@ def section_fsdp(ctx: Context, sec: Section) -> None:
     common = [*train_args(ctx, s.fsdp_model, 8, 8), "batch_mode=sequential", "log_every=1",
               "compile=false", "mixed_precision=bf16"]
     fsdp_dir, plain_dir = ctx.work / "fsdp", ctx.work / "plain"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "1",
-              "--main_process_port", str(free_port()), "train.py", *common,
-              f"hydra.run.dir={fsdp_dir}"]
+    launch = fsdp_launch(common, fsdp_dir)
     sec.figures["command"] = " ".join(launch[3:])
     if not ctx.cuda:
         raise Skip("needs CUDA (Accelerate applies FSDP only on accelerators); FSDP2 on CPU "
@@ -305,8 +318,7 @@ def section_fsdp(ctx: Context, sec: Section) -> None:
     if not sec.check("plain_exit_status", rc == 0, rc=rc, **({"tail": tail} if rc else {})):
         return
     fsdp_loss, plain_loss = records(fsdp_dir, "train_loss"), records(plain_dir, "train_loss")
-    worst = max((abs(fsdp_loss[k] - plain_loss[k]) / abs(plain_loss[k]) for k in plain_loss),
-                default=math.inf) if fsdp_loss.keys() == plain_loss.keys() else math.inf
+    worst = max_rel_diff(fsdp_loss, plain_loss)
     # bf16 compute both ways (FSDP's param_dtype vs autocast), so not bit-equal
     sec.check("losses_match_plain_run", worst <= 3e-2, max_rel_diff=worst, steps=len(plain_loss))
     from safetensors import safe_open
@@ -340,10 +352,7 @@ def section_distill(ctx: Context, sec: Section) -> None:
     runs = {"plain": [sys.executable, "train.py", *up, f"run_dir={work / 'distill_plain'}"],
             "distill": [sys.executable, "train.py", *kd, f"run_dir={work / 'distill_kd'}"]}
     if ctx.cuda:
-        runs["fsdp"] = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                        str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "1",
-                        "--main_process_port", str(free_port()), "train.py", *kd,
-                        f"hydra.run.dir={work / 'distill_fsdp'}"]
+        runs["fsdp"] = fsdp_launch(kd, work / "distill_fsdp")
     else:
         sec.skip("fsdp_distill", "needs CUDA; FSDP2 distillation on CPU is tests/test_distill.py")
     for name, argv in runs.items():
@@ -367,9 +376,7 @@ def section_distill(ctx: Context, sec: Section) -> None:
                        teacher_s_per_step=round(steady("distill_kd", "teacher_s_per_step"), 4),
                        teacher_mib=round(steady("distill_kd", "teacher_bytes") / 2**20, 1))
     if ctx.cuda:
-        fsdp = records(work / "distill_fsdp", "train_loss")
-        worst = max((abs(fsdp[k] - ce[k]) / abs(ce[k]) for k in ce), default=math.inf) \
-            if fsdp.keys() == ce.keys() else math.inf
+        worst = max_rel_diff(records(work / "distill_fsdp", "train_loss"), ce)
         sec.check("fsdp_distill", worst <= 3e-2, max_rel_diff=worst)  # bf16 both ways
 
 
