@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from evaluate import val_loss
+from evaluation.scoring import val_loss
 from experiments.gqa_ablation import decode_tok_s, train_data_config, val_tokens
-from model import runs
-from model.checkpoint import load_checkpoint
+from store import runs
+from store.checkpoint import load_checkpoint
 from model.config import ModelConfig
 from model.kv_cache import kv_bytes_per_token
 
@@ -82,7 +82,7 @@ def main() -> None:
     mha = train(args.out / "mha", "attention=mha", f"max_steps={args.steps}",
                 f"eval_every={max(1, args.steps // 3)}")
     converted = args.out / "gqa2_mean"
-    command("-m", "model.convert", f"ckpt={mha}", "n_kv_head=2", "method=mean",
+    command("-m", "convert", f"ckpt={mha}", "n_kv_head=2", "method=mean",
             f"out={converted}")
     uptrained = train(args.out / "gqa2_uptrained", f"init_from={converted}", "attention=gqa",
                       "attention.n_kv_head=2", f"uptrain.alpha={args.alpha}")

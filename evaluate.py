@@ -33,33 +33,32 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import cli
 from data.config import DataConfig, DataError
-from data.loader import IGNORE_INDEX, eval_batches, open_tokens
-from data.prepare import PreparedData, prepare_data
-from data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer, tokenizer_files
-from generate import (UsageError, load_model, pick_device, pick_dtype, quote_prompt_args,
-                      resolve_checkpoint)
-from model.checkpoint import CheckpointError, read_config
+from data.loader import IGNORE_INDEX, eval_batches
+from data.prepare import prepare_data
+from data.tokenizer import load_tokenizer, tokenizer_files
+from store.source import SourceError as UsageError
+from store.source import load_model, pick_device, pick_dtype, resolve_checkpoint
+from store.checkpoint import CheckpointError, read_config
 from model.config import ConfigError, ModelConfig
-from model.hf import is_hf_model, read_hf_config
+from store.hf import is_hf_model, read_hf_config
 from model.kv_cache import kv_bytes_per_token
-from model.quantize import is_quantized
+from store.quantize import is_quantized
 from model.summary import param_counts
+from evaluation.scoring import TokenBytes, split_tokens, sum_dtype, window_count, window_scores
 
 TRAIN_CONFIG = "train_config.yaml"
 SPLITS = ("auto", "val", "train", "all")
@@ -104,141 +103,6 @@ ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 class EvalError(UsageError):
     """Bad input from the user; printed as one line."""
-
-
-# ---------------------------------------------------------------- the scoring core
-
-def sum_dtype(device: torch.device) -> torch.dtype:
-    """float64 sums (exact token counts, no drift), float32 on MPS, which has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-class TokenBytes:
-    """The UTF-8 bytes each token id spells in the text, for bits per byte.
-
-    Byte-level BPE (GPT-2, NeoX, Llama-3, SmolLM2): one byte per character of the token's
-    text (GPT-2's byte-to-unicode map). Sentencepiece-style pieces: the piece with its
-    U+2581 as a space; a byte-fallback piece <0xHH> is one byte. Special tokens spell
-    nothing. A tokenizer that puts a space before each document (Llama's dummy prefix)
-    spells none with a document's first token: the one after BOS or EOS."""
-
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, device: torch.device) -> None:
-        lengths, lead_space = token_byte_lengths(tokenizer)
-        pad = max(vocab_size, len(lengths)) - len(lengths)  # an embedding padded past the vocab
-        self.lengths = torch.from_numpy(np.pad(lengths - lead_space, (0, pad))).to(device)
-        self.first = torch.from_numpy(np.pad(lengths, (0, pad))).to(device)  # not at a boundary
-        self.lead = self.first - self.lengths  # 1 where a document's first token drops a space
-        bounds = [i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None]
-        self.bounds = torch.tensor(bounds, dtype=torch.long, device=device)
-
-    def count(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Bytes of the scored targets y (B, T) (IGNORE_INDEX: not scored) after inputs x."""
-        scored = y != IGNORE_INDEX
-        targets = y.clamp(min=0)
-        at_start = torch.isin(x, self.bounds)  # the target starts a document
-        return torch.where(scored, self.first[targets] - self.lead[targets] * at_start, 0).sum()
-
-
-def token_byte_lengths(tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes, dummy-prefix space) per id: see TokenBytes."""
-    n = tok.vocab_size
-    lengths, lead = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    byte_piece = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-    if isinstance(tok, SentencePieceTokenizer):
-        sp, space = tok.sp, "\u2581"
-        for i in range(n):
-            if sp.is_control(i) or sp.is_unknown(i):
-                continue
-            piece = sp.id_to_piece(i)
-            lengths[i] = 1 if sp.is_byte(i) else len(piece.replace(space, " ").encode())
-            lead[i] = piece.startswith(space)
-    else:  # tokenizer.json, or GPT-2's vocab.json + merges.txt
-        spec = json.loads(tok.tk.to_str())
-        byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
-        space = "\u0120" if byte_level else "\u2581"  # how a leading space is spelled
-        added = {t["id"]: t for t in spec.get("added_tokens", [])}
-        for i in range(n):
-            text = tok.tk.id_to_token(i)
-            if text is None or added.get(i, {}).get("special"):
-                continue
-            if i in added:  # added as plain text, not byte-encoded
-                lengths[i] = len(text.encode())
-            elif byte_level:
-                lengths[i] = len(text)
-            else:
-                lengths[i] = 1 if byte_piece.fullmatch(text) else len(
-                    text.replace(space, " ").encode())
-            lead[i] = text.startswith(space)
-    for special in (tok.bos_id, tok.eos_id, tok.pad_id):
-        if special is not None:
-            lengths[special] = lead[special] = 0
-    x = tok.encode("x")  # a dummy prefix spells "x" with more than its one byte
-    return lengths, lead * (int(lengths[x].sum()) > 1)
-
-
-@torch.no_grad()
-def score(model, batches: Iterable, device: torch.device, token_bytes: TokenBytes | None = None,
-          bar: tqdm | None = None) -> torch.Tensor:
-    """Sums over (x, y) batches (targets IGNORE_INDEX count for nothing):
-    (NLL in nats, targets scored, their UTF-8 bytes, windows scored), shape (4,).
-    Logits go to float32 one row at a time: a row of a large vocabulary at 2048 tokens is
-    already hundreds of MB."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, device=device, dtype=sum_dtype(device))
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)  # (B, T, V)
-        for row in range(len(y)):
-            totals[0] += F.cross_entropy(logits[row].float(), y[row], ignore_index=IGNORE_INDEX,
-                                         reduction="sum")
-        scored = y != IGNORE_INDEX
-        totals[1] += scored.sum()
-        totals[3] += scored.any(1).sum()
-        if token_bytes is not None:
-            totals[2] += token_bytes.count(x, y)
-        if bar is not None:
-            bar.update(len(y))
-    model.train(was_training)
-    return totals
-
-
-def window_scores(model, tokens, seq_len: int, batch_size: int, device: torch.device, *,
-                  stride: int = 0, max_windows: int | None = None, rank: int = 0,
-                  world_size: int = 1, dtype=None, token_bytes: TokenBytes | None = None,
-                  bar: tqdm | None = None) -> torch.Tensor:
-    """This rank's `score` sums over its windows of tokens (a packed token file of dtype,
-    or an array): window i of the split's K goes to rank i % world_size, each once (see
-    data/loader.eval_batches). Sum the ranks' totals for the whole."""
-    batches = eval_batches(tokens, dtype, seq_len, batch_size, rank=rank, world_size=world_size,
-                           stride=stride, max_windows=max_windows)
-    return score(model, batches, device, token_bytes, bar)
-
-
-def mean_nll(totals: torch.Tensor) -> float:
-    return (totals[0] / totals[1]).item()
-
-
-def val_loss(model, tokens, seq_len: int, n_windows: int, batch_size: int) -> float:
-    """Mean NLL per token over n_windows non-overlapping windows of tokens spread evenly:
-    the ablation's and the demo's held-out loss, one process."""
-    device = next(model.parameters()).device
-    return mean_nll(window_scores(model, tokens, seq_len, batch_size, device,
-                                  max_windows=n_windows))
-
-
-def split_tokens(prepared: PreparedData, split: str) -> np.ndarray:
-    """The packed ids of a split; all: train then val, one stream (documents are
-    EOS-separated either way), read into memory."""
-    if split == "all":
-        return np.concatenate([open_tokens(prepared.train_bin, prepared.dtype),
-                               open_tokens(prepared.val_bin, prepared.dtype)])
-    return open_tokens(prepared.val_bin if split == "val" else prepared.train_bin, prepared.dtype)
-
-
-def window_count(n_tokens: int, seq_len: int, stride: int, max_windows: int | None) -> int:
-    whole = (n_tokens - 1 - seq_len) // stride + 1
-    return whole if max_windows is None else min(whole, max_windows)
 
 
 # ---------------------------------------------------------------- sources and settings
@@ -709,6 +573,6 @@ def leave_process_group() -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = quote_prompt_args(sys.argv[1:], "attention.prompt")
+    sys.argv[1:] = cli.quote_prompt_args(sys.argv[1:], "attention.prompt")
     main()
     leave_process_group()

@@ -11,8 +11,6 @@ taken verbatim (no Hydra quoting needed). Errors: one line `error: ...`, exit st
 """
 from __future__ import annotations
 
-import os
-import re
 import resource
 import sys
 import time
@@ -25,16 +23,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import cli
-from model import runs
-from model.checkpoint import CONFIG, load_checkpoint
-from model.hf import checkpoint_tokenizer, import_hf, is_hf_model
 from model.kv_cache import kv_bytes_per_token
-from model.quantize import (describe, is_quantized, kernel_report, load_quantized,
-                            quantize_model, weight_bytes)
+from model.quantized import describe, kernel_report, quantize_model, weight_bytes
 from model.sampling import KV_CACHES, SamplingConfig, compile_decode, stream
 from model.transformer import Transformer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from store.source import load_model, pick_device, pick_dtype, resolve_checkpoint
 SEPARATOR = "\n" + "-" * 40 + "\n"
 
 
@@ -67,79 +60,6 @@ ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
 
 class UsageError(cli.UserError):
     """Bad input from the user; printed as one line."""
-
-
-# ---------------------------------------------------------------- loading
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UsageError(f"device={name!r} is not a torch device: use auto, cpu, cuda, "
-                             f"cuda:N or mps") from None
-        if str(device) not in usable_devices():
-            raise UsageError(f"device={name} is not available here: use auto or one of "
-                             f"{', '.join(usable_devices())}")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def usable_devices() -> list[str]:
-    """The device names this machine runs: cpu, cuda and cuda:N per GPU, mps."""
-    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = ["mps"] if torch.backends.mps.is_available() else []
-    return ["cpu", *(["cuda", *gpus] if gpus else []), *mps]
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # bf16 on a CPU without bf16 matmul units is several times slower than fp32.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UsageError(f"dtype={name!r} is unknown: use auto or one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint or HF dir as is; a train.py run dir -> its checkpoints/latest."""
-    if not path:
-        raise UsageError("no checkpoint given: pass ckpt=<checkpoint dir | run dir | HF model dir>")
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise UsageError(f"checkpoint {p} not found: pass an existing directory as ckpt=")
-    if (p / CONFIG).is_file():
-        return p
-    latest = runs.latest_link(p)
-    if latest.is_dir():  # a directory or a symlink to one
-        return latest.resolve()
-    if latest.is_symlink():  # pointing at a step that was deleted
-        steps = [d for d in runs.step_dirs(latest.parent) if (d / CONFIG).is_file()]
-        fix = (f"pass ckpt={steps[-1]} (on disk: {', '.join(d.name for d in steps)})"
-               if steps else "no step_N checkpoint is left in it")
-        raise UsageError(f"{latest} points at {os.readlink(latest)}, which does not exist "
-                         f"(dangling): {fix}")
-    if latest.is_file():  # a text file naming the step dir
-        target = latest.parent / latest.read_text().strip()
-        if target.is_dir():
-            return target
-    raise UsageError(f"{p} holds no {CONFIG} and no checkpoints/latest: pass a checkpoint dir, "
-                     f"a train.py run dir or an HF Llama, GPT-2 or GPT-NeoX dir")
-
-
-def load_model(path: Path, device: torch.device, dtype: torch.dtype):
-    """-> (model, its tokenizer or None)."""
-    if is_hf_model(path):
-        model = import_hf(path, dtype).to(device)  # rope tables built in dtype, not via bf16
-    elif is_quantized(path):  # written by model.quantize: int8 as stored, not re-quantized
-        model = load_quantized(path, device, dtype).model
-    else:
-        model = load_checkpoint(path, device, dtype).model
-    return model, checkpoint_tokenizer(path)
 
 
 def read_prompt(cfg: GenerateConfig) -> str:
@@ -305,17 +225,6 @@ def run(cfg: GenerateConfig) -> None:
           f"{mib(kv_mha)}, {kv_mha / kv:.0f}x more) | {memory_report(device)}", file=sys.stderr)
 
 
-def quote_prompt_args(argv: list[str], key: str = "prompt") -> list[str]:
-    """prompt=<text> -> prompt='<escaped text>' (key: the option's name), so any text
-    (parentheses, colons, quotes, ${...}) reaches the config verbatim instead of tripping
-    Hydra's override grammar."""
-    def quote(text: str) -> str:
-        # Hydra unescapes backslashes only before a quote, the end, or an interpolation.
-        text = re.sub(r"(\\+)(?='|$|\$\{)", lambda m: m.group(1) * 2, text)
-        return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
-    return [f"{key}={quote(a[len(key) + 1:])}" if a.startswith(f"{key}=") else a for a in argv]
-
-
 @cli.hydra_main(config_path="configs", config_name="generate",
                 errors=(ValueError, OSError))
 def main(dcfg) -> None:
@@ -328,5 +237,5 @@ def main(dcfg) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = quote_prompt_args(sys.argv[1:])
+    sys.argv[1:] = cli.quote_prompt_args(sys.argv[1:])
     main()

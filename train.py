@@ -10,9 +10,9 @@
         train.py hydra.run.dir=runs/ddp                       # two CPU processes
 
 In-process: `train(cfg, overrides)` with a config composed from configs/train.yaml.
-Beside it: train_start.py decides how a run starts (fresh, init_from, resume) and owns its
-run dir; train_runtime.py sets up Accelerate, compile, MFU and the stop signals;
-model/runs.py is the checkpoint layout (step dirs, `latest`) every command reads.
+Beside it: training/start.py decides how a run starts (fresh, init_from, resume) and owns its
+run dir; training/runtime.py sets up Accelerate, compile, MFU and the stop signals;
+store/runs.py is the checkpoint layout (step dirs, `latest`) every command reads.
 """
 from __future__ import annotations
 
@@ -38,17 +38,18 @@ import cli
 from data.loader import TokenStream
 from data.prepare import as_data_config, prepare_data
 from data.tokenizer import Tokenizer
-from model import runs
-from model.checkpoint import save_checkpoint, unwrap, write_json
-from model.runs import ACCEL_STATE, TRAIN_CONFIG, TRAINER_STATE
-from model.distill import build_teacher
+from store import runs
+from store.checkpoint import save_checkpoint, unwrap, write_json
+from store.runs import ACCEL_STATE, TRAIN_CONFIG, TRAINER_STATE
+from training.distill import build_teacher
+from training.optim import build_optimizer, lr_at
 from model.sampling import SamplingConfig, generate
 from model.summary import flops_per_token, format_summary
-from train_runtime import (REQUEUE_STATUS, GracefulStop, fsdp_precision, is_fsdp,
-                           make_accelerator, peak_tflops, start_trackers, use_compile)
-from train_start import (LOSS_PLOT, METRICS, Start, check_run_dir, decide_start, hold_run_dir,
-                         prepare_run_dir)
-from train_start import TrainError  # noqa: F401  (callers catch train.TrainError)
+from training.runtime import (REQUEUE_STATUS, GracefulStop, fsdp_precision, is_fsdp,
+                              make_accelerator, peak_tflops, start_trackers, use_compile)
+from training.start import (LOSS_PLOT, METRICS, Start, check_run_dir, decide_start,
+                            hold_run_dir, prepare_run_dir)
+from training.start import TrainError  # noqa: F401  (callers catch train.TrainError)
 
 USER_ERRORS = (cli.UserError,)  # TrainError, ConfigError, CheckpointError, DataError, ...
 
@@ -60,28 +61,6 @@ class TrainResult:
     run_dir: Path
     sample: str = ""  # generated from cfg.sample_prompt at the end
     stopped_by: str | None = None  # the signal that stopped the run before max_steps
-
-
-# ---------------------------------------------------------------- schedule and optimizer
-
-def lr_at(step: int, max_steps: int, optim: Any) -> float:
-    """Linear warmup to optim.lr, then cosine to lr · min_lr_ratio at max_steps. A plain
-    function of the step: nothing to save, nothing that steps once per process."""
-    warmup = int(optim.warmup_frac * max_steps)
-    if step < warmup:
-        return optim.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    min_lr = optim.lr * optim.min_lr_ratio
-    return min_lr + 0.5 * (optim.lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-def build_optimizer(model: torch.nn.Module, optim: Any, fused: bool = False) -> torch.optim.AdamW:
-    """Decay matrices (projections, embedding); never norms' gains. fused: one kernel for
-    all parameters (CUDA)."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                             fused=fused or None)
 
 
 # ---------------------------------------------------------------- the run
@@ -124,7 +103,7 @@ class Run:
     tokens_per_step: int = 0
     flops_per_step: float = 0.0
     peak: float | None = None
-    teacher: Any = None  # model.distill's Teacher when uptrain.distill > 0
+    teacher: Any = None  # training.distill's Teacher when uptrain.distill > 0
 
     @property
     def main(self) -> bool:
@@ -316,7 +295,7 @@ def finish(run: Run, stopped_by: str | None) -> TrainResult:
 def evaluate(model, accelerator: Accelerator, prepared, cfg: Any) -> float:
     """Mean val loss per token over at most eval_batches batches per process (each val
     window once, padding ignored), all processes pooled: evaluate.py's window scoring."""
-    from evaluate import mean_nll, window_scores
+    from evaluation.scoring import mean_nll, window_scores
     world = accelerator.num_processes
     totals = window_scores(model, prepared.val_bin, cfg.seq_len, cfg.batch_size,
                            accelerator.device, dtype=prepared.dtype,

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.train import SHAPE  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
-from train import build_optimizer  # noqa: E402
-from train_config import OptimConfig  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.config import OptimConfig  # noqa: E402
 
 
 def rss_mb() -> float:

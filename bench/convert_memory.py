@@ -1,4 +1,4 @@
-"""Peak memory of `model.hf import` and `model.convert` on a bf16 HF Llama, as a multiple
+"""Peak memory of `store.hf import` and `convert` on a bf16 HF Llama, as a multiple
 of the weights' bytes (issue 11, item 5: target <= 2.0x, so 7B bf16 = 13.5 GB fits 24 GB).
 
     python bench/convert_memory.py                      # 0.95B parameters, 1.9 GB of bf16
@@ -10,8 +10,8 @@ written shard by shard, no transformers init) goes in a temporary dir under /tmp
 at the end. Each command then runs as a fresh process and its peak RSS is the kernel's
 ru_maxrss for that child (os.wait4): anonymous memory plus the file pages it mapped and
 touched (safetensors loads by mmap; those pages are page cache the kernel can drop, so
-the figure is an upper bound on what must fit). `python -c "import model.hf,
-model.convert"` is measured too: the interpreter and torch alone, part of every figure.
+the figure is an upper bound on what must fit). `python -c "import store.hf,
+convert"` is measured too: the interpreter and torch alone, part of every figure.
 
 This parent process never imports torch and stays small on purpose: a child's ru_maxrss
 starts from its parent's peak (exec keeps the old mm's high-water mark), so building the
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def hf_llama_shapes(a: argparse.Namespace) -> dict[str, tuple[int, ...]]:
     """HF Llama tensor names -> shapes of an MHA model (untied head), written out from
-    transformers' layout rather than from model.hf, so the bench measures any checkout."""
+    transformers' layout rather than from store.hf, so the bench measures any checkout."""
     d, f = a.d_model, a.ffn
     shapes = {"model.embed_tokens.weight": (a.vocab, d)}
     for i in range(a.n_layer):
@@ -159,11 +159,11 @@ def steps(hf: Path, tmp: Path, n_kv_head: int) -> list:
     py = sys.executable
     ckpt, gqa = (lambda i: tmp / f"ckpt{i}"), (lambda i: tmp / f"gqa{i}")
     return [
-        ("python + torch only", lambda i: [py, "-c", "import model.hf, model.convert"], None),
-        ("model.hf import", lambda i: [py, "-m", "model.hf", "import", f"hf={hf}",
+        ("python + torch only", lambda i: [py, "-c", "import store.hf, convert"], None),
+        ("store.hf import", lambda i: [py, "-m", "store.hf", "import", f"hf={hf}",
                                        f"out={ckpt(i)}"], ckpt),
-        (f"model.convert n_kv_head={n_kv_head}",
-         lambda i: [py, "-m", "model.convert", f"ckpt={ckpt(i)}", f"n_kv_head={n_kv_head}",
+        (f"convert n_kv_head={n_kv_head}",
+         lambda i: [py, "-m", "convert", f"ckpt={ckpt(i)}", f"n_kv_head={n_kv_head}",
                     f"out={gqa(i)}"], gqa),
     ]
 

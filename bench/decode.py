@@ -37,8 +37,8 @@ from model.config import ModelConfig  # noqa: E402
 from model.kv_cache import kv_bytes_per_token  # noqa: E402
 from model.sampling import (KV_CACHES, SamplingConfig, compile_decode, generate,  # noqa: E402
                             stream)
-from model.quantize import (CPU_CAPABILITY, describe, int8_kernel, quantize_model,  # noqa: E402
-                            set_int8_kernel, weight_bytes)
+from model.quantized import (CPU_CAPABILITY, describe, int8_kernel, quantize_model,  # noqa: E402
+                             set_int8_kernel, weight_bytes)
 from model.transformer import Transformer  # noqa: E402
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -116,7 +116,7 @@ def to_hf(model: Transformer, tmp: str):
     """The same weights as a transformers LlamaForCausalLM (sdpa attention, its fastest
     eager CPU path)."""
     from transformers import LlamaForCausalLM
-    from model.hf import export_hf
+    from store.hf import export_hf
     path = export_hf(model, Path(tmp) / f"hf-{model.config.n_kv_head}")
     return LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
 
@@ -331,7 +331,7 @@ def kv_decode_rate(model: Transformer, prompt: torch.Tensor, new: int, kind: str
 # ---------------------------------------------------------------- (r) the real model
 
 def load_real(path: Path):
-    from model.hf import import_hf
+    from store.hf import import_hf
     return import_hf(path, torch.float32).eval()
 
 
@@ -342,7 +342,7 @@ def real_variant(path: Path, name: str) -> Transformer:
     """The real model with REAL_KV[name] KV heads: itself (GQA-3), its exact MHA copy (each
     KV head repeated, the same logits), or MQA by mean pooling (the quality is not the
     point here, only the shapes a step reads)."""
-    from model.convert import convert_model, expand_kv_heads
+    from convert.heads import convert_model, expand_kv_heads
     model = load_real(path)
     n_kv, own = REAL_KV[name], model.config.n_kv_head
     if n_kv > own:

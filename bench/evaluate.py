@@ -6,7 +6,7 @@ the same run, on the same windows and the same weights.
 
 A random LlamaForCausalLM is saved as an HF dir and loaded as evaluate.py loads it (the HF
 import); both sides score the same non-overlapping windows (data/loader.eval_batches):
-ours through evaluate.window_scores, transformers as model(x, labels=y, shift_labels=y)
+ours through evaluation.scoring.window_scores, transformers as model(x, labels=y, shift_labels=y)
 (its own loss over the same targets). Prints tokens/s of each, the ratio (ours /
 transformers) and the two mean NLLs, which must agree. Best of --repeats per side,
 alternating sides (the CPU is shared, the minimum is the least noisy).
@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode import timed  # noqa: E402  (best of repeats)
 from data.loader import eval_batches  # noqa: E402
-from evaluate import mean_nll, window_scores  # noqa: E402
-from generate import load_model  # noqa: E402
+from evaluation.scoring import mean_nll, window_scores  # noqa: E402
+from store.source import load_model  # noqa: E402
 
 SHAPE = dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
              num_attention_heads=6, max_position_embeddings=1024)

@@ -19,7 +19,7 @@ fails or raises does not stop the others):
              path: forward and backward parity, kernel names, time
   decode     greedy decode b1/b8 vs transformers generate, same weights (bench/decode.py's
              helpers), eager and compiled
-  quant      the weight-only modes model.quantize has (int8; int4 once it exists): logits
+  quant      the weight-only modes store.quantize has (int8; int4 once it exists): logits
              error, compiled == eager greedy ids, tok/s against the unquantized model
   evaluate   evaluate.py in bf16 on --model-dir (e.g. SmolLM2-135M as an HF dir), else on a
              random-weight Llama of SmolLM2-135M's exact shape (the report says which);
@@ -336,7 +336,7 @@ def section_fsdp(ctx: Context, sec: Section) -> None:
 def section_distill(ctx: Context, sec: Section) -> None:
     """bf16 everywhere, on the CPU too (autocast): the teacher is loaded in bf16."""
     prepare_corpus(ctx)
-    from model.convert import convert_checkpoint
+    from convert.command import convert_checkpoint
     s, work = ctx.scale, ctx.work
     common = [*train_args(ctx, s.fsdp_model, s.distill_steps, 8), "log_every=1",
               "compile=false", "mixed_precision=bf16"]
@@ -500,14 +500,14 @@ INT4_GROUP = 32  # the smallest group: random weights have no structure to spare
 
 
 def section_quant(ctx: Context, sec: Section) -> None:
-    from model import quantize
+    from model import quantized as quantize
     from model.sampling import SamplingConfig, compile_decode, generate
     d = decode_helpers()
     s = ctx.scale
     modes = [m for m in ("int8", "int4") if m in quantize.MODES]  # what this checkout has
     for mode in ("int8", "int4"):
         if mode not in modes:
-            sec.skip(mode, f"model.quantize has no {mode} mode (MODES = {quantize.MODES})")
+            sec.skip(mode, f"store.quantize has no {mode} mode (MODES = {quantize.MODES})")
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     greedy, plen, b = SamplingConfig(temperature=0.0), 16, 1
     base = d.build(s.decode, 2).to(ctx.device, dtype)
@@ -552,8 +552,8 @@ def section_quant(ctx: Context, sec: Section) -> None:
 def random_smollm2(ctx: Context, out: Path) -> str:
     """A random-weight HF Llama dir at SmolLM2-135M's shape (shrunk on CPU) holding the
     corpus's tokenizer; -> a description for the report."""
-    from model.hf import export_hf
-    from model.hf_families import llama_config
+    from store.hf import export_hf
+    from store.hf_families import llama_config
     from model.transformer import Transformer
     shape = dict(SMOLLM2)
     if ctx.scale.eval_layers is not None:

@@ -11,7 +11,7 @@
 Peers:
   HF       the Llama shape (SwiGLU ffn 1024) against transformers' LlamaForCausalLM
            (attn_implementation="sdpa"), both holding the same weights (ours exported through
-           model/hf.py); target >= 1.05x in each mode.
+           store/hf.py); target >= 1.05x in each mode.
   nanoGPT  gqalab's GPT-2 switches (configs/model/gpt2.yaml: LayerNorm, GELU-tanh MLP of
            4·d_model, biases, learned positions, tied head) against nanoGPT's `GPT` (its
            model.py, MIT, imported by path from --nanogpt, default ../shared/peers/nanogpt
@@ -57,14 +57,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from model.checkpoint import model_from_state  # noqa: E402
+from store.checkpoint import model_from_state  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.hf import export_hf  # noqa: E402
-from model.hf_families import GPT2  # noqa: E402
+from store.hf import export_hf  # noqa: E402
+from store.hf_families import GPT2  # noqa: E402
 from model.summary import flops_per_token  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
-from train import build_optimizer, peak_tflops  # noqa: E402
-from train_config import OptimConfig  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.runtime import peak_tflops  # noqa: E402
+from training.config import OptimConfig  # noqa: E402
 
 SHAPE = dict(vocab_size=4096, n_layer=6, n_head=6, d_model=384, ffn_hidden=1024, max_seq_len=256)
 SHAPES = {"bench": SHAPE, "gpt2s": dict(vocab_size=32000, n_layer=12, n_head=12, d_model=768,

@@ -5,7 +5,7 @@
     python -m experiments.gqa_ablation preset=default base_steps=1000 alphas=[0.05]
 
 1. train an MHA model (n_head = 8) for base_steps with train.py;
-2. convert it to each of kv_heads with each of methods (model.convert): the paper's mean,
+2. convert it to each of kv_heads with each of methods (convert): the paper's mean,
    first and random, and mean pooling after choosing (`similar`) and/or aligning
    (`procrustes`) the heads, or least-squares shared heads (`linear`), fitted on
    calib_windows train windows; the K/V reconstruction error of each layer on as many val
@@ -43,12 +43,13 @@ from tqdm import tqdm
 
 import cli
 from data.prepare import prepare_data
-from evaluate import split_tokens, val_loss
+from evaluation.scoring import split_tokens, val_loss
 from experiments.presets import conversion_options, load_preset
 from experiments.report import CONVERSIONS, variant_name, write_report
-from model import runs
-from model.checkpoint import WEIGHTS, load_checkpoint, read_meta, write_atomic
-from model.convert import ConvertError, check_target, convert_checkpoint
+from store import runs
+from store.checkpoint import WEIGHTS, load_checkpoint, read_meta, write_atomic
+from convert.heads import ConvertError, check_target
+from convert.command import convert_checkpoint
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, stream
 from model.transformer import Transformer
@@ -88,7 +89,7 @@ class Settings:
     kv_heads: list[int] = field(default_factory=lambda: [4, 2, 1])
     methods: list[str] = field(default_factory=lambda: ["mean", "first", "random"])  # CONVERSIONS
     calib_windows: int = 64  # train windows for similar/procrustes; as many val windows for K/V error
-    distill: float = 0.5  # λ of the "+distill" methods' uptraining (model/distill.py)
+    distill: float = 0.5  # λ of the "+distill" methods' uptraining (training/distill.py)
     distill_temperature: float = 1.0
     mha_control: bool = True  # the MHA base trained on for alpha x base_steps
     alphas: list[float] = field(default_factory=lambda: [0.05, 0.1])
@@ -180,7 +181,7 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 def val_tokens(data_cfg: dict) -> np.ndarray:
     """The val split the base run held out, tokenized as it trained: every model is scored
-    on the same windows of it (evaluate.val_loss), so losses differ only by the model."""
+    on the same windows of it (evaluation.scoring.val_loss), so losses differ only by the model."""
     return split_tokens(prepare_data(data_cfg, progress=False), "val")
 
 
@@ -309,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_settings(argv)
         out = Path(cfg.out)
         paths = run(cfg, out)
-    except cli.UserError as e:
+    except Exception as e:
+        if not cli.is_user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((out / "results.md").read_text())

@@ -26,9 +26,9 @@ from omegaconf import OmegaConf
 
 from data.sources import pystdlib_files
 from data.tokenizer import load_tokenizer
-from model.align import attention_input_grams
-from model.convert import kv_errors_from_grams, plan_from_grams, pooled_model
-from model.hf import import_hf
+from convert.align import attention_input_grams
+from convert.heads import kv_errors_from_grams, plan_from_grams, pooled_model
+from store.hf import import_hf
 
 
 @dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from model.align import ALIGNMENTS, GROUPINGS
-from model.convert import METHODS
+from convert.align import ALIGNMENTS, GROUPINGS
+from convert.heads import METHODS
 
 
 def load_preset(schema: type, folder: Path, argv: list[str], error: type[Exception]) -> DictConfig:

@@ -14,7 +14,7 @@ uptraining for fixed token budgets, against the unconverted model trained on as 
 3. three corpora from the running Python's stdlib, split by a hash of the file path, never
    overlapping: English prose (module docstrings) and code (.py files), both held out, and
    the rest of the stdlib's .py files for calibration and uptraining;
-4. conversions with `model.convert.convert_checkpoint` (calibration on the third corpus,
+4. conversions with `convert.convert_checkpoint` (calibration on the third corpus,
    K/V error on its val split, time and peak memory in each meta.json);
 5. perplexity of every model on both held-out corpora (fixed windows); uptraining with
    train.py (resumed exactly after a stop) for each token budget, and the control;
@@ -44,18 +44,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import cli
-from evaluate import mean_nll, score
+from evaluation.scoring import mean_nll, score
 from data.sources import pystdlib_dir, pystdlib_files
 from data.tokenizer import load_tokenizer
 
 from experiments.presets import conversion_options, load_preset
 from experiments.smollm2 import DEFAULT_CACHE, smollm2_hf_dir
-from model.align import ALIGNMENTS
-from model.checkpoint import (load_checkpoint, read_meta, save_checkpoint,
-                              write_atomic)
-from model.convert import (convert_checkpoint, expand_kv_heads,
-                           permute_kv_heads)
-from model.hf import import_hf, tokenizer_writer
+from convert.align import ALIGNMENTS
+from store.checkpoint import load_checkpoint, read_meta, save_checkpoint, write_atomic
+from convert.heads import expand_kv_heads, permute_kv_heads
+from convert.command import convert_checkpoint
+from store.hf import import_hf, tokenizer_writer
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, generate
 from model.transformer import Transformer
@@ -66,7 +65,7 @@ SOURCES = {"gqa3": "GQA-3 (original)", "mha9": "MHA-9 (exact copy)",
            "mha9p": "MHA-9 (permuted copy)"}
 TARGETS = {"gqa3": 3, "mqa": 1}
 PROOF_JOBS = [("mha9>gqa3", "mean"), ("mha9p>gqa3", "similar"), ("mha9p>gqa3", "mean")]
-LATER_ALIGNMENTS = ("linear", "linear_readers")  # issue 22's; used when model.align has them
+LATER_ALIGNMENTS = ("linear", "linear_readers")  # issue 22's; used when convert.align has them
 PROMPTS = ["The history of the printing press", "def fibonacci(n):",
            "Here is a short summary of the water cycle:"]
 
@@ -121,21 +120,21 @@ class Settings:
 
 
 def available_methods() -> list[str]:
-    """Every conversion model.convert offers: the paper's three, then mean pooling after
-    each grouping and alignment model.align has (linear ones when present)."""
+    """Every conversion convert offers: the paper's three, then mean pooling after
+    each grouping and alignment convert.align has (linear ones when present)."""
     fitted = [a for a in ALIGNMENTS if a != "none"]
     return ["mean", "first", "random", "similar", *fitted, *[f"similar+{a}" for a in fitted]]
 
 
 def usable_methods(names: list[str]) -> list[str]:
-    """names that this model.align offers; a least-squares one it lacks (`align=linear`
+    """names that this convert.align offers; a least-squares one it lacks (`align=linear`
     came later) is skipped with a note, any other unknown name refused."""
     known, usable = available_methods(), []
     for name in names:
         if name in known:
             usable.append(name)
         elif set(name.split("+")) <= {"similar", *LATER_ALIGNMENTS}:
-            print(f"note: method {name} is not in this model.align; skipped", file=sys.stderr)
+            print(f"note: method {name} is not in this convert.align; skipped", file=sys.stderr)
         else:
             raise ExperimentError(f"unknown method {name!r}: use some of {known}")
     return usable
@@ -197,7 +196,7 @@ def module_docstring(text: str) -> str | None:
 
 
 def data_overrides(corpora: dict[str, Path], cache: Path, max_tokens: int) -> list[str]:
-    """The calibration/uptraining corpus as data.* settings (model.convert and train.py)."""
+    """The calibration/uptraining corpus as data.* settings (convert and train.py)."""
     args = ["data.source=text_files", f"data.files=[{corpora['train']}/*.py]",
             f"data.cache_dir={cache / 'data'}"]
     return args + ([f"data.max_tokens={max_tokens}"] if max_tokens else [])
@@ -646,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_settings(argv)
         out = run(cfg)
-    except cli.UserError as e:
+    except Exception as e:
+        if not cli.is_user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((out / "results.md").read_text())

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
-from model.checkpoint import write_atomic  # noqa: E402
+from store.checkpoint import write_atomic  # noqa: E402
 
 COLUMNS = ("variant", "n_kv_head", "method", "alpha", "steps", "val_loss",
            "kv_bytes_per_token", "decode_tok_s", "train_s", "k_error", "v_error")

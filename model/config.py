@@ -5,11 +5,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import cli
 
 
-class ConfigError(cli.UserError):
+class ConfigError(ValueError):
     """A model configuration that cannot be built; the message names the fix."""
+    user_error = True  # every command prints it as one line (cli.is_user_error)
 
 
 CHOICES = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu_tanh", "gelu"),
@@ -30,7 +30,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
-    # Family switches; the defaults are Llama (model/hf_families.py sets GPT-2's and NeoX's).
+    # Family switches; the defaults are Llama (store/hf_families.py sets GPT-2's and NeoX's).
     norm: str = "rmsnorm"  # rmsnorm | layernorm (with bias)
     mlp: str = "swiglu"  # swiglu | gelu_tanh (GPT-2's approximation) | gelu (exact, NeoX)
     attn_bias: bool = False  # biases on the q, k, v and o projections

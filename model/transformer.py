@@ -88,7 +88,7 @@ class Transformer(nn.Module):
 
     def init_rope(self) -> None:
         """The rope tables: buffers that are not saved, so a model built on the meta device
-        (model.checkpoint.model_from_state) calls this again once its weights are in."""
+        (store.checkpoint.model_from_state) calls this again once its weights are in."""
         cfg = self.config
         cos, sin = (None, None) if cfg.positions == "learned" else rope_tables(
             cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta)

@@ -19,8 +19,8 @@ import sys
 import time
 import traceback
 
-COMMANDS = ["train", "generate", "evaluate", "data.prepare", "model.convert", "model.hf",
-            "model.quantize"]
+COMMANDS = ["train", "generate", "evaluate", "data.prepare", "convert.command", "store.hf",
+            "store.quantize"]
 
 
 def run_command(argv: list[str]) -> int:

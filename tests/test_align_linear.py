@@ -1,4 +1,4 @@
-"""align=linear (model/align.py): the wider exact maps it relies on, checked on imported
+"""align=linear (convert/align.py): the wider exact maps it relies on, checked on imported
 Llama, GPT-2 and NeoX sources against maps built here; its K/V error against procrustes's
 on a trained model; and a planted model that only it converts without loss."""
 import math
@@ -9,11 +9,11 @@ import torch
 from hf_fixtures import tiny_hf_family, tiny_hf_llama
 from test_convert import add_bias, rewritten
 from model import ModelConfig, Transformer
-from model.align import LayerPlan
-from model.checkpoint import model_state
-from model.convert import (ConvertError, aligned_attention, convert_model, kv_errors,
+from convert.align import LayerPlan
+from store.checkpoint import model_state
+from convert.heads import (ConvertError, aligned_attention, convert_model, kv_errors,
                            plan_conversion, pooled_model)
-from model.hf import import_hf
+from store.hf import import_hf
 
 F64 = torch.float64
 

@@ -100,59 +100,59 @@ CASES = [
      "data.vocab_size=3 is below the 4 special ids (unk, bos, eos, pad)"),
     ("python -m data.prepare", ["data=text_files", "data.files=[{corpus}]", "data.num_proc=1",
                                 "data.cache_dir={run}/metrics.jsonl/cache"], "Not a directory"),
-    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", f"out={CKPT}", "overwrite=true"],
+    ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=2", f"out={CKPT}", "overwrite=true"],
      "is the source checkpoint itself"),
-    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={run}", "overwrite=true"],
+    ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={run}", "overwrite=true"],
      "contains the source checkpoint"),
-    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=3", "out={new}"], "does not divide"),
-    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={hf}"], "already exists"),
-    ("python -m model.convert", ["ckpt={trunc}/checkpoints/step_4", "n_kv_head=2", "out={new}"],
+    ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=3", "out={new}"], "does not divide"),
+    ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={hf}"], "already exists"),
+    ("python -m convert", ["ckpt={trunc}/checkpoints/step_4", "n_kv_head=2", "out={new}"],
      "truncated or corrupt"),
-    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out=/dev/null/gqa"],
+    ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=2", "out=/dev/null/gqa"],
      "cannot write /dev/null/gqa: File exists (/dev/null): choose an output path in a writable"),
-    ("python -m model.quantize", [f"ckpt={CKPT}", "out=/dev/null/int8"], "cannot write "
+    ("python -m store.quantize", [f"ckpt={CKPT}", "out=/dev/null/int8"], "cannot write "
                                                                         "/dev/null/int8"),
-    ("python -m model.quantize", [f"ckpt={CKPT}", "out={new}", "mode=int3"],
+    ("python -m store.quantize", [f"ckpt={CKPT}", "out={new}", "mode=int3"],
      "mode='int3' is unknown: use int8"),
-    ("python -m model.hf", ["export", f"ckpt={CKPT}", "out=/dev/null/hf"], "cannot write "
+    ("python -m store.hf", ["export", f"ckpt={CKPT}", "out=/dev/null/hf"], "cannot write "
                                                                           "/dev/null/hf"),
-    ("python -m model.hf", [], "no command: python -m model.hf import"),
-    ("python -m model.hf", ["frobnicate"], "unknown command 'frobnicate'"),
-    ("python -m model.hf", ["import", "hf={new}", "out={run}/hf"], "config.json"),
-    ("python -m model.hf", ["export", f"ckpt={CKPT}", "out={hf}"], "already exists: choose a "
+    ("python -m store.hf", [], "no command: python -m store.hf import"),
+    ("python -m store.hf", ["frobnicate"], "unknown command 'frobnicate'"),
+    ("python -m store.hf", ["import", "hf={new}", "out={run}/hf"], "config.json"),
+    ("python -m store.hf", ["export", f"ckpt={CKPT}", "out={hf}"], "already exists: choose a "
                                                                    "new path or pass "
                                                                    "overwrite=true"),
-    ("python -m model.hf", ["import", "hf={hf}", "out={hf}", "overwrite=true"],
+    ("python -m store.hf", ["import", "hf={hf}", "out={hf}", "overwrite=true"],
      "out={hf} is the source checkpoint itself: writing there would destroy it; write to a "
      "new dir, e.g. out={hf}-gqalab"),
-    ("python -m model.hf", ["export", f"ckpt={CKPT}", "out={run}", "overwrite=true"],
+    ("python -m store.hf", ["export", f"ckpt={CKPT}", "out={run}", "overwrite=true"],
      "contains the source checkpoint"),
-    ("python -m model.hf", ["export", f"ckpt={CKPT}", f"out={CKPT}/hf", "overwrite=true"],
+    ("python -m store.hf", ["export", f"ckpt={CKPT}", f"out={CKPT}/hf", "overwrite=true"],
      f"is inside the source checkpoint {CKPT}: write elsewhere, e.g. out={CKPT}-hf"),
-    ("python -m model.quantize", [f"ckpt={CKPT}", "out={run}", "overwrite=true"],
+    ("python -m store.quantize", [f"ckpt={CKPT}", "out={run}", "overwrite=true"],
      f"pick another out, e.g. out={CKPT}-int8"),
-    ("python -m model.quantize", ["ckpt={hf}", "out={new}"], "{hf} is an HF llama model dir: "
+    ("python -m store.quantize", ["ckpt={hf}", "out={new}"], "{hf} is an HF llama model dir: "
                                                              "import it first with `python -m "
-                                                             "model.hf import hf={hf} out=<new "
+                                                             "store.hf import hf={hf} out=<new "
                                                              "dir>`"),
-    ("python -m model.hf", ["export", "ckpt={hf}", "out={new}"], "is an HF llama model dir"),
-    ("python -m model.hf", ["import", f"hf={CKPT}", "out={new}"], "is already a gqalab "
+    ("python -m store.hf", ["export", "ckpt={hf}", "out={new}"], "is an HF llama model dir"),
+    ("python -m store.hf", ["import", f"hf={CKPT}", "out={new}"], "is already a gqalab "
                                                                   "checkpoint, not an HF model"),
     ("generate.py", ["ckpt={run}", "device=meta"], "device=meta is not available here: use "
                                                    "auto or one of cpu"),
     # a typo in each command's options names the closest key
-    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_heads=2", "out={new}"],
+    ("python -m convert", [f"ckpt={CKPT}", "n_kv_heads=2", "out={new}"],
      "unknown key n_kv_heads: did you mean n_kv_head?"),
-    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={new}", "data.file=[a]"],
+    ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={new}", "data.file=[a]"],
      "unknown key data.file: did you mean data.files?"),
-    ("python -m model.convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={new}", "data=text_file"],
+    ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={new}", "data=text_file"],
      "data=text_file is not an option of group data: did you mean data=text_files?"),
-    ("python -m model.quantize", [f"ckpt={CKPT}", "out={new}", "mdoe=int8"],
+    ("python -m store.quantize", [f"ckpt={CKPT}", "out={new}", "mdoe=int8"],
      "unknown key mdoe: did you mean mode?"),
-    ("python -m model.hf", ["export", f"ckpt={CKPT}", "out={new}", "overwrit=true"],
+    ("python -m store.hf", ["export", f"ckpt={CKPT}", "out={new}", "overwrit=true"],
      "unknown key overwrit: did you mean overwrite?"),
-    ("python -m model.convert", [f"ckpt={CKPT}", "out={new}"], "missing n_kv_head=...: "
-                                                               "python -m model.convert ckpt="),
+    ("python -m convert", [f"ckpt={CKPT}", "out={new}"], "missing n_kv_head=...: "
+                                                               "python -m convert ckpt="),
     ("evaluate.py", ["ckpt={new}"], "not found: pass an existing directory as ckpt="),
     ("evaluate.py", ["ckpt={corpus}"], "holds no config.json and no checkpoints/latest"),
     ("evaluate.py", ["ckpt={run}", "data=text_files", "data.files=[{corpus}]",
@@ -193,7 +193,7 @@ def digest(folder: Path) -> dict[str, str]:
 def fixture_run(tmp_path_factory) -> tuple[Path, list[str]]:
     """A 4-step tiny run with checkpoints at steps 2 and 4, trained once."""
     import train as train_mod
-    from model.hf import export_hf
+    from store.hf import export_hf
 
     tmp = tmp_path_factory.mktemp("cli")
     corpus = tmp / "corpus"
@@ -316,26 +316,29 @@ def test_hydra_full_error_shows_the_trace(tmp_path):
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "attention/foo" in proc.stderr
 
 
-@pytest.mark.parametrize("module", ["model.convert", "model.quantize", "model.hf"])
+COMMAND_MODULE = {"convert": "convert.command"}  # `python -m convert` runs a package's __main__
+
+
+@pytest.mark.parametrize("module", ["convert", "store.quantize", "store.hf"])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_prints_usage_to_stdout_and_exits_0(module, flag, capsys):
     import importlib
     try:
-        code = importlib.import_module(module).main([flag])
+        code = importlib.import_module(COMMAND_MODULE.get(module, module)).main([flag])
     except SystemExit as e:  # what `python -m` does with either
         code = e.code
     out, err = capsys.readouterr()
     assert code == 0 and out.startswith("usage:") and f"python -m {module}" in out and not err
 
 
-@pytest.mark.parametrize("module, schema", [("model.convert", "ConvertConfig"),
-                                            ("model.quantize", "QuantizeConfig"),
-                                            ("model.hf", "HfConfig")])
+@pytest.mark.parametrize("module, schema", [("convert", "ConvertConfig"),
+                                            ("store.quantize", "QuantizeConfig"),
+                                            ("store.hf", "HfConfig")])
 def test_help_lists_every_option(module, schema, capsys):
     """--help names every field of the command's schema, with its default, and explains it."""
     import dataclasses
     import importlib
-    mod = importlib.import_module(module)
+    mod = importlib.import_module(COMMAND_MODULE.get(module, module))
     assert mod.main(["--help"]) == 0
     out = capsys.readouterr().out
     defaults, explained = out.split("== Defaults ==")[1].split("Options (key=value")
@@ -347,8 +350,8 @@ def test_help_lists_every_option(module, schema, capsys):
 def test_convert_calibrates_on_a_data_group_given_like_train_py(fixture_run, tmp_path, capsys):
     """`data=text_files data.files=[...]` (train.py's overrides) picks the calibration corpus,
     tokenized with the source's own tokenizer; the K/V error is measured on its val split."""
-    from model.checkpoint import read_meta
-    from model.convert import main as convert_main
+    from store.checkpoint import read_meta
+    from convert.command import main as convert_main
 
     tmp, _ = fixture_run
     out = tmp_path / "gqa"

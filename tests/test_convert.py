@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from model.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from model.convert import ConvertError, convert_checkpoint, convert_model, main, pool_kv_heads
+from store.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from convert.heads import ConvertError, convert_model, pool_kv_heads
+from convert.command import convert_checkpoint, main
 
 N_HEAD, HD = 8, 8
 
@@ -243,27 +244,27 @@ def test_cli_refuses_a_source_that_is_not_a_checkpoint(tmp_path, capsys):
 
 def test_command_line_module_converts(source_ckpt, tmp_path):
     out = tmp_path / "mqa"
-    run = subprocess.run([sys.executable, "-m", "model.convert", f"ckpt={source_ckpt}",
+    run = subprocess.run([sys.executable, "-m", "convert", f"ckpt={source_ckpt}",
                           "n_kv_head=1", "method=mean", f"out={out}"],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr
     assert "MQA" in run.stdout and load_checkpoint(out).config.n_kv_head == 1
 
 
-# ---- grouping and alignment (model/align.py) --------------------------------------------
+# ---- grouping and alignment (convert/align.py) --------------------------------------------
 
 import math  # noqa: E402
 
-from model.align import LayerPlan, similar_groups, spread  # noqa: E402
-from model.checkpoint import model_state  # noqa: E402
-from model.convert import aligned_attention, kv_errors, plan_conversion, pooled_state  # noqa: E402
+from convert.align import LayerPlan, similar_groups, spread  # noqa: E402
+from store.checkpoint import model_state  # noqa: E402
+from convert.heads import aligned_attention, kv_errors, plan_conversion, pooled_state  # noqa: E402
 
 CALIB = torch.randint(0, 61, (8, 32), generator=torch.Generator().manual_seed(2))
 
 
 def random_plan(S, gen, rotate=True, permute=True):
     """A random permutation, random orthogonal V maps and random 2x2 rotations in each RoPE
-    plane (dims i, i + hd/2) for K, built here independently of model/align.py."""
+    plane (dims i, i + hd/2) for K, built here independently of convert/align.py."""
     order = torch.randperm(S, generator=gen) if permute else torch.arange(S)
     if not rotate:
         return LayerPlan(order)
@@ -499,7 +500,7 @@ def test_an_hf_dir_or_its_import_calibrates_on_its_own_tokenizer(hf_llama_spm, t
     (not a freshly trained one): converting the HF dir, its import, and its import with
     data.tokenizer named explicitly give the same weights, bit for bit, and the tokenizer
     travels; another data.tokenizer is refused."""
-    from model.hf import main as hf_main
+    from store.hf import main as hf_main
     from hf_fixtures import byte_bpe_tokenizer
     src, corpus = hf_llama_spm
     assert hf_main(["import", f"hf={src}", f"out={tmp_path / 'imp'}"]) == 0

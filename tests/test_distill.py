@@ -1,4 +1,4 @@
-"""Distillation during uptraining (model/distill.py): the loss against hand-written
+"""Distillation during uptraining (training/distill.py): the loss against hand-written
 references, λ = 0 is plain uptraining bit for bit, the teacher is the unconverted source,
 two CPU processes (DDP or FSDP2, the teacher replicated) match one, and bf16 keeps a bf16
 teacher."""
@@ -11,10 +11,10 @@ import torch
 
 from test_train import cli, records, run, run_two_processes, write_corpus
 from test_train_fsdp import launch_fsdp
-from model.checkpoint import CheckpointError, read_meta, save_checkpoint
+from store.checkpoint import CheckpointError, read_meta, save_checkpoint
 from model.config import ConfigError
-from model.convert import convert_checkpoint
-from model.distill import kl_loss, mix, teacher_source
+from convert.command import convert_checkpoint
+from training.distill import kl_loss, mix, teacher_source
 from model import ModelConfig, Transformer
 
 

@@ -20,15 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate as ev  # noqa: E402
+import evaluation.scoring as scoring  # noqa: E402
 from data.config import DataConfig  # noqa: E402
 from data.loader import IGNORE_INDEX, eval_batches  # noqa: E402
 from data.prepare import prepare_data  # noqa: E402
 from data.tokenizer import load_tokenizer, tokenizer_files  # noqa: E402
 from hf_fixtures import CORPUS  # noqa: E402
-from model.checkpoint import save_checkpoint  # noqa: E402
+from store.checkpoint import save_checkpoint  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.hf import import_hf  # noqa: E402
-from model.quantize import quantize_checkpoint  # noqa: E402
+from store.hf import import_hf  # noqa: E402
+from store.quantize import quantize_checkpoint  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -64,7 +65,7 @@ def config(ckpts, corpus: Path, **kw) -> ev.EvaluateConfig:
 
 def split_ids(ckpt: Path, cfg: ev.EvaluateConfig, split: str = "all") -> np.ndarray:
     source = ev.Source(str(ckpt), ckpt, None)
-    return ev.split_tokens(prepare_data(ev.corpus_data(cfg, source), progress=False), split)
+    return scoring.split_tokens(prepare_data(ev.corpus_data(cfg, source), progress=False), split)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_sliding_windows_equal_a_hand_loop(stride):
             nll -= sum(logp[t, window[t + 1]].item() for t in range(first, SEQ))
             count += SEQ - first
             w += 1
-    totals = ev.window_scores(model, tokens.numpy(), SEQ, 4, torch.device("cpu"), stride=stride)
+    totals = scoring.window_scores(model, tokens.numpy(), SEQ, 4, torch.device("cpu"), stride=stride)
     assert totals[1].item() == count and totals[3].item() == w
     assert totals[0].item() == pytest.approx(nll, rel=1e-5)
 
@@ -202,7 +203,7 @@ def test_token_bytes_spell_every_document_exactly(hf_llama, hf_family):
     dummy prefix (Llama spm), byte fallback (non-ASCII), byte-level BPE, GPT-2's files."""
     for hf_dir in (hf_llama[1], hf_family[1]):
         tok = load_tokenizer(hf_dir)
-        counter = ev.TokenBytes(tok, tok.vocab_size, torch.device("cpu"))
+        counter = scoring.TokenBytes(tok, tok.vocab_size, torch.device("cpu"))
         for doc in CORPUS[:5]:
             ids = ([tok.bos_id] if tok.add_bos else [tok.eos_id]) + tok.encode(doc)
             x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])

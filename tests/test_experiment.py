@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.report import read_csv
-from model.checkpoint import load_checkpoint, read_meta
+from store.checkpoint import load_checkpoint, read_meta
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from experiments import real_model as rm
-from model.align import ALIGNMENTS
-from model.convert import (ConvertError, calib_shape, convert_checkpoint, convert_model,
-                           expand_kv_heads, permute_kv_heads)
-from model.checkpoint import read_meta
-from model.hf import import_hf
+from convert.align import ALIGNMENTS
+from convert.heads import (ConvertError, calib_shape, convert_model, expand_kv_heads,
+                           permute_kv_heads)
+from convert.command import convert_checkpoint
+from store.checkpoint import read_meta
+from store.hf import import_hf
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_conversion_calibrates_on_short_windows_and_reports_its_cost(tmp_path, c
     assert meta["calibration"]["peak_rss_mb"] > 10 and meta["calibration"]["seconds"] >= 0
     err = capsys.readouterr().err
     assert "calibration:" in err and "peak memory" in err
-    from model.convert import main as convert_main
+    from convert.command import main as convert_main
     code = convert_main([f"ckpt={tmp_path / 'hf'}", "n_kv_head=2", "calib_seq_len=300",
                          f"out={tmp_path / 'long'}", "data.source=text_files", f"data.files=[{tmp_path}/corpus/*.txt]",
                          f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1"])

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from evaluate import val_loss
+from evaluation.scoring import val_loss
 from experiments.gqa_ablation import ExperimentError, decode_tok_s, load_settings
 from experiments.report import CONVERSIONS, read_csv, write_report
 from model import ModelConfig, Transformer

@@ -14,10 +14,11 @@ from omegaconf import OmegaConf
 
 from data.bpe import train_tokenizer
 from data.streaming import IncrementalDecoder
-from generate import GenerateConfig, UsageError, quote_prompt_args, run
-from model.checkpoint import load_checkpoint, save_checkpoint
+from cli import UserError, quote_prompt_args
+from generate import GenerateConfig, run
+from store.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.hf import export_hf
+from store.hf import export_hf
 from model.sampling import SamplingConfig, generate
 from model.transformer import Transformer
 
@@ -143,7 +144,7 @@ def test_run_dir_uses_latest(tmp_path, ckpt, capsys):
     ({"prompt_file": "/nonexistent.txt", "prompt": ""}, "cannot read prompt_file"),
 ])
 def test_bad_input_is_one_clear_error(ckpt, kw, message):
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UserError) as e:
         run(GenerateConfig(**{"ckpt": str(ckpt), "prompt": "x", "device": "cpu", **kw}))
     assert message in str(e.value) and "\n" not in str(e.value)
 
@@ -151,7 +152,7 @@ def test_bad_input_is_one_clear_error(ckpt, kw, message):
 def test_hf_dir_without_tokenizer_asks_for_ids(tmp_path, ckpt):
     hf_dir = export_hf(ckpt, tmp_path / "hf")
     (hf_dir / "tokenizer.model").unlink()
-    with pytest.raises(UsageError, match=r"prompt_ids=\["):
+    with pytest.raises(UserError, match=r"prompt_ids=\["):
         run(GenerateConfig(ckpt=str(hf_dir), prompt="x", device="cpu"))
 
 

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from model.checkpoint import CheckpointError, load_checkpoint, model_state  # noqa: E402
-from model.convert import convert_model  # noqa: E402
-from model.hf import export_hf, import_hf, is_hf_model, main  # noqa: E402
+from store.checkpoint import CheckpointError, load_checkpoint, model_state  # noqa: E402
+from convert.heads import convert_model  # noqa: E402
+from store.hf import export_hf, import_hf, is_hf_model, main  # noqa: E402
 from model.sampling import SamplingConfig, generate  # noqa: E402
 
 BIASES = dict(attention_bias=True, mlp_bias=True)  # q, k, v, o; gate, up, down

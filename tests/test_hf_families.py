@@ -12,9 +12,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,  # noqa: E402
                           GPTNeoXForCausalLM)
 
-from model.checkpoint import CheckpointError, model_state  # noqa: E402
-from model.convert import convert_model  # noqa: E402
-from model.hf import export_hf, import_hf, is_hf_model, main  # noqa: E402
+from store.checkpoint import CheckpointError, model_state  # noqa: E402
+from convert.heads import convert_model  # noqa: E402
+from store.hf import export_hf, import_hf, is_hf_model, main  # noqa: E402
 from model.sampling import SamplingConfig, decode_step, generate, new_cache, prefill  # noqa: E402
 
 VOCAB = 97

@@ -18,9 +18,9 @@ import train as train_mod  # noqa: E402
 from data.tokenizer import load_tokenizer, tokenizer_files  # noqa: E402
 from generate import GenerateConfig, run as generate_run  # noqa: E402
 from hf_fixtures import CORPUS  # noqa: E402
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.convert import convert_model  # noqa: E402
-from model.hf import import_hf, main as hf_main  # noqa: E402
+from store.checkpoint import load_checkpoint  # noqa: E402
+from convert.heads import convert_model  # noqa: E402
+from store.hf import import_hf, main as hf_main  # noqa: E402
 from test_hf_uptrain import overrides  # noqa: E402
 from test_train import compose_cfg, val_loss_of, write_corpus  # noqa: E402
 

@@ -18,13 +18,13 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 import train as train_mod  # noqa: E402
-import train_start  # noqa: E402
+import training.start as train_start  # noqa: E402
 from data.streaming import IncrementalDecoder  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from generate import GenerateConfig, run as generate_run  # noqa: E402
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.convert import convert_model  # noqa: E402
-from model.hf import import_hf, main as hf_main  # noqa: E402
+from store.checkpoint import load_checkpoint  # noqa: E402
+from convert.heads import convert_model  # noqa: E402
+from store.hf import import_hf, main as hf_main  # noqa: E402
 from model.sampling import SamplingConfig, generate  # noqa: E402
 from test_train import compose_cfg, val_loss_of, write_corpus  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import ModelConfig, Transformer
-from model.checkpoint import (CONFIG, WEIGHTS, CheckpointError, load_checkpoint,
+from store.checkpoint import (CONFIG, WEIGHTS, CheckpointError, load_checkpoint,
                               save_checkpoint, staged_file, write_atomic)
 
 

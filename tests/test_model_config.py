@@ -74,7 +74,7 @@ def test_the_model_config_group_is_model_config_itself():
     from pathlib import Path
 
     from omegaconf import OmegaConf
-    from train_config import ModelSizeConfig
+    from training.config import ModelSizeConfig
 
     given = {f.name: (f.type, f.default) for f in fields(ModelSizeConfig)}
     own = {f.name: (f.type, f.default) for f in fields(ModelConfig)}

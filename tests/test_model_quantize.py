@@ -1,4 +1,4 @@
-"""model/quantize.py: per-channel int8 and per-group int4 error bounds, a trained model's
+"""model/quantized.py: per-channel int8 and per-group int4 error bounds, a trained model's
 logits and val loss after quantization, cached decode == full forward, compiled == eager,
 checkpoint round trips, the command and generate.py options around it; and the int8 KV
 cache on the trained model (greedy ids and attention outputs against the float cache)."""
@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from generate import GenerateConfig, run
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from store.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.quantize import (Int4Linear, Int8Linear, dequantize, dequantize_int4, load_quantized, main, quantization_of, quantize_groupwise,
-                            quantize_model, quantize_per_channel, pack_nibbles, save_quantized,
-                            set_int8_kernel, weight_bytes)
+from model.quantized import (Int4Linear, Int8Linear, dequantize, dequantize_int4,
+                             quantization_of, quantize_groupwise, quantize_model,
+                             quantize_per_channel, pack_nibbles, set_int8_kernel,
+                             weight_bytes)
+from store.quantize import load_quantized, main, save_quantized
 from model.sampling import SamplingConfig, generate
 from model.transformer import Transformer
 
@@ -259,7 +261,7 @@ def test_command_refuses_existing_out_and_quantized_source(trained, tmp_path, ca
     before = (out / "model.safetensors").read_bytes()
     assert main([f"ckpt={src}", f"out={out}"]) == 2
     err = capsys.readouterr().err
-    proc = subprocess.run([sys.executable, "-m", "model.quantize", f"ckpt={out}",
+    proc = subprocess.run([sys.executable, "-m", "store.quantize", f"ckpt={out}",
                            f"out={tmp_path / 'again'}"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "already exists" in err and "already quantized" in proc.stderr
@@ -441,7 +443,7 @@ def test_the_report_says_when_quantization_saves_memory_more_than_time(trained, 
                                                                         capability, said):
     """Measured under ATEN_CPU_CAPABILITY=avx2: the int8 and int4 kernels decode at about
     fp32-compiled speed there, and the stderr report says so; where they win, it does not."""
-    import model.quantize as mq
+    import model.quantized as mq
     monkeypatch.setattr(mq, "CPU_CAPABILITY", capability)
     report = mq.kernel_report(quantized(trained, "int4_int8head", 32), "cpu")
     assert f"int8 kernel bf16 on {capability}" in report and "_weight_int4pack_mm_for_cpu" in report

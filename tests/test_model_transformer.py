@@ -8,7 +8,7 @@ from model.sampling import SamplingConfig, generate, prefill
 KV_HEADS = pytest.mark.parametrize("n_kv_head", [8, 2, 1], ids=["MHA", "GQA-2", "MQA"])
 
 
-# The switches GPT-2 and NeoX set (model/hf_families.py), at tiny sizes.
+# The switches GPT-2 and NeoX set (store/hf_families.py), at tiny sizes.
 FAMILIES = {
     "gpt2": dict(norm="layernorm", mlp="gelu_tanh", attn_bias=True, mlp_bias=True,
                  positions="learned"),

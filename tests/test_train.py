@@ -25,13 +25,13 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-import evaluate as evaluate_mod  # noqa: E402
+import evaluation.scoring as scoring  # noqa: E402
 import train as train_mod  # noqa: E402  (registers the schema)
-import train_config  # noqa: E402
-import train_start  # noqa: E402
+import training.config as train_config  # noqa: E402
+import training.start as train_start  # noqa: E402
 from data.loader import eval_batches, open_tokens  # noqa: E402
 from data.tokenizer import Tokenizer, tokenizer_files  # noqa: E402
-from model.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
+from store.checkpoint import load_checkpoint, read_meta, save_checkpoint  # noqa: E402
 from model.config import ConfigError, ModelConfig  # noqa: E402
 from model.sampling import SamplingConfig, generate  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
@@ -162,9 +162,9 @@ def test_bf16_run_evaluates_and_samples_under_autocast(base, tmp_path):
 
 def test_eval_sums_in_a_dtype_the_device_has():
     """float64 sums (exact token counts) except on MPS, which has no float64 at all."""
-    assert evaluate_mod.sum_dtype(torch.device("mps")) == torch.float32
-    assert evaluate_mod.sum_dtype(torch.device("cpu")) == torch.float64
-    assert evaluate_mod.sum_dtype(torch.device("cuda", 0)) == torch.float64
+    assert scoring.sum_dtype(torch.device("mps")) == torch.float32
+    assert scoring.sum_dtype(torch.device("cpu")) == torch.float64
+    assert scoring.sum_dtype(torch.device("cuda", 0)) == torch.float64
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
@@ -416,7 +416,7 @@ def test_cli_errors_are_one_line_and_nonzero(base, tmp_path):
 
 
 def test_uptrain_converted_checkpoint_runs_alpha_steps_and_improves(base, trained, tmp_path):
-    from model.convert import convert_checkpoint
+    from convert.command import convert_checkpoint
 
     source, overrides = trained
     converted = convert_checkpoint(source.checkpoint, tmp_path / "gqa2", n_kv_head=2)
@@ -509,7 +509,8 @@ def test_init_from_accepts_model_overrides_that_agree(base, small_source, tmp_pa
 
 
 def test_uptrain_converts_on_load_with_grouping_and_alignment(base, trained, tmp_path):
-    from model.convert import convert_model, token_windows
+    from convert.heads import convert_model
+    from convert.command import token_windows
 
     source, overrides = trained
     args = [*base, f"init_from={source.checkpoint}", "attention=gqa", "uptrain.group=similar",
@@ -519,7 +520,7 @@ def test_uptrain_converts_on_load_with_grouping_and_alignment(base, trained, tmp
     cfg = train_start.uptrain_config(compose_cfg([*args, f"run_dir={tmp_path / 'x'}"]),
                                    source.checkpoint, args)
     model, provenance = train_start.init_model(cfg, load_checkpoint(source.checkpoint).config.vocab_size)
-    src = load_checkpoint(source.checkpoint).model  # the same conversion as model.convert's
+    src = load_checkpoint(source.checkpoint).model  # the same conversion as convert's
     calib = token_windows(cfg.data, "train", src.config.max_seq_len, 4)
     expected = convert_model(src, 2, "mean", 0, "similar", "procrustes", calib)
     for a, b in zip(model.state_dict().values(), expected.state_dict().values()):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from test_train import ENV, ROOT, free_port, odd_val_seq_len, records, run
-from train_runtime import fsdp_plugin
+from training.runtime import fsdp_plugin
 from test_train import base  # noqa: F401  (a fixture)
 
 

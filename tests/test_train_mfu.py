@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import train as train_mod
-import train_config
-from model.checkpoint import load_checkpoint
+import training.config as train_config
+from store.checkpoint import load_checkpoint
 from model.summary import flops_per_token
 from test_train import base, compose_cfg, records, run  # noqa: F401  (base: fixture)
 

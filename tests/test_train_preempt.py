@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from test_train import ENV, ROOT, cli, free_port, records, run
 from test_train import base  # noqa: F401  (a fixture)
 import train as train_mod
-from model import lock, runs
-from model.checkpoint import (RUN_LOCK, CheckpointError, load_checkpoint, output_lock,
+from store import lock, runs
+from store.checkpoint import (RUN_LOCK, CheckpointError, load_checkpoint, output_lock,
                               save_checkpoint)
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -120,7 +120,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(base, tmp_path):
 
 
 SLOW_SAVE = """import os, runpy, sys, time
-import model.checkpoint as c
+import store.checkpoint as c
 write, gate = c.save_file, os.environ.get("SAVE_GATE")
 def save_file(*args, **kwargs):  # a slow disk, or one that waits for the test's go
     time.sleep(float(os.environ.get("SAVE_SLEEP", "0")))
@@ -188,7 +188,7 @@ def test_second_train_on_a_run_dir_is_refused_at_once_naming_the_first(base, ref
 def test_outputs_being_written_are_refused_before_any_work(tmp_path):
     """convert/export/quantize check their out= first (check_out) and the atomic publish
     holds it: a second writer is refused naming the first, and nothing is written."""
-    from model.convert import main as convert_main
+    from convert.command import main as convert_main
 
     model = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_head=2, d_model=16))
     src = save_checkpoint(tmp_path / "src", model)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from model.checkpoint import CheckpointError
+from store.checkpoint import CheckpointError
 from model.config import ConfigError, ModelConfig
 
 # ---------------------------------------------------------------- config.json

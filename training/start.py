@@ -22,13 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import cli
 from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
-from model import lock, runs
-from model.checkpoint import load_checkpoint, read_config, read_meta
+from store import lock, runs
+from store.checkpoint import load_checkpoint, read_config, read_meta
 from model.config import ModelConfig
-from model.hf import import_hf, is_hf_model, read_hf_config
-from model.runs import ACCEL_STATE, RUN_LOCK, TRAIN_CONFIG, TRAINER_STATE
+from store.hf import import_hf, is_hf_model, read_hf_config
+from store.runs import ACCEL_STATE, RUN_LOCK, TRAIN_CONFIG, TRAINER_STATE
 from model.transformer import Transformer
-from train_config import ModelSizeConfig, check_config, model_config, select
+from training.config import ModelSizeConfig, check_config, model_config, select
 
 METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
 
@@ -225,7 +225,7 @@ def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> D
 
 def check_target_heads(cfg: DictConfig, source_cfg: ModelConfig) -> None:
     """The KV heads init_from converts to, refused before any data is prepared."""
-    from model.convert import ConvertError, check_target
+    from convert.heads import ConvertError, check_target
     n_kv, up = cfg.attention.n_kv_head or source_cfg.n_head, cfg.uptrain
     try:
         if n_kv != source_cfg.n_kv_head:
@@ -277,8 +277,8 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
                          f"{vocab_size} ids: use the source's tokenizer (drop data.tokenizer)")
     n_kv = cfg.attention.n_kv_head or source_cfg.n_head
     if n_kv != source_cfg.n_kv_head:
-        from model.convert import (ConvertError, calib_shape, convert_model, needs_calibration,
-                                   token_windows)
+        from convert.heads import ConvertError, calib_shape, convert_model, needs_calibration
+        from convert.command import token_windows
         up = cfg.uptrain
         try:
             n_windows, length = calib_shape(source_cfg.max_seq_len, up.calib_windows,
@@ -298,7 +298,7 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
     if cfg.uptrain.distill:  # λ = 0 keeps today's meta.json
         provenance.update(uptrain_distill=cfg.uptrain.distill,
                           uptrain_distill_temperature=cfg.uptrain.distill_temperature)
-    if "converted_from" in meta:  # written by model.convert
+    if "converted_from" in meta:  # written by convert
         provenance["converted_from"] = meta["converted_from"]
     return model.train(), provenance
 

@@ -16,8 +16,9 @@ For the `python -m` commands: run_app(app, argv) runs an app as a function that 
 its exit status (`main(argv)`), user_keys() says which keys the command line set, and
 require(cfg) names the mandatory (???) options left out with the command's usage line.
 
-A top-level module that imports only hydra, omegaconf and the standard library, so the
-entry points, data/ and model/ can all use it without importing each other.
+A package that imports only hydra, omegaconf and the standard library, so the entry
+points and every package but model/ can use it without importing each other; model/'s
+error classes (torch-only) mark themselves `user_error = True` instead of subclassing.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import difflib
 import functools
 import inspect
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +47,12 @@ class UserError(ValueError):
     """Bad input the user can fix: every gqalab error class (ConfigError, CheckpointError,
     DataError, ConvertError, ...) subclasses it, and every command prints it as one line.
     Anything else raised is a bug and keeps its traceback."""
+
+
+def is_user_error(e: BaseException) -> bool:
+    """A UserError, OmegaConf's error in the user's config, or an error class of a package
+    that cannot import this module (model/ is torch-only) marked `user_error = True`."""
+    return isinstance(e, (UserError, OmegaConfBaseException)) or getattr(e, "user_error", False)
 
 
 def fail(message: Any) -> NoReturn:
@@ -77,8 +85,8 @@ def hydra_main(config_path: str, config_name: str, errors: tuple[type[Exception]
                 if not debug:
                     check_additions(cfg)
                 return task(cfg)
-            except (UserError, *errors, OmegaConfBaseException) as e:
-                if debug:
+            except Exception as e:
+                if debug or not (is_user_error(e) or isinstance(e, errors)):
                     raise
                 fail(describe(e))
             finally:
@@ -241,3 +249,14 @@ def leaf_keys(node: Any, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+def quote_prompt_args(argv: list[str], key: str = "prompt") -> list[str]:
+    """prompt=<text> -> prompt='<escaped text>' (key: the option's name), so any text
+    (parentheses, colons, quotes, ${...}) reaches the config verbatim instead of tripping
+    Hydra's override grammar."""
+    def quote(text: str) -> str:
+        # Hydra unescapes backslashes only before a quote, the end, or an interpolation.
+        text = re.sub(r"(\\+)(?='|$|\$\{)", lambda m: m.group(1) * 2, text)
+        return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
+    return [f"{key}={quote(a[len(key) + 1:])}" if a.startswith(f"{key}=") else a for a in argv]

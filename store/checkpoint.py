@@ -21,12 +21,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import cli
-from model import lock
+from store import lock
 from model.config import ConfigError, ModelConfig
 from model.transformer import Transformer
 
 WEIGHTS, CONFIG, META, TOKENIZER = "model.safetensors", "config.json", "meta.json", "tokenizer.model"
-QUANTIZED = "quantization"  # meta.json key of an int8 checkpoint (model.quantize)
+QUANTIZED = "quantization"  # meta.json key of an int8 checkpoint (store.quantize)
 
 
 class CheckpointError(cli.UserError):
@@ -217,7 +217,7 @@ def read_config(path: str | Path) -> ModelConfig:
     if isinstance(d, dict) and (d.get("model_type") or d.get("architectures")):
         family = d.get("model_type") or d["architectures"][0]
         raise CheckpointError(f"{path} is an HF {family} model dir: import it first with "
-                              f"`python -m model.hf import hf={path} out=<new dir>`")
+                              f"`python -m store.hf import hf={path} out=<new dir>`")
     try:
         return ModelConfig.from_dict(d)
     except (TypeError, ConfigError) as e:
@@ -245,7 +245,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
     cfg = read_config(path)
     if QUANTIZED in read_meta(path):
         raise CheckpointError(f"{path} holds quantized (int8 or int4) weights for generation: load it "
-                              f"with model.quantize.load_quantized or generate.py")
+                              f"with store.quantize.load_quantized or generate.py")
     model = model_from_state(cfg, read_weights(path), path, dtype).to(device)
     return Checkpoint(model.eval(), cfg, path, read_meta(path))
 

@@ -1,11 +1,11 @@
 """The run dir and checkpoint layout train.py writes, and what every command reads of it.
 
     <run dir>/
-      .lock                       held by the one train.py writing here (model/lock.py)
+      .lock                       held by the one train.py writing here (store/lock.py)
       .hydra/                     the config it ran with; resume-*-overrides.yaml per resume
       metrics.jsonl, loss.png
       checkpoints/
-        step_N/                   a checkpoint (model/checkpoint.py) + train_config.yaml,
+        step_N/                   a checkpoint (store/checkpoint.py) + train_config.yaml,
                                   trainer_state.json, accelerate/ (optimizer, RNG)
         latest -> step_N          swapped in one rename: always a complete checkpoint
 """
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 
 from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
-from model.checkpoint import RUN_LOCK, WEIGHTS, CheckpointError
+from store.checkpoint import RUN_LOCK, WEIGHTS, CheckpointError
 
 CHECKPOINTS, LATEST = "checkpoints", "latest"
 TRAIN_CONFIG, TRAINER_STATE, ACCEL_STATE = "train_config.yaml", "trainer_state.json", "accelerate"

@@ -14,7 +14,7 @@ from typing import Any, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig
-from model.align import ALIGNMENTS
+from convert.align import ALIGNMENTS
 from model.config import ConfigError, ModelConfig
 
 
@@ -66,9 +66,9 @@ class UptrainConfig:
     method: str = "mean"  # K/V head pooling when init_from has other n_kv_head: mean|first|random
     seed: int = 0  # for method=random
     group: str = "contiguous"  # which heads share a pooled head: contiguous | similar (calibrated)
-    align: str = "none"  # before pooling: none | procrustes | linear | linear_readers (model/align.py)
+    align: str = "none"  # before pooling: none | procrustes | linear | linear_readers (convert/align.py)
     calib_windows: int = 64  # train windows that fit group=similar / align=procrustes|linear
-    distill: float = 0.0  # λ: loss (1-λ)·CE + λ·τ²·KL(source ‖ student); 0: no teacher (model/distill.py)
+    distill: float = 0.0  # λ: loss (1-λ)·CE + λ·τ²·KL(source ‖ student); 0: no teacher (training/distill.py)
     distill_temperature: float = 1.0  # τ
     calib_seq_len: int = 0  # tokens per calibration window; 0: the context up to 1024
 

@@ -6,7 +6,7 @@ the one-hot targets.
 
 with p_τ = softmax(logits / τ), the KL averaged over tokens like the CE, and τ² keeping
 its gradient's scale independent of τ (Hinton et al. 2015). The teacher is the source
-before conversion: init_from itself, or, when init_from is a model.convert output (its
+before conversion: init_from itself, or, when init_from is a convert output (its
 meta.json's converted_from), that conversion's source, checked against the recorded hash.
 It is frozen, in eval mode, and runs on the student's own micro-batches under the same
 autocast (in the autocast dtype's weights when training in bf16/fp16: half the memory).
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_meta
-from model.convert import sha256_files
-from model.hf import hf_weight_files, import_hf, is_hf_model
+from store.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_meta
+from convert.command import sha256_files
+from store.hf import hf_weight_files, import_hf, is_hf_model
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,7 +48,7 @@ def mix(ce: torch.Tensor, kl: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def teacher_source(init_from: Path) -> Path:
-    """The unconverted model behind init_from: the source model.convert recorded (unchanged
+    """The unconverted model behind init_from: the source convert recorded (unchanged
     since, by its weights' sha256), or init_from itself."""
     recorded = read_meta(init_from).get("converted_from")
     if not recorded:

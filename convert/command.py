@@ -1,0 +1,258 @@
+"""Convert a checkpoint to fewer KV heads: MHA -> GQA/MQA (Ainslie et al. 2023, §2.1).
+
+The K and V projection heads (and biases) of each contiguous group are mean-pooled into
+one head; every other tensor is shared with the source, not copied. Contiguous groups
+match attention.py: query head h reads KV head h // group_size, so after pooling a query
+head reads the mean of exactly the heads it used to read one of. `first` (keep each
+group's first head) and `random` (fresh init) are the paper's Figure 4 baselines.
+
+Before pooling, `group=similar` chooses which heads share a group and `align=procrustes`
+rotates each head into its group's basis (convert/align.py), both exact rewrites of the
+source model fitted on `calib_windows` windows of `calib_seq_len` tokens (default: the
+context up to 1024; `calib_tokens` sets a token budget instead) of its training data;
+`align=linear` fits each group's shared head by least squares under the wider exact maps
+(complex scalars per RoPE plane, any invertible V map) and folds each head's map into its
+readers; the held-out K/V reconstruction error of every layer goes into meta.json (for a
+plain conversion, when the data is at hand: if it is gone, a note on stderr and meta.json's
+kv_error_not_measured say so), with the calibration's time and peak memory.
+
+    python -m convert ckpt=runs/mha/checkpoints/final n_kv_head=2 method=mean out=ckpts/gqa2
+    python -m convert ckpt=... n_kv_head=2 group=similar align=procrustes calib_windows=64 out=...
+    python -m convert ckpt=<HF dir> n_kv_head=1 data=text_files data.files='[a/*.txt]' out=...
+    python -m convert --help
+
+ckpt= may be an HF Llama/GPT-2/GPT-NeoX dir: it converts as its import would. A source with
+no train_config.yaml calibrates on data=/data.* (as for train.py) tokenized with its own
+tokenizer. The command is a Hydra app (configs/convert.yaml, ConvertConfig below).
+"""
+from __future__ import annotations
+
+import hashlib
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import cli
+from data.config import DataConfig, DataError
+from data.tokenizer import tokenizer_files
+from convert.align import LayerPlan
+from convert.heads import (ConvertError, calib_shape, check_target, kv_errors,
+                           needs_calibration, plan_conversion, pooled_model)
+from model.summary import format_summary
+from model.transformer import Transformer
+from store import runs
+from store.checkpoint import (WEIGHTS, check_out, load_checkpoint, model_state, read_config,
+                              read_meta, save_checkpoint)
+from store.hf import hf_weight_files, import_hf, is_hf_model, read_hf_config, tokenizer_writer
+from store.runs import TRAIN_CONFIG
+
+def sha256_files(paths: list[Path]) -> str:
+    """One digest of the files' bytes in order (an HF dir's shards; one file: its sha256)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
+                       method: str = "mean", seed: int = 0, overwrite: bool = False,
+                       group: str = "contiguous", align: str = "none", calib_windows: int = 64,
+                       data: dict | None = None, calib_seq_len: int = 0,
+                       calib_tokens: int = 0) -> Path:
+    """Write a converted copy of checkpoint src at out, with the same tokenizer, the
+    source's train config, and provenance in meta.json. With a data config (the source's
+    train_config.yaml's data section, updated by data: DataConfig settings) and
+    calib_windows > 0: fit group/align on calib_windows train windows of calib_seq_len
+    tokens (calib_shape) and record the K/V reconstruction error on as many val windows,
+    with the time and peak memory this took (meta.json's calibration, and stderr)."""
+    src, out = Path(src), Path(out)
+    check_out(src, out, overwrite, "gqa")
+    hf = is_hf_model(src)  # an HF dir converts as its import would
+    src_cfg = read_hf_config(src) if hf else read_config(src)
+    check_target(src_cfg.n_kv_head, n_kv_head, method, group, align)  # fail before loading
+    data = data_config(src, data or {})
+    n_windows, seq_len = calib_shape(src_cfg.max_seq_len, calib_windows, calib_seq_len,
+                                     calib_tokens)
+    if needs_calibration(group, align) and (data is None or n_windows <= 0):
+        raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
+                           f"calib_windows=N > 0, and data.* settings when {src} has no "
+                           f"{TRAIN_CONFIG} with a data section")
+    write_tokenizer = tokenizer_writer(src) if hf else None  # a bad one fails before the weights
+    source = import_hf(src) if hf else load_checkpoint(src).model
+    windows = lambda split: token_windows(data, split, seq_len, n_windows, src_cfg.vocab_size)
+    measured = data is not None and n_windows > 0
+    started = time.perf_counter()
+    calib = windows("train") if measured and needs_calibration(group, align) else None
+    plans = plan_conversion(source, n_kv_head, group, align, calib, progress=True)
+    model = pooled_model(source, n_kv_head, method, seed, plans)
+    src_meta = read_meta(src)
+    meta = {
+        "converted_from": {
+            "path": str(src.resolve()),
+            "weights_sha256": sha256_files(hf_weight_files(src) if hf else [src / WEIGHTS]),
+            "method": method,
+            "group": group,
+            "align": align,
+            "calib_windows": 0 if calib is None else n_windows,
+            "calib_seq_len": 0 if calib is None else seq_len,
+            "source_n_kv_head": src_cfg.n_kv_head,
+            "seed": seed,
+        },
+        "source_step": src_meta.get("step", src_meta.get("source_step")),
+    }
+    if "max_steps" in src_meta:
+        meta["max_steps"] = src_meta["max_steps"]
+    if measured:
+        meta.update(kv_error_meta(source, model, plans, lambda: windows("val"),
+                                  required=needs_calibration(group, align)))
+        if calib is not None or "kv_error" in meta:  # data was read: what did it cost
+            meta["calibration"] = calibration_cost(
+                started, 0 if calib is None else calib.numel(),
+                n_windows * seq_len if "kv_error" in meta else 0)
+    files = {} if hf else tokenizer_files(src)  # the tokenizer travels whole: model file, configs
+    if (src / TRAIN_CONFIG).is_file():
+        files[TRAIN_CONFIG] = src / TRAIN_CONFIG
+    return save_checkpoint(out, model, meta, files, overwrite=overwrite,
+                           extra=write_tokenizer)
+
+
+def kv_error_meta(src_model: Transformer, model: Transformer, plans: list[LayerPlan] | None,
+                  val_windows, required: bool) -> dict:
+    """meta.json's K/V error on val_windows() (N, T). Only a fit needs the data: a plain
+    conversion measures when it can, and data that is gone (a checkpoint copied elsewhere)
+    or unusable is recorded and noted on stderr instead of failing the conversion."""
+    try:
+        windows = val_windows()
+    except (DataError, ConvertError) as e:
+        if required:
+            raise
+        print(f"note: K/V error not measured: {e}; pass data.* or calib_windows=0",
+              file=sys.stderr)
+        return {"kv_error_not_measured": str(e)}
+    return {"kv_error": {"split": "val", "windows": len(windows), "seq_len": windows.shape[1],
+                         "layers": kv_errors(src_model, model_state(model), plans, windows,
+                                             progress=True)}}
+
+
+def calibration_cost(started: float, fit_tokens: int, error_tokens: int) -> dict:
+    """meta.json's calibration: seconds since started (data preparation, forward passes,
+    fits), tokens read, and the process's peak resident memory (on Linux and macOS; model
+    load included), also noted on stderr."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak_mb = peak / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+    cost = {"seconds": round(time.perf_counter() - started, 2), "fit_tokens": fit_tokens,
+            "kv_error_tokens": error_tokens, "peak_rss_mb": round(peak_mb, 1)}
+    print(f"calibration: {cost['seconds']:.1f} s, {fit_tokens:,} tokens fitted, "
+          f"{error_tokens:,} measured, peak memory {cost['peak_rss_mb']:,.0f} MB (process RSS)",
+          file=sys.stderr)
+    return cost
+
+
+def data_config(src: Path, given: dict) -> dict | None:
+    """The data settings src was trained on (its train_config.yaml), updated by given
+    (DataConfig keys); None when there are neither. Tokens are the source's own: a corpus
+    of the user's choosing is tokenized with the tokenizer src ships."""
+    recipe = runs.read_data_config(src)
+    if recipe is None and not given:
+        return None
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), recipe or {}, given)
+    except OmegaConfBaseException as e:
+        raise ConvertError(f"bad data setting: {str(e).splitlines()[0]} (keys as in "
+                           f"data/config.py's DataConfig)") from None
+    if tokenizer_files(src):  # calibrate on the source's own token ids, as init_from trains on them
+        runs.check_tokenizer(given.get("tokenizer"), src, ConvertError)
+        if cfg.tokenizer is None and (recipe is None or "source" in given):
+            cfg.tokenizer = str(src.resolve())
+    return OmegaConf.to_container(cfg)
+
+
+def token_windows(data_cfg, split: str, length: int, n_windows: int,
+                  vocab_size: int | None = None) -> torch.Tensor:
+    """n_windows evenly spaced windows of `length` tokens of the prepared train or val split,
+    (N, length) int64: the same windows on every call."""
+    from data.prepare import prepare_data  # the data stack is only needed with calibration
+    import numpy as np
+
+    if n_windows <= 0:
+        raise ConvertError(f"calib_windows must be a positive integer, got {n_windows}")
+
+    prepared = prepare_data(data_cfg, progress=False)
+    if vocab_size is not None and prepared.vocab_size != vocab_size:
+        raise ConvertError(f"the data's tokenizer has {prepared.vocab_size} tokens, the model "
+                           f"{vocab_size}: use the source's data settings")
+    tokens = np.memmap(prepared.train_bin if split == "train" else prepared.val_bin,
+                       dtype=prepared.dtype, mode="r")
+    if len(tokens) < length:
+        raise ConvertError(f"the {split} split has {len(tokens)} tokens, fewer than one window "
+                           f"of {length}: use more data or a larger val_fraction")
+    starts = np.linspace(0, len(tokens) - length, n_windows).astype(np.int64)
+    return torch.from_numpy(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64))
+
+
+@dataclass
+class ConvertConfig:
+    """python -m convert's options (configs/convert.yaml; --help describes them)."""
+    ckpt: str = MISSING  # a gqalab checkpoint dir or an HF Llama/GPT-2/GPT-NeoX dir
+    n_kv_head: int = MISSING  # KV heads of the result: a divisor of the source's
+    out: str = MISSING  # the new checkpoint dir
+    method: str = "mean"  # mean | first | random (METHODS)
+    group: str = "contiguous"  # contiguous | similar (convert/align.py's GROUPINGS)
+    align: str = "none"  # none | procrustes | linear | linear_readers (convert/align.py's ALIGNMENTS)
+    calib_windows: int = 64  # train windows to fit on, val windows to measure; 0: none
+    calib_seq_len: int = 0  # tokens per calibration window; 0: the context up to 1024
+    calib_tokens: int = 0  # a calibration token budget (windows it fills) instead of calib_windows
+    seed: int = 0  # for method=random
+    overwrite: bool = False  # replace an existing out
+    # the calibration corpus; only the settings the user gives count (given_data)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+ConfigStore.instance().store(name="convert_schema", node=ConvertConfig)
+
+
+def given_data(cfg: DictConfig) -> dict:
+    """The data settings given on the command line: all of cfg.data after data=<group>, else
+    the data.<key> ones; the rest comes from the source's train config (data_config)."""
+    keys = cli.user_keys()
+    data = OmegaConf.to_container(cfg.data)
+    if "data" in keys:
+        return data
+    return {k.removeprefix("data."): data[k.removeprefix("data.")] for k in keys
+            if k.startswith("data.")}
+
+
+@cli.hydra_main(config_path="../configs", config_name="convert")
+def command(cfg: DictConfig) -> None:
+    cli.require(cfg)
+    args: ConvertConfig = OmegaConf.to_object(cfg)
+    out = convert_checkpoint(args.ckpt, args.out, args.n_kv_head, args.method, args.seed,
+                             args.overwrite, args.group, args.align, args.calib_windows,
+                             given_data(cfg), args.calib_seq_len, args.calib_tokens)
+    print(f"wrote {out} ({args.method} pooling, group={args.group}, align={args.align}, "
+          f"of {args.ckpt})")
+    print(format_summary(read_config(out)))
+    errors = read_meta(out).get("kv_error")
+    if errors:
+        print(f"K/V reconstruction error on {errors['windows']} held-out windows "
+              f"(|aligned source heads - pooled|^2 / |source heads|^2):")
+        for e in errors["layers"]:
+            print(f"  layer {e['layer']}: K {e['k']:.4f}  V {e['v']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m convert key=value ...` (argv: those arguments); the exit status."""
+    return cli.run_app(command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
