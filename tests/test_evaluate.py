@@ -1,6 +1,6 @@
-"""evaluate.py against independent references: transformers' loss per window, a hand loop
-over sliding windows, bytes decoded by the tokenizer, an int8 copy, a run dir's latest, two
-processes, and the attention hook against its own invariants."""
+"""The evaluate.py command against independent references: transformers' loss per window,
+bytes decoded by the tokenizer, an int8 copy, a run dir's latest, two processes, and the
+attention options end to end. The packages' own tests: tests/test_evaluation_*.py."""
 from __future__ import annotations
 
 import json
@@ -27,10 +27,8 @@ from data.prepare import prepare_data  # noqa: E402
 from data.tokenizer import load_tokenizer, tokenizer_files  # noqa: E402
 from hf_fixtures import CORPUS  # noqa: E402
 from store.checkpoint import save_checkpoint  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
 from store.hf import import_hf  # noqa: E402
 from store.quantize import quantize_checkpoint  # noqa: E402
-from model.transformer import Transformer  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -109,60 +107,6 @@ def check_against_transformers(hf_dir: Path, model, corpus: Path) -> None:
     assert row["ppl"] == pytest.approx(math.exp(row["nll"]), rel=1e-9)
 
 
-def scored_positions(tokens_len: int, seq_len: int, stride: int, world: int, **kw) -> list[int]:
-    """Which target positions eval_batches scores, over all ranks (tokens = their positions)."""
-    positions = np.arange(tokens_len, dtype=np.int64)
-    out = []
-    for rank in range(world):
-        for x, y in eval_batches(positions, None, seq_len, 3, rank=rank, world_size=world,
-                                 stride=stride, **kw):
-            keep = y != IGNORE_INDEX
-            out += y[keep].tolist()
-    return out
-
-
-@pytest.mark.parametrize("stride, world", [(16, 1), (16, 2), (5, 1), (5, 3), (16, 3)])
-def test_every_token_scored_once_non_overlapping_or_sliding(stride, world):
-    n = 16 * 9 + 7  # a tail that no whole window reaches
-    got = scored_positions(n, 16, stride, world)
-    n_windows = (n - 1 - 16) // stride + 1
-    assert sorted(got) == list(range(1, (n_windows - 1) * stride + 16 + 1))  # each once
-    capped = scored_positions(n, 16, stride, world, max_windows=4)
-    assert len(capped) == len(set(capped)) == 16 + 3 * stride  # first window whole, then new
-
-
-def test_masking_targets_never_touches_inputs():
-    """A batch of one row (a padding row alone, a sliding window) still holds real inputs:
-    its x and y are separate tensors, not views of one row."""
-    tokens = np.arange(100, dtype=np.int64)
-    for rank in range(2):
-        for x, y in eval_batches(tokens, None, 10, 1, rank=rank, world_size=2, stride=4,
-                                 max_windows=3):
-            assert (x[0] == torch.arange(x[0, 0], x[0, 0] + 10)).all()
-
-
-@pytest.mark.parametrize("stride", [32, 12])
-def test_sliding_windows_equal_a_hand_loop(stride):
-    """HF's perplexity-guide loop by hand: window w reads tokens[w*stride : +seq_len+1] and
-    scores only the targets the previous window did not."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=4, d_model=32,
-                                    max_seq_len=SEQ)).eval()
-    tokens = torch.randint(0, 50, (300,))
-    nll, count, w = 0.0, 0, 0
-    with torch.no_grad():
-        while w * stride + SEQ + 1 <= len(tokens):
-            window = tokens[w * stride: w * stride + SEQ + 1]
-            logp = model(window[None, :-1])[0].log_softmax(-1)  # (T, V)
-            first = 0 if w == 0 else SEQ - stride
-            nll -= sum(logp[t, window[t + 1]].item() for t in range(first, SEQ))
-            count += SEQ - first
-            w += 1
-    totals = scoring.window_scores(model, tokens.numpy(), SEQ, 4, torch.device("cpu"), stride=stride)
-    assert totals[1].item() == count and totals[3].item() == w
-    assert totals[0].item() == pytest.approx(nll, rel=1e-5)
-
-
 # ---------------------------------------------------------------- bits per byte
 
 def test_bits_per_byte_is_nll_over_the_decoded_bytes_of_the_scored_tokens(llama_ckpts, corpus):
@@ -198,18 +142,6 @@ def decoded_bytes(tok, before: int, ids: list[int]) -> int:
     return total
 
 
-def test_token_bytes_spell_every_document_exactly(hf_llama, hf_family):
-    """Each document's tokens, framed as data.prepare frames them, count its UTF-8 bytes:
-    dummy prefix (Llama spm), byte fallback (non-ASCII), byte-level BPE, GPT-2's files."""
-    for hf_dir in (hf_llama[1], hf_family[1]):
-        tok = load_tokenizer(hf_dir)
-        counter = scoring.TokenBytes(tok, tok.vocab_size, torch.device("cpu"))
-        for doc in CORPUS[:5]:
-            ids = ([tok.bos_id] if tok.add_bos else [tok.eos_id]) + tok.encode(doc)
-            x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
-            assert counter.count(x, y).item() == len(doc.encode()), (hf_dir, doc)
-
-
 # ---------------------------------------------------------------- sources
 
 def test_int8_within_one_percent_and_run_dir_evaluates_latest(llama_ckpts, corpus, tmp_path):
@@ -228,15 +160,6 @@ def test_int8_within_one_percent_and_run_dir_evaluates_latest(llama_ckpts, corpu
     assert json.loads((tmp_path / "eval.json").read_text()) == result
     assert floats["delta_nll"] == 0 and int8["delta_nll"] == int8["nll"] - floats["nll"]
     assert result["split"] == "all"  # no train_config.yaml: nothing was held out
-
-
-def test_gap_closed_is_relative_to_the_worst_row():
-    rows = [ev.Row("ref", "", "", "", 4, 0, 0, "t", 1.0, 0, 2.0, 1, 1, 1),
-            ev.Row("conv", "", "", "", 1, 0, 0, "t", 1.5, 0, 3.0, 1, 1, 1),
-            ev.Row("up", "", "", "", 1, 0, 0, "t", 1.2, 0, 2.25, 1, 1, 1)]
-    ev.gap_closed(rows, reference=0)
-    assert [r.gap_closed for r in rows] == [1.0, 0.0, 0.75]
-    assert [r.delta_bits_per_byte for r in rows] == [0.0, 1.0, 0.25]
 
 
 def free_port() -> int:
@@ -268,62 +191,6 @@ def test_two_processes_give_the_numbers_of_one(corpus, tmp_path):
 
 
 # ---------------------------------------------------------------- attention
-
-def test_prompt_attention_is_transformers_output_attentions(hf_llama, hf_family):
-    """The hook's probabilities are the ones transformers returns with output_attentions
-    (the fixtures run eager attention), for Llama, GPT-2 and NeoX."""
-    for _, hf_dir, hf_model, _ in (hf_llama, hf_family):
-        model = import_hf(hf_dir)
-        ids = [5, 17, 99, 3, 250, 41, 8]
-        with torch.no_grad():
-            theirs = hf_model(torch.tensor([ids]), output_attentions=True).attentions
-        for layer in range(model.config.n_layer):
-            ours = ev.prompt_attention(model, ids, layer)  # (H, T, T)
-            torch.testing.assert_close(ours, theirs[layer][0], atol=1e-5, rtol=1e-4)
-
-
-def test_earlier_rows_do_not_change_when_the_prompt_grows():
-    """The notebook's observation, why a KV cache is exact: a query attends only to keys at
-    or before it, so extending the prompt adds rows and leaves the earlier ones as they were."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
-                                    max_seq_len=SEQ)).eval()
-    ids = torch.randint(0, 50, (12,)).tolist()
-    for layer in range(2):
-        short, long = ev.prompt_attention(model, ids[:7], layer), ev.prompt_attention(model, ids, layer)
-        torch.testing.assert_close(long[:, :7, :7], short, atol=1e-6, rtol=0)
-        assert (long[:, :7, 7:] == 0).all() and (long[:, 7:, 7:].diagonal(dim1=1, dim2=2) > 0).all()
-        torch.testing.assert_close(long.sum(-1), torch.ones(4, 12))
-
-
-def expanded_to_mha(gqa: Transformer) -> Transformer:
-    """The exact MHA form of a GQA model: each KV head's k/v rows repeated for its group."""
-    cfg = gqa.config
-    mha = Transformer(cfg.with_kv_heads(cfg.n_head)).eval()
-    state = gqa.state_dict()
-    group, hd = cfg.n_head // cfg.n_kv_head, cfg.head_dim
-    for key, value in state.items():
-        if key.endswith(("k_proj.weight", "v_proj.weight")):
-            state[key] = value.view(cfg.n_kv_head, hd, -1).repeat_interleave(group, 0).flatten(0, 1)
-    mha.load_state_dict(state)
-    return mha
-
-
-def test_attention_kl_is_zero_for_itself_and_the_exact_mha_expansion():
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=SEQ)
-    gqa, other = Transformer(cfg).eval(), Transformer(cfg).eval()
-    mha = expanded_to_mha(gqa)
-    tokens = torch.randint(0, 50, (200,)).numpy()
-    kl = lambda ref, model: ev.attention_kl(ref, model, eval_batches(tokens, None, 16, 2),
-                                            torch.device("cpu"))
-    for ref, model in ((gqa, gqa), (mha, gqa), (gqa, mha)):
-        table, positions = kl(ref, model)
-        assert positions == (len(tokens) - 1) // 16 * 16 and table.shape == (2, 4)
-        assert table.abs().max() / positions < 1e-7
-    table, positions = kl(gqa, other)  # another model's heads: the table sees it
-    assert (table / positions > 1e-5).all()
-
 
 def test_attention_options_print_and_plot(llama_ckpts, corpus, tmp_path, capsys):
     ckpts = [llama_ckpts["float"], llama_ckpts["int8"]]
