@@ -3,6 +3,7 @@ over a prompt, and KL(reference || model) per layer x query head over corpus win
 (how far a conversion moved each head); both printed and drawn as heatmaps."""
 from __future__ import annotations
 
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from evaluation.scoring import sum_dtype, window_count
 from store.checkpoint import staged_file
 from store.source import load_model
 
+TITLE_POINTS = 12  # the figure title's font size
+# A character's width in font sizes, on the wide side (DejaVu Sans: ~0.55 for lowercase,
+# ~0.7 for capitals): a wrapped title keeps a margin inside the figure.
+CHAR_WIDTH = 0.68
 
 
 @contextmanager
@@ -169,17 +174,19 @@ def plot_panels(path: Path, panels: dict[str, torch.Tensor], title: str, ticks=N
 
 def panels_figure(panels: dict[str, torch.Tensor], title: str, ticks=None, xlabel: str = "",
                   ylabel: str = "", colorbar: bool = False):
-    """plot_panels' figure."""
+    """plot_panels' figure. Constrained layout makes room for the title's lines; the title
+    is wrapped to the figure's width, which a figure title would otherwise run past on
+    both sides (issue 31)."""
     n = len(panels)
-    fig, axes = pyplot().subplots(1, n, figsize=(4.5 * n + 1, 4.5), squeeze=False)
+    fig, axes = pyplot().subplots(1, n, figsize=(4.5 * n + 1, 4.5), squeeze=False,
+                             layout="constrained")
     for ax, (name, matrix) in zip(axes[0], panels.items()):
         image = ax.imshow(matrix.numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
         label_ticks(ax, matrix, (ticks or {}).get(name))
         ax.set(title=Path(name).name or name, xlabel=xlabel, ylabel=ylabel)
         if colorbar:
             fig.colorbar(image, ax=ax)
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.suptitle(wrap_title(title, fig.get_figwidth()), fontsize=TITLE_POINTS)
     return fig
 
 
@@ -191,6 +198,13 @@ def label_ticks(ax, matrix: torch.Tensor, labels: list[str] | None) -> None:
     elif labels is None:  # layers x heads: whole numbers
         ax.set_xticks(range(0, matrix.shape[1], max(1, matrix.shape[1] // 16)))
         ax.set_yticks(range(0, matrix.shape[0], max(1, matrix.shape[0] // 16)))
+
+
+def wrap_title(title: str, inches: float) -> str:
+    """title in lines that fit inches at TITLE_POINTS; a path too long for one line is
+    broken inside."""
+    chars = int(inches * 72 / (CHAR_WIDTH * TITLE_POINTS))
+    return "\n".join(textwrap.fill(line, chars) for line in title.splitlines())
 
 
 def pyplot():

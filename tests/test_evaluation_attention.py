@@ -1,17 +1,18 @@
 """evaluation/attention.py: the hook against transformers' output_attentions and its own
-invariants, KL against an exact MHA expansion."""
+invariants, KL against an exact MHA expansion, and a figure that fits its title."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.loader import eval_batches  # noqa: E402
-from evaluation.attention import attention_kl, prompt_attention  # noqa: E402
+from evaluation.attention import attention_kl, panels_figure, prompt_attention  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from store.hf import import_hf  # noqa: E402
@@ -75,3 +76,16 @@ def test_attention_kl_is_zero_for_itself_and_the_exact_mha_expansion():
     assert (table / positions > 1e-5).all()
 
 
+
+@pytest.mark.parametrize("n_panels", [1, 2])
+def test_the_figure_holds_its_whole_title(n_panels):
+    """Issue 31: a title wider than the figure ran past both edges. Wrapped, every line of
+    it (a long path broken too) is drawn inside the figure, above the panels."""
+    title = "attention KL to /data/ckpts/SmolLM2-135M-hf-mha-reference-uptrained-200k (nats) " * 2
+    fig = panels_figure({f"/ckpts/gqa{i}": torch.rand(6, 8) for i in range(n_panels)}, title,
+                        xlabel="query head", ylabel="layer", colorbar=True)
+    fig.canvas.draw()
+    box, page = fig.texts[0].get_window_extent(), fig.bbox  # the title: the one figure text
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y1 <= page.y1
+    assert all(box.y0 >= ax.get_window_extent().y1 for ax in fig.axes)
+    assert "".join(fig.get_suptitle().split()) == "".join(title.split())
