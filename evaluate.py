@@ -60,7 +60,7 @@ from store.quantize import is_quantized
 from model.summary import param_counts
 from evaluation.scoring import TokenBytes, split_tokens, sum_dtype, window_count, window_scores
 
-TRAIN_CONFIG = "train_config.yaml"
+from store.runs import TRAIN_CONFIG
 SPLITS = ("auto", "val", "train", "all")
 # The data settings that decide which documents land in val: equal ones mean the corpus
 # (and its held-out part) is the one a checkpoint was trained on.
