@@ -56,7 +56,7 @@ from model.config import ConfigError, ModelConfig
 from store.hf import is_hf_model, read_hf_config
 from store.quantize import is_quantized
 
-TRAIN_CONFIG = "train_config.yaml"
+from store.runs import TRAIN_CONFIG
 SPLITS = ("auto", "val", "train", "all")
 # The data settings that decide which documents land in val: equal ones mean the corpus
 # (and its held-out part) is the one a checkpoint was trained on.

@@ -12,7 +12,8 @@
 In-process: `train(cfg, overrides)` with a config composed from configs/train.yaml.
 Beside it: training/start.py decides how a run starts (fresh, init_from, resume) and owns its
 run dir; training/runtime.py sets up Accelerate, compile, MFU and the stop signals;
-store/runs.py is the checkpoint layout (step dirs, `latest`) every command reads.
+training/checkpointer.py saves and restores the checkpoints, in the layout (step dirs,
+`latest`) store/runs.py defines and every command reads.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -30,25 +30,24 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
-from omegaconf import DictConfig, OmegaConf
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 import cli
 from data.loader import TokenStream
 from data.prepare import as_data_config, prepare_data
 from data.tokenizer import Tokenizer
-from store import runs
-from store.checkpoint import save_checkpoint, unwrap, write_json
-from store.runs import ACCEL_STATE, TRAIN_CONFIG, TRAINER_STATE
+from store.checkpoint import unwrap
+from store.runs import LOSS_PLOT, METRICS
+from training.checkpointer import Checkpointer
 from training.distill import build_teacher
 from training.optim import build_optimizer, lr_at
 from model.sampling import SamplingConfig, generate
 from model.summary import flops_per_token, format_summary
 from training.runtime import (REQUEUE_STATUS, GracefulStop, fsdp_precision, is_fsdp,
                               make_accelerator, peak_tflops, start_trackers, use_compile)
-from training.start import (LOSS_PLOT, METRICS, Start, check_run_dir, decide_start,
-                            hold_run_dir, prepare_run_dir)
+from training.start import Start, check_run_dir, decide_start, hold_run_dir, prepare_run_dir
 from training.start import TrainError  # noqa: F401  (callers catch train.TrainError)
 
 USER_ERRORS = (cli.UserError,)  # TrainError, ConfigError, CheckpointError, DataError, ...
@@ -97,6 +96,7 @@ class Run:
     tokenizer: Tokenizer
     meta: dict  # what every checkpoint's meta.json records besides the step's figures
     progress: Progress
+    checkpointer: Checkpointer
     bar: Any  # tqdm
     eval_every: int = 0
     ckpt_every: int = 0
@@ -147,7 +147,9 @@ def setup(start: Start, accelerator: Accelerator) -> Run:
     stream = TokenStream(prepared.train_bin, prepared.dtype, cfg.seq_len, cfg.batch_size,
                          seed=cfg.seed, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, mode=cfg.batch_mode)
-    progress = Progress(**start.restore(accelerator, stream))
+    checkpointer = Checkpointer(run_dir, cfg.keep_last)
+    progress = Progress(**checkpointer.restore(accelerator, stream, start.resume_from,
+                                               start.state))
     progress.loss_sum = torch.full((), float(progress.loss_sum), device=accelerator.device)
     if main:  # accepted: only now does anything land in the run dir
         prepare_run_dir(run_dir, cfg, progress.step if start.resume_from else None,
@@ -161,8 +163,9 @@ def setup(start: Start, accelerator: Accelerator) -> Run:
             "n_kv_head": model_cfg.n_kv_head, "seed": cfg.seed,
             "num_processes": accelerator.num_processes, **provenance}
     return Run(cfg, run_dir, accelerator, model, optimizer, stream, prepared, tokenizer, meta,
-               progress, tqdm(total=cfg.max_steps, initial=progress.step, disable=not main,
-                              dynamic_ncols=True, desc=f"train {model_cfg.attention_type}"),
+               progress, checkpointer,
+               tqdm(total=cfg.max_steps, initial=progress.step, disable=not main,
+                    dynamic_ncols=True, desc=f"train {model_cfg.attention_type}"),
                eval_every, cfg.ckpt_every or eval_every, tokens_per_step,
                flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step,
                peak_tflops(cfg.peak_tflops, accelerator.device, accelerator.mixed_precision),
@@ -267,9 +270,8 @@ def checkpoint_step(run: Run) -> None:
     trainer_state = {"step": p.step, "tokens_seen": p.tokens_seen,
                      "loader": run.stream.state_dict(), "step_last": p.step_last,
                      "loss_sum": accelerator.reduce(p.loss_sum, "mean").item()}
-    p.checkpoint = save_training_checkpoint(accelerator, run.model, run.run_dir, p.step, meta,
-                                            trainer_state, OmegaConf.to_yaml(run.cfg, resolve=True),
-                                            run.prepared.tokenizer_files, run.cfg.keep_last)
+    p.checkpoint = run.checkpointer.save(accelerator, run.model, p.step, meta, trainer_state,
+                                         run.cfg, run.prepared.tokenizer_files)
     p.t_last, p.timed_from = time.perf_counter(), p.step
     p.save_s = p.t_last - t_save
 
@@ -289,7 +291,7 @@ def finish(run: Run, stopped_by: str | None) -> TrainResult:
     return TrainResult(p.step, p.val_loss, p.checkpoint, run.run_dir, p.sample, stopped_by)
 
 
-# ---------------------------------------------------------------- evaluate, sample, save, log
+# ---------------------------------------------------------------- evaluate, sample, log
 
 @torch.no_grad()
 def evaluate(model, accelerator: Accelerator, prepared, cfg: Any) -> float:
@@ -320,34 +322,6 @@ def sample_text(model, accelerator: Accelerator, tokenizer: Tokenizer, cfg: Any)
                        generator=torch.Generator(model.device).manual_seed(cfg.seed))
     model.train(was_training)
     return tokenizer.decode(out[0].tolist())
-
-def save_training_checkpoint(accelerator: Accelerator, model, run_dir: Path, step: int,
-                             meta: dict, trainer_state: dict, cfg_yaml: str,
-                             tokenizer_files: dict, keep_last: int) -> Path:
-    """Every rank writes its part of Accelerate's state (optimizer, RNG) into a staging dir;
-    the main process moves it into the checkpoint's temp dir, renames the whole checkpoint
-    into place, then swaps `latest`. A kill at any moment leaves `latest` readable."""
-    root = runs.checkpoints_dir(run_dir)
-    path, staging = runs.step_dir(root, step), root / f".staging-step_{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    loaders = gather_object([trainer_state.pop("loader")])  # every rank's data position
-    # the full weights: gathered from every rank's shard under FSDP, on the main process only
-    state = accelerator.get_state_dict(getattr(model, "_orig_mod", model))
-    if accelerator.is_main_process:
-        def extra(tmp: Path) -> None:
-            os.replace(staging, tmp / ACCEL_STATE)
-            (tmp / TRAIN_CONFIG).write_text(cfg_yaml)
-            write_json(tmp / TRAINER_STATE, {**trainer_state, "loaders": loaders})
-
-        save_checkpoint(path, model, meta, files=tokenizer_files, overwrite=True,
-                        extra=extra, state=state)
-        runs.point_latest(root, path.name)
-        runs.prune_checkpoints(root, keep_last)
-    accelerator.wait_for_everyone()
-    return path
 
 def append_metrics(path: Path, record: dict) -> None:
     with path.open("a") as f:

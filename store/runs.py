@@ -8,12 +8,14 @@
         step_N/                   a checkpoint (store/checkpoint.py) + train_config.yaml,
                                   trainer_state.json, accelerate/ (optimizer, RNG)
         latest -> step_N          swapped in one rename: always a complete checkpoint
+
+Every name above is defined here once. Only train.py writes this layout, through
+training/checkpointer.py's Checkpointer; this module is the read side every command shares.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +26,7 @@ from store.checkpoint import RUN_LOCK, WEIGHTS, CheckpointError
 
 CHECKPOINTS, LATEST = "checkpoints", "latest"
 TRAIN_CONFIG, TRAINER_STATE, ACCEL_STATE = "train_config.yaml", "trainer_state.json", "accelerate"
+METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
 __all__ = ["RUN_LOCK"]  # the run dir's lock file, named beside the output locks it excludes
 
 
@@ -48,30 +51,6 @@ def step_dirs(root: Path) -> list[Path]:
 def has_checkpoints(run_dir: Path) -> bool:
     root = checkpoints_dir(run_dir)
     return root.is_dir() and bool(step_dirs(root) or os.path.lexists(root / LATEST))
-
-
-def point_latest(root: Path, name: str) -> None:
-    """Swap the `latest` symlink in one rename: it always names a complete checkpoint."""
-    tmp = root / f".{LATEST}-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(name, tmp)
-    os.replace(tmp, root / LATEST)
-
-
-def prune_checkpoints(root: Path, keep_last: int, newer_than: int | None = None) -> None:
-    """Keep the newest keep_last; with newer_than, first drop the abandoned future of a
-    run killed after that step. Leftovers of interrupted writes go too."""
-    latest = (root / LATEST).resolve()
-    dirs = step_dirs(root)
-    if newer_than is not None:
-        for future in [d for d in dirs if step_of(d) > newer_than]:
-            shutil.rmtree(future)
-        dirs = [d for d in dirs if step_of(d) <= newer_than]
-    for old in dirs[:-keep_last]:
-        if old.resolve() != latest:
-            shutil.rmtree(old, ignore_errors=True)
-    for junk in root.glob(".*"):
-        shutil.rmtree(junk, ignore_errors=True) if junk.is_dir() else junk.unlink()
 
 
 def latest_link(run_dir: Path) -> Path:

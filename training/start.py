@@ -2,12 +2,11 @@
 it owns: `decide_start` returns a `Start` (fresh, init_from's weights converted to the
 configured KV heads, or a resume of a checkpoint with the overrides it allows), after
 every refusal that needs only the config and the source's config.json; `hold_run_dir`
-locks the dir for the run's life; `prepare_run_dir` records the accepted config.
+locks the dir for the run's life; `prepare_run_dir` records the accepted config. The
+checkpoints themselves (find, restore, save, rewind) are training/checkpointer.py's.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,11 +25,10 @@ from store import lock, runs
 from store.checkpoint import load_checkpoint, read_config, read_meta
 from model.config import ModelConfig
 from store.hf import import_hf, is_hf_model, read_hf_config
-from store.runs import ACCEL_STATE, RUN_LOCK, TRAIN_CONFIG, TRAINER_STATE
+from store.runs import RUN_LOCK, TRAIN_CONFIG
 from model.transformer import Transformer
+from training.checkpointer import Checkpointer, read_trainer_state, resume_point
 from training.config import ModelSizeConfig, check_config, model_config, select
-
-METRICS, LOSS_PLOT = "metrics.jsonl", "loss.png"
 
 # The parts of a source run's config that uptraining reuses unless overridden (§2.1: same
 # recipe, alpha of the steps).
@@ -84,18 +82,6 @@ class Start:
                              f"{model.config.max_seq_len}")
         return model, provenance
 
-    def restore(self, accelerator: Accelerator, stream) -> dict:
-        """A resume's optimizer, RNG and data position (after accelerator.prepare), and the
-        counters its loop continues from; {} for a new run."""
-        if self.resume_from is None:
-            return {}
-        accelerator.load_state(str(self.resume_from / ACCEL_STATE))
-        stream.load_state_dict(self.state["loaders"][accelerator.process_index])
-        step = self.state["step"]
-        # checkpoints before these keys: the first record averages the steps since the resume
-        return {"step": step, "tokens_seen": self.state["tokens_seen"],
-                "step_last": self.state.get("step_last", step),
-                "loss_sum": self.state.get("loss_sum", 0.0)}
 
 
 def decide_start(cfg: DictConfig, overrides: Sequence[str]) -> Start:
@@ -105,10 +91,10 @@ def decide_start(cfg: DictConfig, overrides: Sequence[str]) -> Start:
     # resume=true names the run by run_dir, which the user then gave: the same on every rank
     run_dir = Path(cfg.run_dir).resolve()
     lock.check_free(run_dir / RUN_LOCK, str(run_dir), RUN_BUSY_FIX, TrainError)  # at once
-    resume_from, state = resume_point(cfg, run_dir), {}
+    resume_from, state = resume_point(cfg.resume, run_dir), {}
     if resume_from is not None:  # the accelerator needs its config (grad_accum, precision)
         cfg = resume_config(cfg, resume_from, overrides)
-        state = json.loads((resume_from / TRAINER_STATE).read_text())
+        state = read_trainer_state(resume_from)
         if cfg.max_steps < state["step"]:
             raise TrainError(f"max_steps={cfg.max_steps} is below {resume_from}'s step "
                              f"{state['step']}: pass max_steps>={state['step']}, or none")
@@ -118,17 +104,6 @@ def decide_start(cfg: DictConfig, overrides: Sequence[str]) -> Start:
 
 
 # ---------------------------------------------------------------- resume
-
-def resume_point(cfg: Any, run_dir: Path) -> Path | None:
-    if cfg.resume in (False, None) or str(cfg.resume).lower() == "false":
-        return None
-    if cfg.resume is True or str(cfg.resume).lower() == "true":
-        if not os.path.lexists(runs.latest_link(run_dir)):
-            raise TrainError(f"resume=true but {run_dir} has no checkpoint: pass "
-                             f"resume=<run or checkpoint dir>, or run_dir=<the run to continue>")
-        return runs.find_checkpoint(run_dir)
-    return runs.find_checkpoint(Path(str(cfg.resume)))
-
 
 # What a resume cannot change: the model, the token stream and its batches, and the
 # optimizer's recipe and numerics. A change there is a new run, not a continuation. data's
@@ -343,19 +318,16 @@ def check_run_dir(run_dir: Path, cfg: Any, resuming: bool) -> None:
 
 def prepare_run_dir(run_dir: Path, cfg: Any, resume_step: int | None,
                     overrides: Sequence[str], resumed_from: Path | None = None) -> None:
-    """Main process, once the run is accepted: start over (overwrite=true) or trim a
-    resumed run's logs, then record the config."""
-    ckpts = runs.checkpoints_dir(run_dir)
-    if resume_step is None and runs.has_checkpoints(run_dir):
-        shutil.rmtree(ckpts)
-        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
-    if resume_step is None:  # also the logs of an attempt that died before its first checkpoint
-        for name in (METRICS, LOSS_PLOT):
-            (run_dir / name).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Main process, once the run is accepted: start over (overwrite=true) or rewind a
+    resumed run to its checkpoint, then record the config."""
+    checkpointer = Checkpointer(run_dir, cfg.keep_last)
     if resume_step is not None:
-        runs.prune_checkpoints(ckpts, cfg.keep_last, newer_than=resume_step)
-        trim_metrics(run_dir / METRICS, resume_step)
+        checkpointer.rewind(resume_step)
+    else:
+        if runs.has_checkpoints(run_dir):  # overwrite=true: the config it recorded goes too
+            shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        checkpointer.start_over()
+    run_dir.mkdir(parents=True, exist_ok=True)
     record_config(run_dir / ".hydra", cfg, overrides, resumed_from)
 
 def record_config(out: Path, cfg: DictConfig, overrides: Sequence[str],
@@ -378,13 +350,3 @@ def record_config(out: Path, cfg: DictConfig, overrides: Sequence[str],
         return
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (out / "overrides.yaml").write_text(as_yaml(overrides))
-
-def trim_metrics(path: Path, last_step: int) -> None:
-    """Drop records a killed run wrote after the checkpoint being resumed (atomically)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
