@@ -229,3 +229,45 @@ def test_outputs_being_written_are_refused_before_any_work(tmp_path):
     finally:
         lock.release(run_dir / RUN_LOCK, fd)
     assert list(run_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["SIGINT", "SIGUSR1"])
+def test_sigint_and_sigusr1_stop_like_sigterm(base, tmp_path, signum):
+    """Ctrl-C and SLURM's warning signal, received during step 3's optimizer step (in this
+    process): that step finishes and is checkpointed, the run stops there naming the signal
+    (train.py's main turns that into exit 143, as for SIGTERM above), and the handlers that
+    were installed before the run are back."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    seen = []
+
+    def hook(optimizer, args, kwargs):
+        seen.append(len(seen) + 1)
+        if len(seen) == 3:
+            os.kill(os.getpid(), signum)
+
+    before = signal.getsignal(signum)
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        result = run([*steps(base), f"run_dir={tmp_path / 'run'}"])
+    finally:
+        handle.remove()
+    assert result.stopped_by == signal.Signals(signum).name
+    assert result.step == 3 == len(seen) == max(records(result.run_dir, "train_loss"))
+    assert latest_step(result.run_dir) == 3 and result.checkpoint.name == "step_3"
+    load_checkpoint(result.checkpoint)
+    assert signal.getsignal(signum) == before
+
+
+def test_on_signal_exit_dies_at_once_without_a_checkpoint(base, tmp_path):
+    """on_signal=exit: SIGTERM's default action, no grace: killed by the signal mid-run, no
+    checkpoint written (the only one due is at the end)."""
+    run_dir = tmp_path / "run"
+    proc = cli([*steps(base), f"run_dir={run_dir}", "on_signal=exit"], cwd=tmp_path)
+    wait_for_records(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM, err[-3000:]
+    assert "stopped at step" not in out
+    assert max(records(run_dir, "train_loss")) < STEPS
+    assert not runs.has_checkpoints(run_dir)
+    assert not list(run_dir.glob("checkpoints/*"))
