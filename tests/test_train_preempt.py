@@ -245,17 +245,21 @@ def test_sigint_and_sigusr1_stop_like_sigterm(base, tmp_path, signum):
         if len(seen) == 3:
             os.kill(os.getpid(), signum)
 
-    before = signal.getsignal(signum)
+    unhandled = []  # ours, installed before the run: reached only if the run ignores signum
+    before = signal.signal(signum, lambda *a: unhandled.append(a))
     handle = register_optimizer_step_pre_hook(hook)
     try:
         result = run([*steps(base), f"run_dir={tmp_path / 'run'}"])
+        assert signal.getsignal(signum) is not None and not unhandled
+        ours = signal.getsignal(signum)
     finally:
         handle.remove()
+        signal.signal(signum, before)
+    assert ours.__name__ == "<lambda>"  # the run put ours back
     assert result.stopped_by == signal.Signals(signum).name
     assert result.step == 3 == len(seen) == max(records(result.run_dir, "train_loss"))
     assert latest_step(result.run_dir) == 3 and result.checkpoint.name == "step_3"
     load_checkpoint(result.checkpoint)
-    assert signal.getsignal(signum) == before
 
 
 def test_on_signal_exit_dies_at_once_without_a_checkpoint(base, tmp_path):
