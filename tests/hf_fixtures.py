@@ -113,6 +113,16 @@ def tiny_hf_llama(out_dir: Path, kind: str = "spm", seed: int = 0, n_head: int =
     return model, tok
 
 
+def randomize(model: torch.nn.Module, std: float = 0.1) -> None:
+    """Every parameter random: matrices larger than the default init (clear greedy picks),
+    biases away from 0 and LayerNorm gains away from 1, each element its own draw, so a bias
+    or norm mapped from the wrong tensor (or dropped) changes the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gain = p.dim() == 1 and name.endswith("weight")  # a LayerNorm's weight
+            torch.nn.init.normal_(p, mean=1.0 if gain else 0.0, std=std)
+
+
 def tiny_hf_family(out_dir: Path, family: str, seed: int = 0):
     """A random tiny "gpt2" or "neox" model and its tokenizer saved as an HF dir (see (d));
     <|endoftext|> is BOS and EOS, as in both families. -> (model, AutoTokenizer)."""
@@ -136,9 +146,7 @@ def tiny_hf_family(out_dir: Path, family: str, seed: int = 0):
             max_position_embeddings=128, rotary_pct=0.25, **ids))
     else:
         raise ValueError(f"family={family!r}: gpt2 or neox")
-    for p in model.parameters():  # larger than the default init: clear greedy picks
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.1)
+    randomize(model)
     model.eval().save_pretrained(out_dir)
     return model, AutoTokenizer.from_pretrained(out_dir)
 

@@ -1,6 +1,7 @@
 """Corpus sources: stdlib enumeration, local files, Hub errors and local datasets."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,42 @@ def test_pystdlib_skips_tests_site_packages_and_demos(tmp_path):
 def test_pystdlib_content_hash_is_stable():
     cfg = DataConfig(source="pystdlib")
     assert content_hash(cfg) == content_hash(cfg)
+
+
+def test_pystdlib_content_hash_follows_every_document(tmp_path, monkeypatch):
+    """On a stand-in stdlib: the hash is the same while nothing changes, and differs when one
+    document's bytes change (same length, same mtime), one is renamed, added or removed."""
+    import data.sources as sources
+    root = tmp_path / "lib"
+    for name in ("a.py", "pkg/__init__.py", "pkg/mod.py"):
+        write(root / name, f"# {name}\nx = 1\n")
+    monkeypatch.setattr(sources, "pystdlib_dir", lambda: root)
+    cfg = DataConfig(source="pystdlib")
+    first = content_hash(cfg)
+    assert content_hash(cfg) == first
+    seen = {first}
+
+    def changed() -> str:
+        h = content_hash(cfg)
+        assert h not in seen
+        seen.add(h)
+        return h
+
+    mod = root / "pkg/mod.py"
+    stat = mod.stat()
+    mod.write_text(mod.read_text().replace("x = 1", "x = 2"))  # one byte, same length
+    os.utime(mod, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime
+    assert mod.stat().st_size == stat.st_size and mod.stat().st_mtime_ns == stat.st_mtime_ns
+    changed()
+    (root / "a.py").rename(root / "b.py")
+    changed()
+    write(root / "pkg/new.py", "y = 3\n")
+    changed()
+    (root / "pkg/new.py").unlink()
+    (root / "b.py").rename(root / "a.py")
+    mod.write_text(mod.read_text().replace("x = 2", "x = 1"))
+    os.utime(mod, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert content_hash(cfg) == first  # the same files again: the same corpus
 
 
 def write(path: Path, data) -> Path:

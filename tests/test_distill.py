@@ -154,3 +154,50 @@ def test_bf16_distills_with_a_bf16_teacher(source, tmp_path):
     assert half["teacher_logits_bytes"] * 2 == full["teacher_logits_bytes"]
     for key, rel in (("train_loss", 1e-3), ("distill_kl", 2e-2)):  # measured: 4e-5, 1e-3
         assert half[key] == pytest.approx(full[key], rel=rel), key
+
+
+def test_the_loop_backpropagates_the_mix_at_a_quarter_and_tau_two(source, tmp_path, monkeypatch):
+    """λ = 0.25, τ = 2 inside train.py: each micro-batch's loss handed to backward is
+    0.75·CE + 0.25·τ²·KL(teacher_τ ‖ student_τ), written out here from the student's own logits
+    on that batch and the source checkpoint's logits (the teacher, loaded independently).
+    At λ = 0, 0.5 or 1 a swap of the two terms would change nothing."""
+    import accelerate
+    from data.loader import TokenStream
+    from store.checkpoint import load_checkpoint
+    lam, tau = 0.25, 2.0
+    batches, student, backward = [], [], []
+    next_batch, original_backward = TokenStream.next_batch, accelerate.Accelerator.backward
+    monkeypatch.setattr(TokenStream, "next_batch",
+                        lambda self: batches.append(next_batch(self)) or batches[-1])
+
+    def spy(self, loss, **kw):
+        backward.append(loss.detach().clone())
+        return original_backward(self, loss, **kw)
+
+    def hook(module, args, output):  # the student's training forwards carry a graph
+        if isinstance(module, Transformer) and output.requires_grad:
+            student.append(output.detach().clone())
+
+    monkeypatch.setattr(accelerate.Accelerator, "backward", spy)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        result = uptrain(source, tmp_path / "quarter", "grad_accum=2", f"uptrain.distill={lam}",
+                         f"uptrain.distill_temperature={tau}")
+    finally:
+        handle.remove()
+    assert len(batches) == len(student) == len(backward) == 6  # 3 steps x 2 micro-batches
+    teacher = load_checkpoint(source[1]).model.eval()
+    kls = []
+    for (x, y), logits, loss in zip(batches, student, backward):
+        with torch.no_grad():
+            t = teacher(x).double() / tau
+        s = logits.double() / tau
+        p_t, log_p_s = torch.softmax(t, -1), torch.log_softmax(s, -1)
+        kl = tau ** 2 * (p_t * (torch.log_softmax(t, -1) - log_p_s)).sum(-1).mean()
+        ce = -torch.log_softmax(logits.double(), -1).gather(-1, y[..., None]).mean()
+        assert loss.item() == pytest.approx(((1 - lam) * ce + lam * kl).item(), rel=1e-5)
+        kls.append(kl.item())
+    assert min(kls) > 1e-3  # a converted student differs from its teacher: the KL term counts
+    recorded = records(result.run_dir, "distill_kl")  # the mean over each step's micro-batches
+    for step in (1, 2, 3):
+        assert recorded[step] == pytest.approx(sum(kls[2 * step - 2:2 * step]) / 2, rel=1e-4)

@@ -196,3 +196,19 @@ def test_end_to_end_process(ckpt, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: top_p must be in (0, 1] (1 = off), got 1.5"]
     assert set(os.listdir(ROOT)) == before
+
+
+def test_int8_kv_cache_from_the_command_line(ckpt, tokenizer):
+    """generate.py kv_cache=int8 prints generate(..., kv_cache="int8")'s greedy text and says
+    what the int8 cache saves; a kv_cache it has not is one line, exit status 2."""
+    ok = cli(f"ckpt={ckpt}", "prompt=def f(x):", "max_new_tokens=12", "temperature=0",
+             "stop_at_eos=false", "kv_cache=int8")
+    assert ok.returncode == 0, ok.stderr
+    ids = generate(load_checkpoint(ckpt).model, tokenizer.encode("def f(x):"), 12,
+                   SamplingConfig(temperature=0.0), kv_cache="int8")[0].tolist()
+    assert ok.stdout == tokenizer.decode(ids) + "\n"
+    assert ", int8 (float: " in ok.stderr, ok.stderr
+    bad = cli(f"ckpt={ckpt}", "prompt=def f(x):", "kv_cache=int4")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: kv_cache='int4' is unknown: use float or int8"], bad.stderr

@@ -1,4 +1,6 @@
 """The one attention module against an independent einsum reference (MQA paper formulas)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -125,9 +127,19 @@ def test_under_autocast_q_k_v_reach_attention_in_the_autocast_dtype(rotary_dim, 
     assert seen == [(torch.bfloat16,) * 3] * 2
 
 
-def test_fused_gqa_only_for_half_precision_cuda():
-    assert not attention_mod.fused_gqa(torch.zeros(1, dtype=torch.bfloat16))  # CPU
-    assert not attention_mod.fused_gqa(torch.zeros(1))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fused_gqa_exactly_for_half_precision_cuda(device, dtype):
+    """True exactly where SDPA's enable_gqa has a fused kernel: CUDA in bf16/fp16. Without a
+    GPU the CUDA q is a stand-in carrying a CUDA tensor's properties (the decision reads
+    only those)."""
+    if device == "cpu" or torch.cuda.is_available():
+        q = torch.zeros(1, 2, 3, 4, dtype=dtype, device=device)
+    else:
+        q = SimpleNamespace(is_cuda=True, device=torch.device("cuda"), dtype=dtype,
+                            shape=torch.Size([1, 2, 3, 4]))
+    expected = device == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    assert attention_mod.fused_gqa(q) is expected
 
 
 def test_kv_projections_have_n_kv_head_rows():

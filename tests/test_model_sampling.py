@@ -76,13 +76,21 @@ def test_stops_when_every_sample_emitted_eos():
 
 
 def test_finished_samples_keep_emitting_eos():
+    """A head biased towards EOS (token 0, about 1 in 5 per step): the rows end at different
+    steps; a finished row keeps emitting EOS while the others sample on (without the rule it
+    would sample freely again), and the stream stops once every row has ended."""
     model = tiny_model()
-    steps = list(stream(model, [5, 6], 25, SamplingConfig(temperature=3.0), num_samples=4,
+    model.lm_head.register_forward_hook(lambda m, args, out: out + torch.nn.functional.one_hot(
+        torch.tensor(0), out.shape[-1]) * 3.0)
+    steps = list(stream(model, [5, 6], 40, SamplingConfig(temperature=3.0), num_samples=6,
                         eos_id=0, generator=torch.Generator().manual_seed(3)))
     tokens = torch.stack(steps, dim=1)  # (B, new)
-    for row in tokens.tolist():
-        if 0 in row:
-            assert all(t == 0 for t in row[row.index(0):])
+    first_eos = [row.index(0) for row in tokens.tolist()]  # every row ended (index raises)
+    assert len(set(first_eos)) > 1 and min(first_eos) < tokens.shape[1] - 3
+    assert max(first_eos) == tokens.shape[1] - 1  # stopped at the last row's EOS
+    for row, end in zip(tokens.tolist(), first_eos):
+        assert 0 not in row[:end] or end == 0
+        assert all(t == 0 for t in row[end:])
 
 
 def test_prompt_plus_new_tokens_beyond_context_is_refused():

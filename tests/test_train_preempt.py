@@ -165,24 +165,40 @@ def test_second_sigterm_during_the_save_leaves_latest_loadable(base, tmp_path):
 def test_second_train_on_a_run_dir_is_refused_at_once_naming_the_first(base, reference,
                                                                       tmp_path):
     """The first holds the dir while its final save waits for the test; the second, a
-    `resume=true` as a relaunch would be, is refused before any work (no data prep output)."""
-    run_dir, gate = tmp_path / "run", tmp_path / "go"
+    `resume=true` as a relaunch would be, is refused before any work: its own data cache is
+    never made (no data prepared) and no file of the run dir is created, changed or removed."""
+    run_dir, gate, cache = tmp_path / "run", tmp_path / "go", tmp_path / "second_cache"
     first = slow_save([*steps(base), f"run_dir={run_dir}"], tmp_path, SAVE_GATE=str(gate))
-    wait_for_records(run_dir, 1, first)
+    wait_for_records(run_dir, STEPS, first)
+    while not list((run_dir / "checkpoints").glob(".step_*.tmp-*")) and first.poll() is None:
+        time.sleep(0.005)  # the first is inside its final save, held there by the gate
+    time.sleep(0.2)
+    before = tree(run_dir)
     started = time.time()
-    second = cli([*steps(base), f"run_dir={run_dir}", "resume=true"], cwd=tmp_path)
+    second = cli([*steps(base), f"run_dir={run_dir}", "resume=true", f"data.cache_dir={cache}"],
+                 cwd=tmp_path)
     _, err = second.communicate(timeout=300)
     took = time.time() - started
+    after = tree(run_dir)
     gate.touch()
     assert second.returncode == 2, err
     assert err.count("\n") == 1 and re.match(
         rf"error: {re.escape(str(run_dir))} is being written by pid {first.pid} on "
         rf"{re.escape(socket.gethostname())} \(since .*train.py.*\): one run dir takes one "
         rf"train.py at a time", err), err
+    assert not cache.exists()  # nothing tokenized, no tokenizer trained
+    assert after == before  # every path, its size, mtime and bytes
     print(f"second train.py refused in {took:.1f} s")
     assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
     assert_same_run(run_dir, reference)
     assert not (run_dir / RUN_LOCK).exists()
+
+
+def tree(folder: Path) -> dict[str, tuple]:
+    """Every file and dir under folder: (mtime_ns, size, bytes for files)."""
+    return {str(p.relative_to(folder)): (p.lstat().st_mtime_ns, p.lstat().st_size,
+                                         p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
 
 
 def test_outputs_being_written_are_refused_before_any_work(tmp_path):
@@ -213,3 +229,49 @@ def test_outputs_being_written_are_refused_before_any_work(tmp_path):
     finally:
         lock.release(run_dir / RUN_LOCK, fd)
     assert list(run_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1], ids=["SIGINT", "SIGUSR1"])
+def test_sigint_and_sigusr1_stop_like_sigterm(base, tmp_path, signum):
+    """Ctrl-C and SLURM's warning signal, received during step 3's optimizer step (in this
+    process): that step finishes and is checkpointed, the run stops there naming the signal
+    (train.py's main turns that into exit 143, as for SIGTERM above), and the handlers that
+    were installed before the run are back."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    seen = []
+
+    def hook(optimizer, args, kwargs):
+        seen.append(len(seen) + 1)
+        if len(seen) == 3:
+            os.kill(os.getpid(), signum)
+
+    unhandled = []  # ours, installed before the run: reached only if the run ignores signum
+    before = signal.signal(signum, lambda *a: unhandled.append(a))
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        result = run([*steps(base), f"run_dir={tmp_path / 'run'}"])
+        assert signal.getsignal(signum) is not None and not unhandled
+        ours = signal.getsignal(signum)
+    finally:
+        handle.remove()
+        signal.signal(signum, before)
+    assert ours.__name__ == "<lambda>"  # the run put ours back
+    assert result.stopped_by == signal.Signals(signum).name
+    assert result.step == 3 == len(seen) == max(records(result.run_dir, "train_loss"))
+    assert latest_step(result.run_dir) == 3 and result.checkpoint.name == "step_3"
+    load_checkpoint(result.checkpoint)
+
+
+def test_on_signal_exit_dies_at_once_without_a_checkpoint(base, tmp_path):
+    """on_signal=exit: SIGTERM's default action, no grace: killed by the signal mid-run, no
+    checkpoint written (the only one due is at the end)."""
+    run_dir = tmp_path / "run"
+    proc = cli([*steps(base), f"run_dir={run_dir}", "on_signal=exit"], cwd=tmp_path)
+    wait_for_records(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM, err[-3000:]
+    assert "stopped at step" not in out
+    assert max(records(run_dir, "train_loss")) < STEPS
+    assert not runs.has_checkpoints(run_dir)
+    assert not list(run_dir.glob("checkpoints/*"))
