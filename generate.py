@@ -11,6 +11,7 @@ taken verbatim (no Hydra quoting needed). Errors: one line `error: ...`, exit st
 """
 from __future__ import annotations
 
+import enum
 import resource
 import sys
 import time
@@ -24,11 +25,14 @@ from omegaconf import OmegaConf
 
 import cli
 from model.kv_cache import kv_bytes_per_token
-from model.quantized import describe, kernel_report, quantize_model, weight_bytes
+from model.quantized import MODES, describe, kernel_report, quantize_model, weight_bytes
 from model.sampling import KV_CACHES, SamplingConfig, compile_decode, stream
 from model.transformer import Transformer
 from store.source import load_model, pick_device, pick_dtype, resolve_checkpoint
 SEPARATOR = "\n" + "-" * 40 + "\n"
+# the schema's choices, from the tables that define them: a bad value fails at composition
+Quantize = enum.StrEnum("Quantize", ["none", *MODES])  # none: float weights
+KvCache = enum.StrEnum("KvCache", list(KV_CACHES))
 
 
 @dataclass
@@ -50,9 +54,9 @@ class GenerateConfig:
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 elsewhere; or float32/bfloat16/float16
     compile: bool = False  # torch.compile the decode step: ~1 min once, then 2-3x faster on CPU
     stream: bool = True  # print tokens as they come (num_samples == 1 only)
-    quantize: str = "none"  # none | int8 | int4 (blocks' linear layers) | int8_head | int4_head | int4_int8head
+    quantize: Quantize = Quantize.none  # none | int8 | int4 (blocks' linear layers) | int8_head | int4_head | int4_int8head
     group_size: int = 64  # int4: inputs per scale and zero (32, 64 or 128)
-    kv_cache: str = "float"  # float (in dtype) | int8 (KIVI: int8 + a full-precision window)
+    kv_cache: KvCache = KvCache.float  # float (in dtype) | int8 (KIVI: int8 + a full-precision window)
 
 
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
@@ -160,8 +164,6 @@ def run(cfg: GenerateConfig) -> None:
     model, tokenizer = load_model(path, device, dtype)
     if cfg.quantize != "none":
         quantize_model(model, cfg.quantize, cfg.group_size)
-    if cfg.kv_cache not in KV_CACHES:
-        raise UsageError(f"kv_cache={cfg.kv_cache!r} is unknown: use {' or '.join(KV_CACHES)}")
     ids = prompt_tokens(cfg, tokenizer, model)
     eos_id = tokenizer.eos_id if tokenizer is not None and cfg.stop_at_eos else None
     generator = torch.Generator(device).manual_seed(cfg.seed)

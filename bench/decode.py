@@ -342,12 +342,12 @@ def real_variant(path: Path, name: str) -> Transformer:
     """The real model with REAL_KV[name] KV heads: itself (GQA-3), its exact MHA copy (each
     KV head repeated, the same logits), or MQA by mean pooling (the quality is not the
     point here, only the shapes a step reads)."""
-    from convert.heads import convert_model, expand_kv_heads
+    from convert.heads import Conversion, convert_model, expand_kv_heads
     model = load_real(path)
     n_kv, own = REAL_KV[name], model.config.n_kv_head
     if n_kv > own:
         return expand_kv_heads(model, n_kv // own).eval()
-    return model if n_kv == own else convert_model(model, n_kv).eval()
+    return model if n_kv == own else convert_model(model, Conversion(n_kv)).eval()
 
 
 def section_r(quick: bool, path: Path, modes: list[str], group_size: int,

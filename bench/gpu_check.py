@@ -337,6 +337,7 @@ def section_distill(ctx: Context, sec: Section) -> None:
     """bf16 everywhere, on the CPU too (autocast): the teacher is loaded in bf16."""
     prepare_corpus(ctx)
     from convert.command import convert_checkpoint
+    from convert.heads import Conversion
     s, work = ctx.scale, ctx.work
     common = [*train_args(ctx, s.fsdp_model, s.distill_steps, 8), "log_every=1",
               "compile=false", "mixed_precision=bf16"]
@@ -344,8 +345,8 @@ def section_distill(ctx: Context, sec: Section) -> None:
                                  f"run_dir={work / 'distill_base'}"], work / "distill_base.log", 150)
     if not sec.check("base_exit_status", rc == 0, rc=rc, **({"tail": tail} if rc else {})):
         return
-    mqa = convert_checkpoint(work / "distill_base/checkpoints/latest", work / "distill_mqa", 1,
-                             overwrite=True)
+    mqa = convert_checkpoint(work / "distill_base/checkpoints/latest", work / "distill_mqa",
+                             Conversion(1), overwrite=True)
     up = [*common, f"init_from={mqa}", "attention=mqa", "batch_mode=sequential"]
     kd = [*up, "uptrain.distill=0.5"]
     sec.figures["command"] = " ".join(["train.py", *kd])

@@ -34,15 +34,29 @@ A_s^T A_t = W_s C W_t^T is an (hd, hd) matrix: no activations are stored.
 """
 from __future__ import annotations
 
+import enum
 import itertools
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-GROUPINGS = ("contiguous", "similar")
-ALIGNMENTS = ("none", "procrustes", "linear", "linear_readers")
-LINEAR = ("linear", "linear_readers")  # the shared head is fitted, not a mean of rewritten heads
+class Grouping(enum.StrEnum):
+    """Which source KV heads share a pooled head."""
+    contiguous = "contiguous"  # the paper's: query head h reads KV head h // group_size
+    similar = "similar"  # the least within-group spread on calibration tokens
+
+
+class Alignment(enum.StrEnum):
+    """What maps each source head before pooling (the module docstring)."""
+    none = "none"
+    procrustes = "procrustes"
+    linear = "linear"
+    linear_readers = "linear_readers"
+
+
+GROUPINGS, ALIGNMENTS = tuple(Grouping), tuple(Alignment)
+LINEAR = (Alignment.linear, Alignment.linear_readers)  # the shared head is fitted, not a mean of rewritten heads
 GPA_ITERS = 8  # generalised Procrustes converges in a few sweeps at this size
 
 

@@ -42,9 +42,9 @@ from omegaconf.errors import OmegaConfBaseException
 import cli
 from data.config import DataConfig, DataError
 from data.tokenizer import tokenizer_files
-from convert.align import LayerPlan
-from convert.heads import (ConvertError, calib_shape, check_target, kv_errors,
-                           needs_calibration, plan_conversion, pooled_model)
+from convert.align import Alignment, Grouping, LayerPlan
+from convert.heads import (Calibration, ConvertError, Conversion, Method, check_target,
+                           kv_errors, plan_conversion, pooled_model)
 from model.summary import format_summary
 from model.transformer import Transformer
 from store import runs
@@ -63,49 +63,46 @@ def sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
-                       method: str = "mean", seed: int = 0, overwrite: bool = False,
-                       group: str = "contiguous", align: str = "none", calib_windows: int = 64,
-                       data: dict | None = None, calib_seq_len: int = 0,
-                       calib_tokens: int = 0) -> Path:
+def convert_checkpoint(src: str | Path, out: str | Path, conversion: Conversion,
+                       calibration: Calibration = Calibration(), data: dict | None = None,
+                       overwrite: bool = False) -> Path:
     """Write a converted copy of checkpoint src at out, with the same tokenizer, the
     source's train config, and provenance in meta.json. With a data config (the source's
     train_config.yaml's data section, updated by data: DataConfig settings) and
-    calib_windows > 0: fit group/align on calib_windows train windows of calib_seq_len
-    tokens (calib_shape) and record the K/V reconstruction error on as many val windows,
-    with the time and peak memory this took (meta.json's calibration, and stderr)."""
-    src, out = Path(src), Path(out)
+    calibration windows: fit group/align on calibration's train windows and record the
+    K/V reconstruction error on as many val windows, with the time and peak memory this
+    took (meta.json's calibration, and stderr)."""
+    src, out, fit = Path(src), Path(out), conversion.needs_calibration
     check_out(src, out, overwrite, "gqa")
     hf = is_hf_model(src)  # an HF dir converts as its import would
     src_cfg = read_hf_config(src) if hf else read_config(src)
-    check_target(src_cfg.n_kv_head, n_kv_head, method, group, align)  # fail before loading
+    check_target(src_cfg.n_kv_head, conversion)  # fail before loading
     data = data_config(src, data or {})
-    n_windows, seq_len = calib_shape(src_cfg.max_seq_len, calib_windows, calib_seq_len,
-                                     calib_tokens)
-    if needs_calibration(group, align) and (data is None or n_windows <= 0):
-        raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
-                           f"calib_windows=N > 0, and data.* settings when {src} has no "
-                           f"{TRAIN_CONFIG} with a data section")
+    n_windows, seq_len = calibration.shape(src_cfg.max_seq_len)
+    if fit and (data is None or n_windows <= 0):
+        raise ConvertError(f"group={conversion.group} align={conversion.align} fit on "
+                           f"calibration data: pass calib_windows=N > 0, and data.* settings "
+                           f"when {src} has no {TRAIN_CONFIG} with a data section")
     write_tokenizer = tokenizer_writer(src) if hf else None  # a bad one fails before the weights
     source = import_hf(src) if hf else load_checkpoint(src).model
     windows = lambda split: token_windows(data, split, seq_len, n_windows, src_cfg.vocab_size)
     measured = data is not None and n_windows > 0
     started = time.perf_counter()
-    calib = windows("train") if measured and needs_calibration(group, align) else None
-    plans = plan_conversion(source, n_kv_head, group, align, calib, progress=True)
-    model = pooled_model(source, n_kv_head, method, seed, plans)
+    calib = windows("train") if measured and fit else None
+    plans = plan_conversion(source, conversion, calib, progress=True)
+    model = pooled_model(source, conversion, plans)
     src_meta = read_meta(src)
     meta = {
         "converted_from": {
             "path": str(src.resolve()),
             "weights_sha256": sha256_files(hf_weight_files(src) if hf else [src / WEIGHTS]),
-            "method": method,
-            "group": group,
-            "align": align,
+            "method": str(conversion.method),
+            "group": str(conversion.group),
+            "align": str(conversion.align),
             "calib_windows": 0 if calib is None else n_windows,
             "calib_seq_len": 0 if calib is None else seq_len,
             "source_n_kv_head": src_cfg.n_kv_head,
-            "seed": seed,
+            "seed": conversion.seed,
         },
         "source_step": src_meta.get("step", src_meta.get("source_step")),
     }
@@ -113,7 +110,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, n_kv_head: int,
         meta["max_steps"] = src_meta["max_steps"]
     if measured:
         meta.update(kv_error_meta(source, model, plans, lambda: windows("val"),
-                                  required=needs_calibration(group, align)))
+                                  required=fit))
         if calib is not None or "kv_error" in meta:  # data was read: what did it cost
             meta["calibration"] = calibration_cost(
                 started, 0 if calib is None else calib.numel(),
@@ -205,9 +202,9 @@ class ConvertConfig:
     ckpt: str = MISSING  # a gqalab checkpoint dir or an HF Llama/GPT-2/GPT-NeoX dir
     n_kv_head: int = MISSING  # KV heads of the result: a divisor of the source's
     out: str = MISSING  # the new checkpoint dir
-    method: str = "mean"  # mean | first | random (METHODS)
-    group: str = "contiguous"  # contiguous | similar (convert/align.py's GROUPINGS)
-    align: str = "none"  # none | procrustes | linear | linear_readers (convert/align.py's ALIGNMENTS)
+    method: Method = Method.mean  # mean | first | random
+    group: Grouping = Grouping.contiguous  # contiguous | similar (convert/align.py)
+    align: Alignment = Alignment.none  # none | procrustes | linear | linear_readers (convert/align.py)
     calib_windows: int = 64  # train windows to fit on, val windows to measure; 0: none
     calib_seq_len: int = 0  # tokens per calibration window; 0: the context up to 1024
     calib_tokens: int = 0  # a calibration token budget (windows it fills) instead of calib_windows
@@ -235,9 +232,10 @@ def given_data(cfg: DictConfig) -> dict:
 def command(cfg: DictConfig) -> None:
     cli.require(cfg)
     args: ConvertConfig = OmegaConf.to_object(cfg)
-    out = convert_checkpoint(args.ckpt, args.out, args.n_kv_head, args.method, args.seed,
-                             args.overwrite, args.group, args.align, args.calib_windows,
-                             given_data(cfg), args.calib_seq_len, args.calib_tokens)
+    conversion = Conversion(args.n_kv_head, args.method, args.group, args.align, args.seed)
+    calibration = Calibration(args.calib_windows, args.calib_seq_len, args.calib_tokens)
+    out = convert_checkpoint(args.ckpt, args.out, conversion, calibration, given_data(cfg),
+                             args.overwrite)
     print(f"wrote {out} ({args.method} pooling, group={args.group}, align={args.align}, "
           f"of {args.ckpt})")
     print(format_summary(read_config(out)))

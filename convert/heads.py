@@ -5,18 +5,27 @@ permute_kv_heads). Torch and model/ only: the checkpoint command is convert/comm
 """
 from __future__ import annotations
 
+import enum
 import math
+from dataclasses import dataclass
 
 import torch
 
 import cli
-from convert.align import (ALIGNMENTS, GROUPINGS, LINEAR, LayerPlan, attention_input_grams,
+from convert.align import (LINEAR, Alignment, Grouping, LayerPlan, attention_input_grams,
                            head_rows, kv_error, move_heads, plan_layer, rope_planes)
 from model.config import ConfigError, ModelConfig, divisors
 from model.transformer import Transformer
 from store.checkpoint import config_of, model_from_state, model_state
 
-METHODS = ("mean", "first", "random")
+class Method(enum.StrEnum):
+    """How each group's KV heads become one (the paper's §2.1 and its Figure 4 baselines)."""
+    mean = "mean"
+    first = "first"  # keep each group's first head
+    random = "random"  # fresh init
+
+
+METHODS = tuple(Method)
 KV_TENSORS = ("attn.k_proj.weight", "attn.v_proj.weight", "attn.k_proj.bias", "attn.v_proj.bias")
 CALIB_SEQ_LEN = 1024  # default calibration window: a trained model's statistics settle well
                       # before its full context, which would cost minutes per window on a CPU
@@ -47,22 +56,67 @@ def pool_kv_heads(weight: torch.Tensor, n_src: int, n_dst: int, head_dim: int,
     return pooled.reshape(n_dst * head_dim, *rest).to(weight.device)
 
 
-def check_target(n_src: int, n_kv_head: int, method: str, group: str = "contiguous",
-                 align: str = "none") -> None:
-    if method not in METHODS:
-        raise ConvertError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    if group not in GROUPINGS:
-        raise ConvertError(f"unknown group {group!r}: use one of {', '.join(GROUPINGS)}")
-    if align not in ALIGNMENTS:
-        raise ConvertError(f"unknown align {align!r}: use one of {', '.join(ALIGNMENTS)}")
-    if method == "random" and (group, align) != ("contiguous", "none"):
-        raise ConvertError("method=random keeps nothing of the source heads: use group="
-                           "contiguous align=none with it, or method=mean|first")
-    if align in LINEAR and method != "mean":
-        raise ConvertError(f"align={align} fits each group's shared head itself: use "
-                           f"method=mean with it (the default)")
-    if n_kv_head <= 0:
-        raise ConvertError(f"n_kv_head must be a positive integer, got {n_kv_head}")
+def choice(kind: type[enum.StrEnum], key: str, value: str) -> enum.StrEnum:
+    """value as a member of kind, or a ConvertError naming the options."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConvertError(f"unknown {key} {value!r}: use one of "
+                           f"{', '.join(kind)}") from None
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """One conversion to n_kv_head KV heads: which heads share a group (group), how each is
+    mapped first (align), how a group becomes one head (method; seed: method=random's).
+    Checked when made: a Conversion that exists is one that can be done, given a source
+    whose KV heads n_kv_head divides (check_target)."""
+    n_kv_head: int
+    method: Method = Method.mean
+    group: Grouping = Grouping.contiguous
+    align: Alignment = Alignment.none
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key, kind in (("method", Method), ("group", Grouping), ("align", Alignment)):
+            object.__setattr__(self, key, choice(kind, key, getattr(self, key)))
+        if self.method == "random" and self.needs_calibration:
+            raise ConvertError("method=random keeps nothing of the source heads: use group="
+                               "contiguous align=none with it, or method=mean|first")
+        if self.align in LINEAR and self.method != "mean":
+            raise ConvertError(f"align={self.align} fits each group's shared head itself: use "
+                               f"method=mean with it (the default)")
+        if self.n_kv_head <= 0:
+            raise ConvertError(f"n_kv_head must be a positive integer, got {self.n_kv_head}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """group and align are fitted on calibration tokens (the paper's pooling is not)."""
+        return (self.group, self.align) != ("contiguous", "none")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The tokens a conversion fits on (and measures its K/V error on, as many val ones)."""
+    windows: int = 64  # train windows; 0: none
+    seq_len: int = 0  # tokens per window; 0: the context up to CALIB_SEQ_LEN
+    tokens: int = 0  # a token budget (the windows it fills) instead of windows
+
+    def shape(self, max_seq_len: int) -> tuple[int, int]:
+        """(windows, tokens per window) for a model of context max_seq_len."""
+        if self.seq_len < 0 or self.tokens < 0 or self.windows < 0:
+            raise ConvertError(f"calib_windows, calib_seq_len and calib_tokens must be >= 0, "
+                               f"got {self.windows}, {self.seq_len}, {self.tokens}")
+        if self.seq_len > max_seq_len:
+            raise ConvertError(f"calib_seq_len={self.seq_len} exceeds the model's context "
+                               f"{max_seq_len}: pass calib_seq_len={max_seq_len} or less")
+        length = self.seq_len or min(max_seq_len, CALIB_SEQ_LEN)
+        return (math.ceil(self.tokens / length) if self.tokens else self.windows), length
+
+
+def check_target(n_src: int, conversion: Conversion) -> None:
+    """conversion fits a source of n_src KV heads."""
+    n_kv_head = conversion.n_kv_head
     if n_kv_head > n_src:
         raise ConvertError(f"n_kv_head={n_kv_head} exceeds the source's {n_src} KV heads: "
                            f"pooling only reduces heads; pick one of {divisors(n_src)}")
@@ -71,58 +125,39 @@ def check_target(n_src: int, n_kv_head: int, method: str, group: str = "contiguo
                            f"heads: pick one of {divisors(n_src)}")
 
 
-def needs_calibration(group: str, align: str) -> bool:
-    return (group, align) != ("contiguous", "none")
-
-
-def calib_shape(max_seq_len: int, calib_windows: int, calib_seq_len: int = 0,
-                calib_tokens: int = 0) -> tuple[int, int]:
-    """(windows, tokens per window) that calibration reads: windows of calib_seq_len tokens
-    (0: the context up to CALIB_SEQ_LEN), as many as fill calib_tokens when it is given,
-    else calib_windows."""
-    if calib_seq_len < 0 or calib_tokens < 0 or calib_windows < 0:
-        raise ConvertError(f"calib_windows, calib_seq_len and calib_tokens must be >= 0, got "
-                           f"{calib_windows}, {calib_seq_len}, {calib_tokens}")
-    if calib_seq_len > max_seq_len:
-        raise ConvertError(f"calib_seq_len={calib_seq_len} exceeds the model's context "
-                           f"{max_seq_len}: pass calib_seq_len={max_seq_len} or less")
-    length = calib_seq_len or min(max_seq_len, CALIB_SEQ_LEN)
-    return (math.ceil(calib_tokens / length) if calib_tokens else calib_windows), length
-
-
-def convert_model(model: Transformer, n_kv_head: int, method: str = "mean", seed: int = 0,
-                  group: str = "contiguous", align: str = "none",
+def convert_model(model: Transformer, conversion: Conversion,
                   calib: torch.Tensor | None = None) -> Transformer:
-    """A new model with n_kv_head KV heads, sharing every tensor it does not change with the
-    source, which is left untouched. calib (N, T) token windows: needed by group=similar
-    and align=procrustes."""
-    check_target(config_of(model).n_kv_head, n_kv_head, method, group, align)
-    return pooled_model(model, n_kv_head, method, seed,
-                        plan_conversion(model, n_kv_head, group, align, calib))
+    """A new model with conversion.n_kv_head KV heads, sharing every tensor it does not
+    change with the source, which is left untouched. calib (N, T) token windows: needed
+    when conversion.needs_calibration."""
+    check_target(config_of(model).n_kv_head, conversion)
+    return pooled_model(model, conversion, plan_conversion(model, conversion, calib))
 
 
-def plan_conversion(model: Transformer, n_kv_head: int, group: str, align: str,
-                    calib: torch.Tensor | None, progress: bool = False) -> list[LayerPlan] | None:
+def plan_conversion(model: Transformer, conversion: Conversion, calib: torch.Tensor | None,
+                    progress: bool = False) -> list[LayerPlan] | None:
     """Per layer, which source heads to pool together and how to rotate them; None for the
     paper's contiguous, unaligned pooling."""
-    if not needs_calibration(group, align):
+    if not conversion.needs_calibration:
         return None
     if calib is None or not len(calib):
-        raise ConvertError(f"group={group} align={align} fit on calibration data: pass "
-                           f"calib_windows=N (e.g. 64) and a source with a data config")
+        raise ConvertError(f"group={conversion.group} align={conversion.align} fit on "
+                           f"calibration data: pass calib_windows=N (e.g. 64) and a source "
+                           f"with a data config")
     grams = attention_input_grams(model, calib, progress=progress)
-    return plan_from_grams(model, grams, n_kv_head, group, align)
+    return plan_from_grams(model, grams, conversion)
 
 
-def plan_from_grams(model: Transformer, grams: list[torch.Tensor], n_kv_head: int, group: str,
-                    align: str) -> list[LayerPlan]:
+def plan_from_grams(model: Transformer, grams: list[torch.Tensor],
+                    conversion: Conversion) -> list[LayerPlan]:
     """plan_conversion from the calibration statistic attention_input_grams computes (one
     calibration serves several conversions)."""
-    cfg = config_of(model)
+    cfg, c = config_of(model), conversion
     state, rope = model_state(model), rope_planes(cfg)
     return [plan_layer(kv_rows(state, i, "k_proj", cfg.n_kv_head),
-                       kv_rows(state, i, "v_proj", cfg.n_kv_head), grams[i], n_kv_head, rope,
-                       group, align, readers(state, i, cfg) if align == "linear_readers" else None)
+                       kv_rows(state, i, "v_proj", cfg.n_kv_head), grams[i], c.n_kv_head, rope,
+                       c.group, c.align,
+                       readers(state, i, cfg) if c.align == "linear_readers" else None)
             for i in range(cfg.n_layer)]
 
 
@@ -154,18 +189,18 @@ def aligned_attention(state: dict, layer: int, plan: LayerPlan, n_src: int) -> d
     return out
 
 
-def pooled_model(model: Transformer, n_kv_head: int, method: str, seed: int,
+def pooled_model(model: Transformer, conversion: Conversion,
                  plans: list[LayerPlan] | None) -> Transformer:
-    cfg, state = pooled_state(model, n_kv_head, method, seed, plans)
+    cfg, state = pooled_state(model, conversion, plans)
     # holds state's tensors themselves (built on meta): untouched ones stay shared with the source
     return model_from_state(cfg, state, "the converted model").train(model.training)
 
 
-def pooled_state(model: Transformer, n_kv_head: int, method: str, seed: int,
+def pooled_state(model: Transformer, conversion: Conversion,
                  plans: list[LayerPlan] | None) -> tuple[ModelConfig, dict]:
     """(the target config, its state): the source's tensors, the attention ones rewritten
     per plans, then K/V pooled."""
-    src_cfg = config_of(model)
+    src_cfg, n_kv_head = config_of(model), conversion.n_kv_head
     try:
         cfg = src_cfg.with_kv_heads(n_kv_head)
     except ConfigError as e:
@@ -173,11 +208,11 @@ def pooled_state(model: Transformer, n_kv_head: int, method: str, seed: int,
     state = model_state(model)  # detached views of the source's tensors: nothing copied
     for layer, plan in enumerate(plans or []):
         state.update(aligned_attention(state, layer, plan, src_cfg.n_kv_head))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(conversion.seed)
     for name, tensor in state.items():
         if name.endswith(KV_TENSORS):
             state[name] = pool_kv_heads(tensor, src_cfg.n_kv_head, n_kv_head, cfg.head_dim,
-                                        method, generator, cfg.init_std)
+                                        conversion.method, generator, cfg.init_std)
     return cfg, state
 
 

@@ -44,11 +44,11 @@ from tqdm import tqdm
 import cli
 from data.prepare import prepare_data
 from evaluation.scoring import split_tokens, val_loss
-from experiments.presets import conversion_options, load_preset
+from experiments.presets import load_preset, named_conversion
 from experiments.report import CONVERSIONS, variant_name, write_report
 from store import runs
 from store.checkpoint import WEIGHTS, load_checkpoint, read_meta, write_atomic
-from convert.heads import ConvertError, check_target
+from convert.heads import Calibration, ConvertError, Conversion, check_target
 from convert.command import convert_checkpoint
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, stream
@@ -112,7 +112,7 @@ def check_settings(cfg: DictConfig) -> None:
         raise ExperimentError("n_head and base_steps must be positive integers")
     for g in [*cfg.kv_heads, *cfg.scratch_kv_heads]:
         try:
-            check_target(cfg.n_head, g, "mean")
+            check_target(cfg.n_head, Conversion(g))
         except ConvertError as e:
             raise ExperimentError(f"kv_heads/scratch_kv_heads: {e}") from None
     for method in cfg.methods:
@@ -258,8 +258,8 @@ def run(cfg: DictConfig, out: Path) -> dict:
             conversion = method.removesuffix("+distill")  # the same converted checkpoint
             ckpt = converted / f"gqa{g}-{conversion}"
             if not ckpt.is_dir():  # conversion is deterministic (seed and windows fixed)
-                convert_checkpoint(base_ckpt, ckpt, g, seed=cfg.seed,
-                                   calib_windows=cfg.calib_windows, **conversion_options(conversion))
+                convert_checkpoint(base_ckpt, ckpt, named_conversion(conversion, g, cfg.seed),
+                                   Calibration(cfg.calib_windows))
             errors = read_meta(ckpt).get("kv_error", {}).get("layers")
             rows.append(row(load_checkpoint(ckpt).model, method, 0.0, 0, 0.0, errors))
             for alpha in alphas:

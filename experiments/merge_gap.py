@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from data.sources import pystdlib_files
 from data.tokenizer import load_tokenizer
 from convert.align import attention_input_grams
-from convert.heads import kv_errors_from_grams, plan_from_grams, pooled_model
+from convert.heads import Conversion, kv_errors_from_grams, plan_from_grams, pooled_model
 from store.hf import import_hf
 
 
@@ -92,10 +92,11 @@ def main(argv: list[str]) -> int:
     errors = {}
     for align in cfg.aligns:
         t = time.perf_counter()
-        plans = (None if (cfg.group, align) == ("contiguous", "none") else
-                 plan_from_grams(source, calib_grams, cfg.n_kv_head, cfg.group, align))
+        conversion = Conversion(cfg.n_kv_head, group=cfg.group, align=align)
+        plans = (plan_from_grams(source, calib_grams, conversion)
+                 if conversion.needs_calibration else None)
         fit_s = time.perf_counter() - t
-        model = pooled_model(source, cfg.n_kv_head, "mean", 0, plans)
+        model = pooled_model(source, conversion, plans)
         loss[align] = log_ppl(model, evals, cfg.batch_size)
         state = model.state_dict()
         errors[align] = {"calib": kv_errors_from_grams(source, state, plans, calib_grams),

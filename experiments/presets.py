@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from convert.align import ALIGNMENTS, GROUPINGS
-from convert.heads import METHODS
+from convert.heads import METHODS, Conversion
 
 
 def load_preset(schema: type, folder: Path, argv: list[str], error: type[Exception]) -> DictConfig:
@@ -28,11 +28,11 @@ def load_preset(schema: type, folder: Path, argv: list[str], error: type[Excepti
                     f"are in {path})") from None
 
 
-def conversion_options(name: str) -> dict:
-    """A methods entry -> convert_checkpoint's options: "first", "similar+procrustes",
+def named_conversion(name: str, n_kv_head: int, seed: int = 0) -> Conversion:
+    """A methods entry -> its Conversion to n_kv_head heads: "first", "similar+procrustes",
     "similar+linear+distill", ... (method mean unless named; "similar" chooses the groups,
     "procrustes" or "linear" aligns; other parts, such as "distill", are not conversion's)."""
     parts = name.split("+")
-    return {"method": next((p for p in parts if p in METHODS), "mean"),
-            "group": next((p for p in parts if p in GROUPINGS), "contiguous"),
-            "align": next((p for p in parts if p in ALIGNMENTS), "none")}
+    return Conversion(n_kv_head, method=next((p for p in parts if p in METHODS), "mean"),
+                      group=next((p for p in parts if p in GROUPINGS), "contiguous"),
+                      align=next((p for p in parts if p in ALIGNMENTS), "none"), seed=seed)

@@ -48,11 +48,11 @@ from evaluation.scoring import mean_nll, score
 from data.sources import pystdlib_dir, pystdlib_files
 from data.tokenizer import load_tokenizer
 
-from experiments.presets import conversion_options, load_preset
+from experiments.presets import load_preset, named_conversion
 from experiments.smollm2 import DEFAULT_CACHE, smollm2_hf_dir
 from convert.align import ALIGNMENTS
 from store.checkpoint import load_checkpoint, read_meta, save_checkpoint, write_atomic
-from convert.heads import expand_kv_heads, permute_kv_heads
+from convert.heads import Calibration, expand_kv_heads, permute_kv_heads
 from convert.command import convert_checkpoint
 from store.hf import import_hf, tokenizer_writer
 from model.kv_cache import kv_bytes_per_token
@@ -251,12 +251,11 @@ def convert(sources: dict[str, Path], pair: str, method: str, cfg: DictConfig,
     if not out.is_dir() and cfg.report_only:
         return None
     if not out.is_dir():
-        convert_checkpoint(sources[src], out, TARGETS[dst], seed=cfg.seed,
-                           calib_windows=cfg.calib_windows, calib_seq_len=cfg.calib_seq_len,
+        convert_checkpoint(sources[src], out, named_conversion(method, TARGETS[dst], cfg.seed),
+                           Calibration(cfg.calib_windows, cfg.calib_seq_len),
                            data=OmegaConf.to_container(OmegaConf.from_dotlist(
                                [a.removeprefix("data.") for a in
-                                data_overrides(corpora, cache, cfg.train_max_tokens)])),
-                           **conversion_options(method))
+                                data_overrides(corpora, cache, cfg.train_max_tokens)])))
     return out
 
 

@@ -33,7 +33,9 @@ The matmul (int8_matmul) takes the fastest correct path measured on torch 2.13's
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +48,65 @@ class QuantizeError(ValueError):
     """A quantization mode or group size that does not fit; the message names the fix."""
     user_error = True  # cli prints it as one line
 
-# the blocks' linear layers; _head: the output head too, in the same format; int4_int8head:
-# int4 blocks and an int8 head (llama.cpp's Q4_K_M keeps its head at 6 bits too: a small
-# model's head is a large share of its bytes and the layer int4 hurts most)
-MODES = ("int8", "int8_head", "int4", "int4_head", "int4_int8head")
 GROUP_SIZES = (32, 64, 128)  # int4: inputs per scale/zero pair
+
+
+class QuantMode(enum.StrEnum):
+    """The shorthands of QuantSpec (the schemas' mode= and quantize= choices): the blocks'
+    linear layers; _head: the output head too, in the same format; int4_int8head: int4
+    blocks and an int8 head (llama.cpp's Q4_K_M keeps its head at 6 bits too: a small
+    model's head is a large share of its bytes and the layer int4 hurts most)."""
+    int8 = "int8"
+    int8_head = "int8_head"
+    int4 = "int4"
+    int4_head = "int4_head"
+    int4_int8head = "int4_int8head"
+
+
+MODES = tuple(QuantMode)
+BITS = {QuantMode.int8: (8, 0), QuantMode.int8_head: (8, 8), QuantMode.int4: (4, 0),
+        QuantMode.int4_head: (4, 4), QuantMode.int4_int8head: (4, 8)}  # (weight_bits, head_bits)
+MODES_HELP = ("int8 or int4 (the blocks' linear layers), int8_head or int4_head (those and the "
+              "output head), or int4_int8head (int4 blocks, int8 head)")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How quantize_model stores each linear layer; every decision reads these fields.
+    QuantSpec.parse takes the mode shorthands (MODES), .mode gives one back."""
+    weight_bits: int = 8  # the blocks' linear layers: 8 (per channel) or 4 (per group)
+    head_bits: int = 0  # the output head: 0 (stays float), 8 or 4
+    group_size: int = 64  # int4: inputs per scale/zero pair (GROUP_SIZES); int8 has none: 0
+
+    def __post_init__(self) -> None:
+        if not self.int4:  # meaningless for int8: zeroed, so equal specs compare equal
+            object.__setattr__(self, "group_size", 0)
+        if (self.weight_bits, self.head_bits) not in BITS.values():
+            raise QuantizeError(f"weight_bits={self.weight_bits} head_bits={self.head_bits} "
+                                f"is not a supported format: use {MODES_HELP}")
+        if self.int4 and self.group_size not in GROUP_SIZES:
+            raise QuantizeError(f"group_size={self.group_size} is not supported: use one of "
+                                f"{', '.join(map(str, GROUP_SIZES))}")
+
+    @classmethod
+    def parse(cls, mode: str, group_size: int = 64) -> "QuantSpec":
+        """A mode shorthand (int8, int8_head, int4, int4_head, int4_int8head) as fields."""
+        if mode not in BITS:
+            raise QuantizeError(f"quantize={mode!r} is unknown: use {MODES_HELP}")
+        return cls(*BITS[QuantMode(mode)], group_size)
+
+    @property
+    def mode(self) -> QuantMode:
+        return next(m for m, bits in BITS.items() if bits == (self.weight_bits, self.head_bits))
+
+    @property
+    def int4(self) -> bool:
+        """Some layer is int4 (so group_size counts)."""
+        return 4 in (self.weight_bits, self.head_bits)
+
+    def bits(self, name: str) -> int:
+        """8 or 4: how the layer `name` is stored; 0: it stays float."""
+        return self.head_bits if name == "lm_head" else self.weight_bits
 
 
 # ---------------------------------------------------------------- the arithmetic
@@ -262,50 +318,36 @@ class Int4Linear(nn.Module):
 
 # ---------------------------------------------------------------- the model
 
-MODES_HELP = ("int8 or int4 (the blocks' linear layers), int8_head or int4_head (those and the "
-              "output head), or int4_int8head (int4 blocks, int8 head)")
+def as_spec(mode: "str | QuantSpec", group_size: int = 64) -> QuantSpec:
+    """A QuantSpec as given, or the one a mode shorthand names."""
+    return mode if isinstance(mode, QuantSpec) else QuantSpec.parse(mode, group_size)
 
 
-def check_mode(mode: str, group_size: int = 64) -> None:
-    if mode not in MODES:
-        raise QuantizeError(f"quantize={mode!r} is unknown: use {MODES_HELP}")
-    if mode.startswith("int4") and group_size not in GROUP_SIZES:
-        raise QuantizeError(f"group_size={group_size} is not supported: use one of "
-                         f"{', '.join(map(str, GROUP_SIZES))}")
-
-
-def covered(model: Transformer, mode: str) -> list[tuple[nn.Module, str, str]]:
-    """(parent, attribute, full name) of each nn.Linear that mode quantizes."""
+def covered(model: Transformer, spec: QuantSpec) -> list[tuple[nn.Module, str, str]]:
+    """(parent, attribute, full name) of each nn.Linear that spec quantizes."""
     found = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
-            if isinstance(child, nn.Linear) and (full != "lm_head" or "head" in mode):
+            if isinstance(child, nn.Linear) and spec.bits(full):
                 found.append((parent, name, full))
     return found
 
 
-def layer_format(mode: str, name: str) -> str:
-    """'int8' or 'int4': how mode stores the covered layer `name`."""
-    return "int8" if mode == "int4_int8head" and name == "lm_head" else mode[:4]
-
-
-def replace_linears(model: Transformer, mode: str, group_size: int = 64,
-                    empty: bool = False) -> list[str]:
-    """Swap each nn.Linear that mode covers for its quantized layer (empty: zeros, to be
+def replace_linears(model: Transformer, spec: QuantSpec, empty: bool = False) -> list[str]:
+    """Swap each nn.Linear that spec covers for its quantized layer (empty: zeros, to be
     loaded into), in place; their names. int4 needs group_size to divide every int4
     layer's in_features: checked first, so a refused model is left as it was."""
-    check_mode(mode, group_size)
-    layers = covered(model, mode)
+    layers, group_size = covered(model, spec), spec.group_size
     for _, _, full in layers:
         k = model.get_submodule(full).in_features
-        if layer_format(mode, full) == "int4" and k % group_size:
+        if spec.bits(full) == 4 and k % group_size:
             fits = [g for g in GROUP_SIZES if k % g == 0]
             raise QuantizeError(f"group_size={group_size} does not divide {full}'s "
                              f"{k} inputs: use group_size="
                              f"{' or '.join(map(str, fits)) or '(none fits: use int8)'}")
     for parent, name, full in layers:
-        make = maker(layer_format(mode, full), group_size, empty)
+        make = maker(spec.bits(full), group_size, empty)
         setattr(parent, name, make(getattr(parent, name)))
     names = [full for _, _, full in layers]
     if "lm_head" in names:
@@ -314,9 +356,9 @@ def replace_linears(model: Transformer, mode: str, group_size: int = 64,
     return names
 
 
-def maker(fmt: str, group_size: int, empty: bool = False):
-    """linear -> its quantized layer in fmt, int8 or int4 (empty: zeros, to be loaded into)."""
-    if fmt == "int8":
+def maker(bits: int, group_size: int, empty: bool = False):
+    """linear -> its quantized layer in bits, 8 or 4 (empty: zeros, to be loaded into)."""
+    if bits == 8:
         if empty:
             return lambda lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None)
         return Int8Linear.from_linear
@@ -327,11 +369,13 @@ def maker(fmt: str, group_size: int, empty: bool = False):
 
 
 @torch.no_grad()
-def quantize_model(model: Transformer, mode: str = "int8", group_size: int = 64) -> Transformer:
-    """Quantize model's linear layers in place (mode: int8/int4 = those of the blocks,
-    int8_head/int4_head = also the output head, int4_int8head = int4 blocks and an int8
-    head; group_size: int4's inputs per scale). Layers already quantized are kept."""
-    replace_linears(model, mode, group_size)
+def quantize_model(model: Transformer, mode: "str | QuantSpec" = "int8",
+                   group_size: int = 64) -> Transformer:
+    """Quantize model's linear layers in place, as a QuantSpec or its mode shorthand says
+    (int8/int4 = those of the blocks, int8_head/int4_head = also the output head,
+    int4_int8head = int4 blocks and an int8 head; group_size: int4's inputs per scale).
+    Layers already quantized are kept."""
+    replace_linears(model, as_spec(mode, group_size))
     return model
 
 
@@ -339,16 +383,24 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
 
 
-def quantization_of(model: nn.Module) -> str:
-    """One of MODES, or 'none': what quantize_model did."""
+def layer_bits(layer: nn.Module | None) -> int:
+    return 4 if isinstance(layer, Int4Linear) else 8 if isinstance(layer, Int8Linear) else 0
+
+
+def spec_of(model: nn.Module) -> QuantSpec | None:
+    """What quantize_model did to model; None: nothing."""
     layers = quantized_layers(model)
     if not layers:
-        return "none"
+        return None
     head = layers.pop("lm_head", None)
-    bits = "int4" if any(isinstance(m, Int4Linear) for m in layers.values()) else "int8"
-    if head is None:
-        return bits
-    return "int4_int8head" if bits == "int4" and isinstance(head, Int8Linear) else f"{bits}_head"
+    weight_bits = min((layer_bits(m) for m in layers.values()), default=8)
+    return QuantSpec(weight_bits, layer_bits(head), group_size_of(model) or 64)
+
+
+def quantization_of(model: nn.Module) -> str:
+    """One of MODES, or 'none': what quantize_model did."""
+    spec = spec_of(model)
+    return "none" if spec is None else spec.mode
 
 
 def group_size_of(model: nn.Module) -> int | None:

@@ -19,9 +19,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 import cli
 from data.tokenizer import tokenizer_files
-from model.quantized import (MODES, MODES_HELP, Int4Linear, Int8Linear, check_mode, describe,
-                             group_size_of, layer_format, quantization_of, quantize_model,
-                             quantized_layers, replace_linears, weight_bytes)
+from model.quantized import (Int4Linear, Int8Linear, QuantizeError, QuantMode, QuantSpec,
+                             describe, quantize_model, quantized_layers, replace_linears, spec_of,
+                             weight_bytes)
 from model.transformer import Transformer
 from store.checkpoint import (QUANTIZED, Checkpoint, CheckpointError, check_out,
                               load_checkpoint, model_from_state, read_config, read_meta,
@@ -38,16 +38,16 @@ def save_quantized(path: str | Path, model: Transformer, meta: dict | None = Non
     """A checkpoint dir of model as quantize_model left it: the quantized weights, scales
     (and int4 zeros, as plain nibbles) in model.safetensors, the mode in meta.json, so
     loading does not quantize again."""
-    mode = quantization_of(model)
-    if mode == "none":
+    spec = spec_of(model)
+    if spec is None:
         raise CheckpointError("the model is not quantized: call quantize_model first")
-    info = {"mode": mode, "layers": len(quantized_layers(model))}
-    if mode.startswith("int4"):
-        info |= {"group_size": group_size_of(model),
+    info = {"mode": str(spec.mode), "layers": len(quantized_layers(model))}
+    if spec.int4:
+        info |= {"group_size": spec.group_size,
                  "scheme": "int4 weight-only, asymmetric per group: (q - 8) * scale + zero, "
                            "even inputs in the low nibble" + (
                                "; the head int8, symmetric per-channel"
-                               if mode == "int4_int8head" else "")}
+                               if spec.head_bits == 8 else "")}
     else:
         info["scheme"] = "int8 weight-only, symmetric per-channel"
     meta = {**(meta or {}), QUANTIZED: info}
@@ -61,19 +61,21 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu",
     path = Path(path)
     meta = read_meta(path)
     info = meta.get(QUANTIZED, {})
-    mode, group_size = info.get("mode"), info.get("group_size", 64)
-    if mode not in MODES:
+    try:
+        spec = QuantSpec.parse(info.get("mode"), info.get("group_size", 64))
+    except QuantizeError:
         raise CheckpointError(f"{path} is not a quantized checkpoint (meta.json has no "
-                              f"{QUANTIZED}.mode in {MODES})")
+                              f"{QUANTIZED}.mode in {[str(m) for m in QuantMode]}, or a "
+                              f"group_size that fits it)") from None
     state = read_weights(path)
 
     def build(cfg):  # quantized layers where the checkpoint has them: no float copy is made
         model = Transformer(cfg)
-        for name in replace_linears(model, mode, group_size, empty=True):
-            stored = torch.int8 if layer_format(mode, name) == "int8" else torch.uint8
+        for name in replace_linears(model, spec, empty=True):
+            stored = torch.int8 if spec.bits(name) == 8 else torch.uint8
             if state.get(f"{name}.weight", torch.empty(0, dtype=stored)).dtype != stored:
                 raise CheckpointError(f"{path}: {name}.weight is {state[f'{name}.weight'].dtype}"
-                                      f", a {mode} checkpoint stores it as {stored}")
+                                      f", a {spec.mode} checkpoint stores it as {stored}")
         return model
     model = model_from_state(read_config(path), state, path, dtype, build).to(device)
     for layer in model.modules():
@@ -92,12 +94,12 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8",
     included, provenance in meta.json. Nothing is written when mode or group_size do not
     fit the model (a ValueError)."""
     src, out = Path(src), Path(out)
-    check_mode(mode, group_size)
-    check_out(src, out, overwrite, mode)
+    spec = QuantSpec.parse(mode, group_size)
+    check_out(src, out, overwrite, spec.mode)
     if (src / "meta.json").is_file() and is_quantized(src):
         raise CheckpointError(f"{src} is already quantized: pass the float checkpoint")
     ckpt = load_checkpoint(src)
-    model = quantize_model(ckpt.model.float(), mode, group_size)
+    model = quantize_model(ckpt.model.float(), spec)
     meta = {**ckpt.meta, "quantized_from": str(src.resolve())}
     files = tokenizer_files(src)  # the tokenizer travels whole: model file and its configs
     if (src / TRAIN_CONFIG).is_file():
@@ -110,7 +112,7 @@ class QuantizeConfig:
     """python -m store.quantize's options (configs/quantize.yaml; --help describes them)."""
     ckpt: str = MISSING  # a float gqalab checkpoint dir
     out: str = MISSING  # the new, quantized checkpoint dir
-    mode: str = "int8"  # int8 | int8_head | int4 | int4_head | int4_int8head (MODES; _head: the head too)
+    mode: QuantMode = QuantMode.int8  # int8 | int8_head | int4 | int4_head | int4_int8head (_head: the head too)
     group_size: int = 64  # int4: inputs per scale/zero pair (GROUP_SIZES)
     overwrite: bool = False  # replace an existing out
 
@@ -122,8 +124,6 @@ ConfigStore.instance().store(name="quantize_schema", node=QuantizeConfig)
 def command(cfg: DictConfig) -> None:
     cli.require(cfg)
     args: QuantizeConfig = OmegaConf.to_object(cfg)
-    if args.mode not in MODES:
-        raise cli.UserError(f"mode={args.mode!r} is unknown: use {MODES_HELP}")
     out = quantize_checkpoint(args.ckpt, args.out, args.mode, args.overwrite, args.group_size)
     model = load_quantized(out).model
     print(f"wrote {out}: {describe(model)} weights, {weight_bytes(model) / 2**20:,.2f} MiB "

@@ -11,7 +11,7 @@ from test_convert import add_bias, rewritten
 from model import ModelConfig, Transformer
 from convert.align import LayerPlan
 from store.checkpoint import model_state
-from convert.heads import (ConvertError, aligned_attention, convert_model, kv_errors,
+from convert.heads import (ConvertError, Conversion, aligned_attention, convert_model, kv_errors,
                            plan_conversion, pooled_model)
 from store.hf import import_hf
 
@@ -138,8 +138,8 @@ def trained():
 
 def fitted(model, G, group, align, calib):
     """(the converted model, its K/V errors per layer on calib)."""
-    plans = plan_conversion(model, G, group, align, calib)
-    converted = pooled_model(model, G, "mean", 0, plans)
+    plans = plan_conversion(model, Conversion(G, group=group, align=align), calib)
+    converted = pooled_model(model, Conversion(G), plans)
     return converted, kv_errors(model, model_state(converted), plans, calib)
 
 
@@ -198,5 +198,5 @@ def test_planted_maps_convert_exactly_under_linear_only(family, G, align):
 
 def test_linear_needs_mean_pooling():
     with pytest.raises(ConvertError, match="align=linear fits each group's shared head"):
-        convert_model(tiny_model(), 2, "first", align="linear",
+        convert_model(tiny_model(), Conversion(2, "first", align="linear"),
                       calib=torch.zeros(1, 8, dtype=torch.long))

@@ -89,6 +89,10 @@ CASES = [
                                                      "ckpt={dangling}/checkpoints/step_2"),
     ("generate.py", ["ckpt={new}"], "not found"),
     ("generate.py", [f"ckpt={CKPT}", "prompt=def", "top_p=1.5"], "top_p must be in (0, 1]"),
+    ("generate.py", [f"ckpt={CKPT}", "prompt=def", "quantize=int3"],
+     "quantize=int3: Invalid value 'int3', expected one of [none, int8, int8_head,"),
+    ("generate.py", [f"ckpt={CKPT}", "prompt=def", "kv_cache=fp8"],
+     "kv_cache=fp8: Invalid value 'fp8', expected one of [float, int8]"),
     ("generate.py", [f"ckpt={CKPT}", "prompt=def", "max_new_tokens=1000"], "exceeds the model's "
                                                                           "context of 64"),
     ("generate.py", ["ckpt={trunc}/checkpoints/step_4", "prompt=def"], "truncated or corrupt"),
@@ -105,6 +109,8 @@ CASES = [
     ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={run}", "overwrite=true"],
      "contains the source checkpoint"),
     ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=3", "out={new}"], "does not divide"),
+    ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={new}", "align=svd"],
+     "align=svd: Invalid value 'svd', expected one of [none, procrustes, linear, linear_readers]"),
     ("python -m convert", [f"ckpt={CKPT}", "n_kv_head=2", "out={hf}"], "already exists"),
     ("python -m convert", ["ckpt={trunc}/checkpoints/step_4", "n_kv_head=2", "out={new}"],
      "truncated or corrupt"),
@@ -113,7 +119,8 @@ CASES = [
     ("python -m store.quantize", [f"ckpt={CKPT}", "out=/dev/null/int8"], "cannot write "
                                                                         "/dev/null/int8"),
     ("python -m store.quantize", [f"ckpt={CKPT}", "out={new}", "mode=int3"],
-     "mode='int3' is unknown: use int8"),
+     "mode=int3: Invalid value 'int3', expected one of [int8, int8_head, int4, int4_head, "
+     "int4_int8head]"),
     ("python -m store.hf", ["export", f"ckpt={CKPT}", "out=/dev/null/hf"], "cannot write "
                                                                           "/dev/null/hf"),
     ("python -m store.hf", [], "no command: python -m store.hf import"),

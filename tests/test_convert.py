@@ -12,7 +12,7 @@ import torch
 
 from model import ModelConfig, Transformer
 from store.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from convert.heads import ConvertError, convert_model, pool_kv_heads
+from convert.heads import ConvertError, Conversion, convert_model, pool_kv_heads
 from convert.command import convert_checkpoint, main
 
 N_HEAD, HD = 8, 8
@@ -42,7 +42,7 @@ def logits(model, seed=1):
 @pytest.mark.parametrize("G", [4, 2, 1])
 def test_mean_pooling_is_the_mean_of_each_contiguous_group(G):
     src = tiny_model()
-    dst = convert_model(src, G, "mean")
+    dst = convert_model(src, Conversion(G, "mean"))
     group = N_HEAD // G
     assert dst.config.n_kv_head == G and dst.blocks[0].attn.n_kv_head == G
     for (sk, sv), (dk, dv) in zip(kv_weights(src), kv_weights(dst)):
@@ -56,7 +56,7 @@ def test_mean_pooling_is_the_mean_of_each_contiguous_group(G):
 
 def test_first_keeps_the_first_head_of_each_group():
     src = tiny_model()
-    dst = convert_model(src, 2, "first")
+    dst = convert_model(src, Conversion(2, "first"))
     for (sk, sv), (dk, dv) in zip(kv_weights(src), kv_weights(dst)):
         for g in range(2):
             assert torch.equal(head(dk, g), head(sk, 4 * g))
@@ -65,7 +65,7 @@ def test_first_keeps_the_first_head_of_each_group():
 
 def test_random_is_a_fresh_seeded_init_at_init_std():
     src = tiny_model()
-    a, b, c = (convert_model(src, 2, "random", seed=s) for s in (0, 0, 1))
+    a, b, c = (convert_model(src, Conversion(2, "random", seed=s)) for s in (0, 0, 1))
     ka, kb, kc = (m.blocks[0].attn.k_proj.weight for m in (a, b, c))
     assert torch.equal(ka, kb) and not torch.equal(ka, kc)
     k_all = torch.cat([w for pair in kv_weights(a) for w in pair])
@@ -85,7 +85,7 @@ def test_pool_kv_heads_rejects_unknown_method():
 def test_everything_but_k_and_v_is_shared_not_copied_and_the_source_is_untouched(method):
     src = tiny_model()
     before = {k: v.clone() for k, v in src.state_dict().items()}
-    dst = convert_model(src, 2, method)
+    dst = convert_model(src, Conversion(2, method))
     src_state = src.state_dict()
     for name, value in dst.state_dict().items():
         if ".k_proj." not in name and ".v_proj." not in name:  # the same storage: no copy
@@ -99,7 +99,7 @@ def test_everything_but_k_and_v_is_shared_not_copied_and_the_source_is_untouched
 @pytest.mark.parametrize("method", ["mean", "first"])
 def test_same_head_count_is_the_identity(method):
     src = tiny_model()
-    torch.testing.assert_close(logits(convert_model(src, N_HEAD, method)), logits(src),
+    torch.testing.assert_close(logits(convert_model(src, Conversion(N_HEAD, method))), logits(src),
                                atol=0, rtol=0)
 
 
@@ -113,14 +113,14 @@ def test_identical_heads_within_groups_keep_the_logits(G, method):
             for w in (k, v):
                 heads = w.view(G, group, HD, -1)
                 heads.copy_(heads[:, :1].expand_as(heads).clone())
-    torch.testing.assert_close(logits(convert_model(src, G, method)), logits(src),
+    torch.testing.assert_close(logits(convert_model(src, Conversion(G, method))), logits(src),
                                atol=1e-5, rtol=1e-5)
 
 
 def test_pooling_twice_equals_pooling_once():
     src = tiny_model()
-    direct = convert_model(src, 2, "mean")
-    twice = convert_model(convert_model(src, 4, "mean"), 2, "mean")
+    direct = convert_model(src, Conversion(2, "mean"))
+    twice = convert_model(convert_model(src, Conversion(4, "mean")), Conversion(2, "mean"))
     for (a, b), (c, d) in zip(kv_weights(direct), kv_weights(twice)):
         torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(b, d, atol=1e-6, rtol=1e-6)
@@ -129,7 +129,7 @@ def test_pooling_twice_equals_pooling_once():
 
 def test_gqa_source_converts_to_mqa():
     src = tiny_model(n_kv_head=4)
-    dst = convert_model(src, 1, "mean")
+    dst = convert_model(src, Conversion(1, "mean"))
     k = src.blocks[1].attn.k_proj.weight
     expected = sum(head(k, h) for h in range(4)) / 4
     torch.testing.assert_close(dst.blocks[1].attn.k_proj.weight, expected, atol=1e-6, rtol=1e-6)
@@ -144,13 +144,13 @@ def test_gqa_source_converts_to_mqa():
 ])
 def test_bad_targets_are_refused_with_one_line(G, method, message):
     with pytest.raises(ConvertError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
-        convert_model(tiny_model(), G, method)
+        convert_model(tiny_model(), Conversion(G, method))
     assert "\n" not in str(e.value)
 
 
 def test_upsampling_a_gqa_source_is_refused():
     with pytest.raises(ConvertError, match="exceeds the source's 2 KV heads"):
-        convert_model(tiny_model(n_kv_head=2), 4)
+        convert_model(tiny_model(n_kv_head=2), Conversion(4))
 
 
 # ---- checkpoints and the command -------------------------------------------------------
@@ -176,11 +176,11 @@ def tree_digest(path: Path) -> dict:
 
 def test_convert_checkpoint_writes_model_tokenizer_config_and_provenance(source_ckpt, tmp_path):
     before = tree_digest(source_ckpt)
-    out = convert_checkpoint(source_ckpt, tmp_path / "gqa2", 2, "mean", seed=3)
+    out = convert_checkpoint(source_ckpt, tmp_path / "gqa2", Conversion(2, "mean", seed=3))
     assert tree_digest(source_ckpt) == before
     ckpt = load_checkpoint(out)
     assert ckpt.config.n_kv_head == 2 and ckpt.config.n_head == N_HEAD
-    expected = convert_model(load_checkpoint(source_ckpt).model, 2, "mean")
+    expected = convert_model(load_checkpoint(source_ckpt).model, Conversion(2, "mean"))
     torch.testing.assert_close(logits(ckpt.model), logits(expected), atol=0, rtol=0)
     assert (out / "tokenizer.model").read_bytes() == b"\x00tok\xff"
     assert (out / "train_config.yaml").read_text() == "max_steps: 120\nlr: 0.001\n"
@@ -193,7 +193,7 @@ def test_convert_checkpoint_writes_model_tokenizer_config_and_provenance(source_
     assert "kv_error" not in meta  # no data config: nothing to measure on
     assert meta["source_step"] == 120 and meta["max_steps"] == 120
     # a converted checkpoint converts again and keeps the original step count
-    again = convert_checkpoint(out, tmp_path / "mqa", 1, "first")
+    again = convert_checkpoint(out, tmp_path / "mqa", Conversion(1, "first"))
     assert json.loads((again / "meta.json").read_text())["source_step"] == 120
 
 
@@ -206,7 +206,8 @@ def run_main(argv, capsys):
     (["n_kv_head=3"], "does not divide the source's 8 KV heads"),
     (["n_kv_head=16"], "exceeds the source's 8 KV heads"),
     (["n_kv_head=two"], "n_kv_head=two: Value 'two'"),
-    (["n_kv_head=2", "method=median"], "unknown method 'median'"),
+    (["n_kv_head=2", "method=median"],
+     "method=median: Invalid value 'median', expected one of [mean, first, random]"),
     (["n_kv_head=2", "heads=2"], "unknown key heads: the keys here are ckpt, n_kv_head"),
 ])
 def test_cli_refuses_bad_arguments(source_ckpt, tmp_path, capsys, args, message):
@@ -319,7 +320,7 @@ def test_permuting_and_rotating_heads_keeps_the_logits(n_kv_head, bias, rotate, 
 
 def test_fitted_grouping_and_rotations_keep_the_logits_before_pooling():
     src = add_bias(tiny_model(), torch.Generator().manual_seed(3))
-    plans = plan_conversion(src, 2, "similar", "procrustes", CALIB)
+    plans = plan_conversion(src, Conversion(2, group="similar", align="procrustes"), CALIB)
     for plan in plans:  # proper rotations: orthogonal with det +1 for K, orthogonal for V
         eye = torch.eye(HD).expand(N_HEAD, HD, HD)
         torch.testing.assert_close(plan.k_rot @ plan.k_rot.transpose(1, 2), eye, atol=1e-5, rtol=0)
@@ -331,8 +332,10 @@ def test_fitted_grouping_and_rotations_keep_the_logits_before_pooling():
 @pytest.mark.parametrize("G", [4, 2, 1])
 def test_contiguous_unaligned_is_todays_mean_bit_for_bit(G):
     src = tiny_model()
-    explicit = convert_model(src, G, "mean", group="contiguous", align="none", calib=CALIB)
-    for (k, v), (ek, ev) in zip(kv_weights(convert_model(src, G, "mean")), kv_weights(explicit)):
+    explicit = convert_model(src, Conversion(G, "mean", group="contiguous", align="none"),
+                             calib=CALIB)
+    plain = kv_weights(convert_model(src, Conversion(G, "mean")))
+    for (k, v), (ek, ev) in zip(plain, kv_weights(explicit)):
         assert torch.equal(k, ek) and torch.equal(v, ev)
     k = src.blocks[0].attn.k_proj.weight  # and today's formula: the fp32 mean of each group
     expected = torch.stack([head(k, h) for h in range(N_HEAD) if h // (N_HEAD // G) == 0]).mean(0)
@@ -363,12 +366,13 @@ def planted(G, bias=False):
 @pytest.mark.parametrize("G", [4, 2, 1])
 def test_planted_rotated_copies_convert_without_loss_only_when_grouped_and_aligned(G):
     mha, base = planted(G)
-    best = convert_model(mha, G, "mean", group="similar", align="procrustes", calib=CALIB)
+    best = convert_model(mha, Conversion(G, "mean", group="similar", align="procrustes"), CALIB)
     torch.testing.assert_close(logits(best), logits(base), atol=1e-5, rtol=1e-5)
     errors = kv_errors(mha, model_state(best),
-                       plan_conversion(mha, G, "similar", "procrustes", CALIB), CALIB)
+                       plan_conversion(mha, Conversion(G, group="similar", align="procrustes"), CALIB),
+                       CALIB)
     assert all(e["k"] < 1e-6 and e["v"] < 1e-6 for e in errors)
-    plain = convert_model(mha, G, "mean")
+    plain = convert_model(mha, Conversion(G, "mean"))
     assert (logits(plain) - logits(base)).abs().mean() > 0.1  # a clear loss
     assert all(e["k"] > 0.05 and e["v"] > 0.05 for e in kv_errors(mha, model_state(plain), None, CALIB))
 
@@ -376,8 +380,8 @@ def test_planted_rotated_copies_convert_without_loss_only_when_grouped_and_align
 def test_planted_copies_with_kv_biases_convert_without_loss():
     G = 2
     mha, base = planted(G, bias=True)
-    cfg, state = pooled_state(mha, G, "mean", 0,
-                              plan_conversion(mha, G, "similar", "procrustes", CALIB))
+    fit = Conversion(G, group="similar", align="procrustes")
+    cfg, state = pooled_state(mha, fit, plan_conversion(mha, fit, CALIB))
     assert cfg.n_kv_head == G and state["blocks.0.attn.k_proj.bias"].shape == (G * HD,)
     gqa = copy.deepcopy(base)
     gqa.load_state_dict(state, strict=False)
@@ -386,7 +390,7 @@ def test_planted_copies_with_kv_biases_convert_without_loss():
 
 def test_kv_error_matches_activations_computed_directly():
     src = add_bias(tiny_model(), torch.Generator().manual_seed(5))
-    _, dst = pooled_state(src, 2, "mean", 0, None)
+    _, dst = pooled_state(src, Conversion(2), None)
     inputs = []  # the attention input of layer 1, collected independently of the gram path
     hook = src.blocks[1].attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
     with torch.no_grad():
@@ -426,9 +430,9 @@ def test_similar_groups_finds_planted_groups_and_never_loses_to_contiguous():
 
 def test_bf16_source_stays_bf16_and_converts_like_fp32():
     src = tiny_model()
-    fp32 = convert_model(src, 2, "mean", group="similar", align="procrustes", calib=CALIB)
-    bf16 = convert_model(copy.deepcopy(src).to(torch.bfloat16), 2, "mean", group="similar",
-                         align="procrustes", calib=CALIB)
+    fit = Conversion(2, "mean", group="similar", align="procrustes")
+    fp32 = convert_model(src, fit, CALIB)
+    bf16 = convert_model(copy.deepcopy(src).to(torch.bfloat16), fit, CALIB)
     assert {t.dtype for t in bf16.state_dict().values()} == {torch.bfloat16}
     assert (logits(bf16).float() - logits(fp32)).abs().max() < 0.1
 
@@ -441,8 +445,9 @@ def test_bf16_source_stays_bf16_and_converts_like_fp32():
     ({"method": "random", "group": "similar", "calib": CALIB}, "method=random keeps nothing"),
 ])
 def test_bad_grouping_options_are_refused(kwargs, message):
+    calib = kwargs.pop("calib", None)
     with pytest.raises(ConvertError, match=message):
-        convert_model(tiny_model(), 2, **kwargs)
+        convert_model(tiny_model(), Conversion(2, **kwargs), calib)
 
 
 def test_plain_conversion_notes_unmeasured_kv_error_when_the_data_is_gone(source_ckpt, tmp_path,
@@ -457,7 +462,7 @@ def test_plain_conversion_notes_unmeasured_kv_error_when_the_data_is_gone(source
     assert "matches no files" in err
     meta = read_meta(tmp_path / "gqa")
     assert "kv_error" not in meta and "matches no files" in meta["kv_error_not_measured"]
-    expected = convert_model(load_checkpoint(source_ckpt).model, 2, "mean")
+    expected = convert_model(load_checkpoint(source_ckpt).model, Conversion(2, "mean"))
     torch.testing.assert_close(logits(load_checkpoint(tmp_path / "gqa").model), logits(expected),
                                atol=0, rtol=0)
     code, err = run_main([f"ckpt={source_ckpt}", "n_kv_head=2", "align=procrustes",

@@ -14,6 +14,7 @@ from test_train_fsdp import launch_fsdp
 from store.checkpoint import CheckpointError, read_meta, save_checkpoint
 from model.config import ConfigError
 from convert.command import convert_checkpoint
+from convert.heads import Conversion
 from training.distill import kl_loss, mix, teacher_source
 from model import ModelConfig, Transformer
 
@@ -94,7 +95,7 @@ def test_a_student_equal_to_its_teacher_has_zero_kl(source, tmp_path):
 def test_the_teacher_is_the_source_a_conversion_recorded(tmp_path):
     model = Transformer(ModelConfig(vocab_size=32, n_layer=1, n_head=4, d_model=16, max_seq_len=8))
     src = save_checkpoint(tmp_path / "mha", model, meta={"step": 1})
-    out = convert_checkpoint(src, tmp_path / "gqa", 2)
+    out = convert_checkpoint(src, tmp_path / "gqa", Conversion(2))
     assert teacher_source(out) == src.resolve() and teacher_source(src) == src
     with torch.no_grad():
         model.blocks[0].attn.q_proj.weight.add_(1.0)

@@ -10,8 +10,8 @@ import torch
 
 from experiments import real_model as rm
 from convert.align import ALIGNMENTS
-from convert.heads import (ConvertError, calib_shape, convert_model, expand_kv_heads,
-                           permute_kv_heads)
+from convert.heads import (Calibration, ConvertError, Conversion, convert_model,
+                           expand_kv_heads, permute_kv_heads)
 from convert.command import convert_checkpoint
 from store.checkpoint import read_meta
 from store.hf import import_hf
@@ -50,7 +50,7 @@ def test_expanded_mha_has_transformers_gqa_logits_and_mean_pools_back_exactly(hf
     torch.testing.assert_close(logits(mha, tokens), reference, atol=1e-5, rtol=0)
     k = mha.blocks[0].attn.k_proj.weight.view(6, 8, 48)
     assert torch.equal(k[3], k[5]) and not torch.equal(k[2], k[3])  # copies sit in groups of 3
-    back = convert_model(mha, 2, "mean")
+    back = convert_model(mha, Conversion(2, "mean"))
     for name, t in gqa.state_dict().items():
         torch.testing.assert_close(back.state_dict()[name], t, atol=1e-7, rtol=0)
     with pytest.raises(ConvertError, match="must divide"):
@@ -69,23 +69,23 @@ def test_permuted_heads_keep_the_function_and_similar_grouping_recovers_the_grou
     k = permuted.blocks[0].attn.k_proj.weight.view(6, 8, 48)
     assert torch.equal(k[0], k[2]) and not torch.equal(k[0], k[1])  # the copies are apart
     calib = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(2))
-    similar = convert_model(permuted, 2, "mean", group="similar", calib=calib)
+    similar = convert_model(permuted, Conversion(2, "mean", group="similar"), calib=calib)
     torch.testing.assert_close(logits(similar, tokens), reference, atol=1e-5, rtol=0)
-    contiguous = convert_model(permuted, 2, "mean")
+    contiguous = convert_model(permuted, Conversion(2, "mean"))
     assert (logits(contiguous, tokens) - reference).abs().max() > 1e-2
     with pytest.raises(ConvertError, match="not a permutation"):
         permute_kv_heads(mha, [torch.tensor([0, 0, 1, 2, 3, 4])])
 
 
-def test_calib_shape():
-    assert calib_shape(8192, 64) == (64, 1024)  # not the full context
-    assert calib_shape(256, 64) == (64, 256)
-    assert calib_shape(8192, 64, 512) == (64, 512)
-    assert calib_shape(8192, 64, 512, calib_tokens=5000) == (10, 512)  # a budget: ceil
+def test_calibration_shape():
+    assert Calibration(64).shape(8192) == (64, 1024)  # not the full context
+    assert Calibration(64).shape(256) == (64, 256)
+    assert Calibration(64, 512).shape(8192) == (64, 512)
+    assert Calibration(64, 512, tokens=5000).shape(8192) == (10, 512)  # a budget: ceil
     with pytest.raises(ConvertError, match="exceeds the model's context"):
-        calib_shape(256, 4, 512)
+        Calibration(4, 512).shape(256)
     with pytest.raises(ConvertError, match=">= 0"):
-        calib_shape(256, 4, calib_tokens=-1)
+        Calibration(4, tokens=-1).shape(256)
 
 
 def test_conversion_calibrates_on_short_windows_and_reports_its_cost(tmp_path, capsys):
@@ -99,8 +99,8 @@ def test_conversion_calibrates_on_short_windows_and_reports_its_cost(tmp_path, c
         (tmp_path / "corpus" / f"doc{d}.txt").write_text("".join(CORPUS[d % 5:d % 5 + 3]))
     data = {"source": "text_files", "files": [f"{tmp_path}/corpus/*.txt"],
             "cache_dir": str(tmp_path / "cache"), "num_proc": 1}
-    out = convert_checkpoint(tmp_path / "hf", tmp_path / "mean", 2, calib_windows=3,
-                             calib_seq_len=32, data=data)
+    out = convert_checkpoint(tmp_path / "hf", tmp_path / "mean", Conversion(2),
+                             Calibration(windows=3, seq_len=32), data=data)
     meta = read_meta(out)
     assert meta["kv_error"]["seq_len"] == 32 and meta["kv_error"]["windows"] == 3
     assert meta["calibration"]["kv_error_tokens"] == 96 and meta["calibration"]["fit_tokens"] == 0
@@ -114,8 +114,8 @@ def test_conversion_calibrates_on_short_windows_and_reports_its_cost(tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: calib_seq_len=300 exceeds the model's context 256")
     assert "\n" not in err.strip() and not (tmp_path / "long").exists()
-    fit = convert_checkpoint(tmp_path / "hf", tmp_path / "fit", 2, align="procrustes",
-                             calib_tokens=100, calib_seq_len=32, data=data)
+    fit = convert_checkpoint(tmp_path / "hf", tmp_path / "fit", Conversion(2, align="procrustes"),
+                             Calibration(seq_len=32, tokens=100), data=data)
     calib = read_meta(fit)["converted_from"]
     assert (calib["calib_windows"], calib["calib_seq_len"]) == (4, 32)  # ceil(100 / 32)
     assert read_meta(fit)["calibration"]["fit_tokens"] == 128
@@ -138,17 +138,15 @@ def test_corpora_are_disjoint_and_prose_is_docstrings(tmp_path):
 
 
 def test_methods_follow_what_model_align_offers():
-    assert rm.conversion_options("similar+procrustes") == {
-        "method": "mean", "group": "similar", "align": "procrustes"}
-    assert rm.conversion_options("first") == {"method": "first", "group": "contiguous",
-                                              "align": "none"}
+    assert rm.named_conversion("similar+procrustes", 1) == Conversion(
+        1, method="mean", group="similar", align="procrustes")
+    assert rm.named_conversion("first", 3, seed=5) == Conversion(3, "first", seed=5)
     methods = rm.available_methods()
     assert methods[:6] == ["mean", "first", "random", "similar", "procrustes",
                            "similar+procrustes"][:4] + methods[4:6]
     assert ("linear" in methods) == ("linear" in ALIGNMENTS)
     for m in methods:
-        opts = rm.conversion_options(m)
-        assert opts["align"] in ALIGNMENTS
+        assert rm.named_conversion(m, 1).align in ALIGNMENTS
 
 
 def test_gap_closed():

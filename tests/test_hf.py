@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from store.checkpoint import CheckpointError, load_checkpoint, model_state  # noqa: E402
-from convert.heads import convert_model  # noqa: E402
+from convert.heads import Conversion, convert_model  # noqa: E402
 from store.hf import export_hf, import_hf, is_hf_model, main  # noqa: E402
 from model.sampling import SamplingConfig, generate  # noqa: E402
 
@@ -97,8 +97,8 @@ def test_converted_llama_with_biases_exports_to_transformers(tmp_path, n_kv_head
     GQA/MQA with biases and gives our logits."""
     _, path = tiny_hf_llama(tmp_path, 4, False, **BIASES)
     tokens = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(1))
-    ours = convert_model(import_hf(path), n_kv_head, "mean", group=group, align=align,
-                         calib=tokens[:6])
+    ours = convert_model(import_hf(path), Conversion(n_kv_head, "mean", group=group, align=align),
+                         tokens[:6])
     out = export_hf(ours, tmp_path / "converted")
     reloaded = LlamaForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert reloaded.config.num_key_value_heads == n_kv_head

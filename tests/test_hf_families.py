@@ -13,7 +13,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,  # noqa: E
                           GPTNeoXForCausalLM)
 
 from store.checkpoint import CheckpointError, model_state  # noqa: E402
-from convert.heads import convert_model  # noqa: E402
+from convert.heads import Conversion, convert_model  # noqa: E402
 from store.hf import export_hf, import_hf, is_hf_model, main  # noqa: E402
 from model.sampling import SamplingConfig, decode_step, generate, new_cache, prefill  # noqa: E402
 
@@ -127,7 +127,7 @@ def test_pooling_identical_heads_and_biases_keeps_the_logits(imported, n_kv_head
                     heads = p.view(n_kv_head, group, cfg.head_dim, -1)
                     heads.copy_(heads[:, :1].expand_as(heads).clone())
         before = ours(TOKENS)
-        gqa = convert_model(ours, n_kv_head)
+        gqa = convert_model(ours, Conversion(n_kv_head))
         assert gqa.blocks[0].attn.k_proj.bias.shape == (n_kv_head * cfg.head_dim,)
         torch.testing.assert_close(gqa(TOKENS), before, atol=1e-5, rtol=1e-5)
     # transformers has no GQA GPT-2/NeoX: export refuses in one line and writes nothing

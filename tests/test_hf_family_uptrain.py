@@ -19,7 +19,7 @@ from data.tokenizer import load_tokenizer, tokenizer_files  # noqa: E402
 from generate import GenerateConfig, run as generate_run  # noqa: E402
 from hf_fixtures import CORPUS  # noqa: E402
 from store.checkpoint import load_checkpoint  # noqa: E402
-from convert.heads import convert_model  # noqa: E402
+from convert.heads import Conversion, convert_model  # noqa: E402
 from store.hf import import_hf, main as hf_main  # noqa: E402
 from test_hf_uptrain import overrides  # noqa: E402
 from test_train import compose_cfg, val_loss_of, write_corpus  # noqa: E402
@@ -74,7 +74,7 @@ def test_uptrain_family_dir_to_gqa_lowers_val_loss(tmp_path, hf_family):
     data_cfg = compose_cfg([*args, f"data.tokenizer={hf_dir}"]).data
     prepared = train_mod.prepare_data(train_mod.as_data_config(data_cfg), progress=False)
     assert prepared.cached  # the run tokenized the corpus with the source's tokenizer
-    converted = convert_model(import_hf(hf_dir), 2, "mean", 0)
+    converted = convert_model(import_hf(hf_dir), Conversion(2, "mean"))
     assert result.val_loss < val_loss_of(converted, prepared) - 0.5
 
 

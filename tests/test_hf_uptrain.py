@@ -23,7 +23,7 @@ from data.streaming import IncrementalDecoder  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from generate import GenerateConfig, run as generate_run  # noqa: E402
 from store.checkpoint import load_checkpoint  # noqa: E402
-from convert.heads import convert_model  # noqa: E402
+from convert.heads import Conversion, convert_model  # noqa: E402
 from store.hf import import_hf, main as hf_main  # noqa: E402
 from model.sampling import SamplingConfig, generate  # noqa: E402
 from test_train import compose_cfg, val_loss_of, write_corpus  # noqa: E402
@@ -56,7 +56,7 @@ def test_uptrain_hf_dir_to_gqa_and_back_to_transformers(tmp_path, hf_llama, caps
     data_cfg = compose_cfg([*args, f"data.tokenizer={hf_dir}"]).data
     prepared = train_mod.prepare_data(train_mod.as_data_config(data_cfg), progress=False)
     assert prepared.cached and prepared.meta["add_bos"] is (kind == "spm")
-    converted = convert_model(import_hf(hf_dir), 2, "mean", 0)
+    converted = convert_model(import_hf(hf_dir), Conversion(2, "mean"))
     assert result.val_loss < val_loss_of(converted, prepared) - 0.5
     # resuming needs no data.tokenizer: it comes from the checkpoint (a trained one would differ)
     again = [a for a in args if not a.startswith(("init_from=", "max_steps="))]

@@ -17,8 +17,9 @@ from torch import nn
 from generate import GenerateConfig, run
 from store.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.quantized import (Int4Linear, Int8Linear, dequantize, dequantize_int4,
-                             quantization_of, quantize_groupwise, quantize_model,
+from model.quantized import (MODES, Int4Linear, Int8Linear, QuantizeError, QuantSpec,
+                             dequantize, dequantize_int4, quantization_of, quantize_groupwise,
+                             quantize_model, spec_of,
                              quantize_per_channel, pack_nibbles, set_int8_kernel,
                              weight_bytes)
 from store.quantize import load_quantized, main, save_quantized
@@ -241,7 +242,7 @@ def test_generate_rejects_an_unknown_mode(trained, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["mode=int3"], "mode='int3' is unknown"),
+    (["mode=int3"], "mode=int3: Invalid value 'int3', expected one of [int8, int8_head, int4,"),
     (["mode=int8", "overwrite=maybe"], "overwrite=maybe: Value 'maybe' is not a valid bool"),
     (["bogus=1"], "unknown key bogus: the keys here are ckpt, out, mode, group_size, overwrite"),
 ])
@@ -252,6 +253,46 @@ def test_command_errors_are_one_line_and_write_nothing(trained, tmp_path, capsys
     assert main([f"ckpt={src}", f"out={out}", *args]) == 2 and not out.exists()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+@pytest.mark.parametrize("mode, bits", [("int8", (8, 0)), ("int8_head", (8, 8)), ("int4", (4, 0)),
+                                        ("int4_head", (4, 4)), ("int4_int8head", (4, 8))])
+def test_every_mode_shorthand_round_trips_through_quant_spec(trained, mode, bits):
+    spec = QuantSpec.parse(mode, 32)
+    assert (spec.weight_bits, spec.head_bits) == bits
+    assert spec.group_size == (32 if 4 in bits else 0)  # int8 has no groups
+    assert spec.mode == mode and QuantSpec(*bits, 32) == spec and mode in MODES
+    q = quantize_model(Transformer(trained.config), spec)  # a spec or its shorthand: the same
+    assert spec_of(q) == spec and quantization_of(q) == mode
+    assert isinstance(q.lm_head, {0: nn.Linear, 8: Int8Linear, 4: Int4Linear}[spec.head_bits])
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(weight_bits=8, head_bits=4), "weight_bits=8 head_bits=4 is not a supported format"),
+    (dict(weight_bits=2), "weight_bits=2 head_bits=0 is not a supported format"),
+    (dict(weight_bits=4, group_size=48), "group_size=48 is not supported: use one of 32, 64, 128"),
+])
+def test_quant_spec_refuses_what_no_layer_stores(fields, message):
+    with pytest.raises(QuantizeError, match=message):
+        QuantSpec(**fields)
+    with pytest.raises(QuantizeError, match="quantize='int3' is unknown: use int8 or int4"):
+        QuantSpec.parse("int3")
+
+
+def test_an_int4_int8head_dir_written_before_quant_spec_loads_to_its_logits():
+    """tests/data/int4_int8head: written (with its logits) by the mode-string code that
+    QuantSpec replaced: the same layer formats and the same logits load from it."""
+    from safetensors.torch import load_file
+    data = ROOT / "tests" / "data"
+    loaded = load_quantized(data / "int4_int8head").model
+    assert spec_of(loaded) == QuantSpec(weight_bits=4, head_bits=8, group_size=32)
+    formats = {name: type(m).__name__ for name, m in loaded.named_modules()
+               if isinstance(m, (Int4Linear, Int8Linear))}
+    assert formats.pop("lm_head") == "Int8Linear" and len(formats) == 7
+    assert set(formats.values()) == {"Int4Linear"}
+    want = load_file(data / "int4_int8head_logits.safetensors")
+    with torch.no_grad():  # the CPU's int4 kernel tiles per ISA: equal up to float rounding
+        torch.testing.assert_close(loaded(want["tokens"]), want["logits"], atol=1e-5, rtol=1e-4)
 
 
 def test_command_refuses_existing_out_and_quantized_source(trained, tmp_path, capsys):

@@ -417,9 +417,10 @@ def test_cli_errors_are_one_line_and_nonzero(base, tmp_path):
 
 def test_uptrain_converted_checkpoint_runs_alpha_steps_and_improves(base, trained, tmp_path):
     from convert.command import convert_checkpoint
+    from convert.heads import Conversion
 
     source, overrides = trained
-    converted = convert_checkpoint(source.checkpoint, tmp_path / "gqa2", n_kv_head=2)
+    converted = convert_checkpoint(source.checkpoint, tmp_path / "gqa2", Conversion(2))
     result = run([*base, f"run_dir={tmp_path / 'up'}", f"init_from={converted}",
                   "uptrain.alpha=0.25", "attention=gqa", "eval_every=5"])
     assert result.step == round(0.25 * 40)
@@ -509,20 +510,21 @@ def test_init_from_accepts_model_overrides_that_agree(base, small_source, tmp_pa
 
 
 def test_uptrain_converts_on_load_with_grouping_and_alignment(base, trained, tmp_path):
-    from convert.heads import convert_model
+    from convert.heads import Conversion, convert_model
     from convert.command import token_windows
 
     source, overrides = trained
     args = [*base, f"init_from={source.checkpoint}", "attention=gqa", "uptrain.group=similar",
             "uptrain.align=procrustes", "uptrain.calib_windows=4"]
-    with pytest.raises(ValueError, match="uptrain.group='kmeans' is not one of"):
+    from hydra.errors import ConfigCompositionException  # a typed choice: refused when composed
+    with pytest.raises(ConfigCompositionException, match="override uptrain.group=kmeans"):
         run([*args, f"run_dir={tmp_path / 'bad'}", "uptrain.group=kmeans", "max_steps=1"])
     cfg = train_start.uptrain_config(compose_cfg([*args, f"run_dir={tmp_path / 'x'}"]),
                                    source.checkpoint, args)
     model, provenance = train_start.init_model(cfg, load_checkpoint(source.checkpoint).config.vocab_size)
     src = load_checkpoint(source.checkpoint).model  # the same conversion as convert's
     calib = token_windows(cfg.data, "train", src.config.max_seq_len, 4)
-    expected = convert_model(src, 2, "mean", 0, "similar", "procrustes", calib)
+    expected = convert_model(src, Conversion(2, "mean", group="similar", align="procrustes"), calib)
     for a, b in zip(model.state_dict().values(), expected.state_dict().values()):
         assert torch.equal(a, b)
     assert (provenance["uptrain_group"], provenance["uptrain_align"],

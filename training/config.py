@@ -14,7 +14,8 @@ from typing import Any, Optional, get_type_hints
 from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig
-from convert.align import ALIGNMENTS
+from convert.align import Alignment, Grouping
+from convert.heads import Method
 from model.config import ConfigError, ModelConfig
 
 
@@ -63,10 +64,10 @@ class LoggerConfig:
 class UptrainConfig:
     alpha: Optional[float] = None  # max_steps = round(alpha · source steps); recipe from source
     source_steps: Optional[int] = None  # the source's training steps (HF dirs record none)
-    method: str = "mean"  # K/V head pooling when init_from has other n_kv_head: mean|first|random
+    method: Method = Method.mean  # K/V head pooling when init_from has other n_kv_head: mean|first|random
     seed: int = 0  # for method=random
-    group: str = "contiguous"  # which heads share a pooled head: contiguous | similar (calibrated)
-    align: str = "none"  # before pooling: none | procrustes | linear | linear_readers (convert/align.py)
+    group: Grouping = Grouping.contiguous  # which heads share a pooled head: contiguous | similar (calibrated)
+    align: Alignment = Alignment.none  # before pooling: none | procrustes | linear | linear_readers (convert/align.py)
     calib_windows: int = 64  # train windows that fit group=similar / align=procrustes|linear
     distill: float = 0.0  # λ: loss (1-λ)·CE + λ·τ²·KL(source ‖ student); 0: no teacher (training/distill.py)
     distill_temperature: float = 1.0  # τ
@@ -115,11 +116,8 @@ CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "fsdp_reduce_dtype": ("fp32", "compute"),
     "logger.backend": ("wandb", "none"),
-    "uptrain.method": ("mean", "first", "random"),
     "compile": ("auto", "true", "false"),
     "on_signal": ("checkpoint", "exit"),
-    "uptrain.group": ("contiguous", "similar"),
-    "uptrain.align": ALIGNMENTS,
 }
 POSITIVE = ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches",
             "keep_last", "uptrain.calib_windows")

@@ -200,11 +200,12 @@ def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> D
 
 def check_target_heads(cfg: DictConfig, source_cfg: ModelConfig) -> None:
     """The KV heads init_from converts to, refused before any data is prepared."""
-    from convert.heads import ConvertError, check_target
+    from convert.heads import ConvertError, Conversion, check_target
     n_kv, up = cfg.attention.n_kv_head or source_cfg.n_head, cfg.uptrain
     try:
         if n_kv != source_cfg.n_kv_head:
-            check_target(source_cfg.n_kv_head, n_kv, up.method, up.group, up.align)
+            conversion = Conversion(n_kv, up.method, up.group, up.align, up.seed)
+            check_target(source_cfg.n_kv_head, conversion)
     except ConvertError as e:
         raise TrainError(str(e)) from None
     model_config(cfg, source_cfg.vocab_size)  # the converted model's own consistency
@@ -252,15 +253,16 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
                          f"{vocab_size} ids: use the source's tokenizer (drop data.tokenizer)")
     n_kv = cfg.attention.n_kv_head or source_cfg.n_head
     if n_kv != source_cfg.n_kv_head:
-        from convert.heads import ConvertError, calib_shape, convert_model, needs_calibration
+        from convert.heads import Calibration, ConvertError, Conversion, convert_model
         from convert.command import token_windows
         up = cfg.uptrain
         try:
-            n_windows, length = calib_shape(source_cfg.max_seq_len, up.calib_windows,
-                                            up.calib_seq_len)
+            conversion = Conversion(n_kv, up.method, up.group, up.align, up.seed)
+            n_windows, length = Calibration(up.calib_windows, up.calib_seq_len).shape(
+                source_cfg.max_seq_len)
             calib = (token_windows(cfg.data, "train", length, n_windows, vocab_size)
-                     if needs_calibration(up.group, up.align) else None)
-            model = convert_model(model, n_kv, up.method, up.seed, up.group, up.align, calib)
+                     if conversion.needs_calibration else None)
+            model = convert_model(model, conversion, calib)
         except ConvertError as e:
             raise TrainError(str(e)) from None
     meta = read_meta(source)
