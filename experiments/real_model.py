@@ -65,7 +65,6 @@ SOURCES = {"gqa3": "GQA-3 (original)", "mha9": "MHA-9 (exact copy)",
            "mha9p": "MHA-9 (permuted copy)"}
 TARGETS = {"gqa3": 3, "mqa": 1}
 PROOF_JOBS = [("mha9>gqa3", "mean"), ("mha9p>gqa3", "similar"), ("mha9p>gqa3", "mean")]
-LATER_ALIGNMENTS = ("linear", "linear_readers")  # issue 22's; used when convert.align has them
 PROMPTS = ["The history of the printing press", "def fibonacci(n):",
            "Here is a short summary of the water cycle:"]
 
@@ -121,30 +120,21 @@ class Settings:
 
 def available_methods() -> list[str]:
     """Every conversion convert offers: the paper's three, then mean pooling after
-    each grouping and alignment convert.align has (linear ones when present)."""
+    each grouping and alignment convert.align has."""
     fitted = [a for a in ALIGNMENTS if a != "none"]
     return ["mean", "first", "random", "similar", *fitted, *[f"similar+{a}" for a in fitted]]
 
 
-def usable_methods(names: list[str]) -> list[str]:
-    """names that this convert.align offers; a least-squares one it lacks (`align=linear`
-    came later) is skipped with a note, any other unknown name refused."""
-    known, usable = available_methods(), []
+def check_methods(names: list[str]) -> None:
+    known = available_methods()
     for name in names:
-        if name in known:
-            usable.append(name)
-        elif set(name.split("+")) <= {"similar", *LATER_ALIGNMENTS}:
-            print(f"note: method {name} is not in this convert.align; skipped", file=sys.stderr)
-        else:
+        if name not in known:
             raise ExperimentError(f"unknown method {name!r}: use some of {known}")
-    return usable
-
 
 
 def load_settings(argv: list[str]) -> DictConfig:
     cfg = load_preset(Settings, PRESETS, argv, ExperimentError)
-    cfg.methods = usable_methods(cfg.methods)
-    cfg.uptrain_methods = usable_methods(cfg.uptrain_methods)
+    check_methods([*cfg.methods, *cfg.uptrain_methods])
     for pair in [*cfg.pairs, *cfg.uptrain_pairs]:
         src, _, dst = pair.partition(">")
         if src not in SOURCES or dst not in TARGETS:
