@@ -254,20 +254,16 @@ def train_data_config(ckpt: Path) -> dict:
     return OmegaConf.to_container(data, resolve=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = load_settings(argv)
-        out = Path(cfg.out)
-        paths = run(cfg, out)
-    except Exception as e:
-        if not cli.is_user_error(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run_and_show(cfg: DictConfig) -> None:
+    out = Path(cfg.out)
+    paths = run(cfg, out)
     print((out / "results.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return cli.exit_status(lambda: run_and_show(load_settings(argv)))
 
 
 if __name__ == "__main__":

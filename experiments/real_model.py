@@ -597,16 +597,7 @@ def run(cfg: DictConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = load_settings(argv)
-        out = run(cfg)
-    except Exception as e:
-        if not cli.is_user_error(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print((out / "results.md").read_text())
-    return 0
+    return cli.exit_status(lambda: print((run(load_settings(argv)) / "results.md").read_text()))
 
 
 if __name__ == "__main__":

@@ -108,12 +108,7 @@ def smollm2_hf_dir(cache: str | Path = DEFAULT_CACHE) -> Path:
 
 def main(argv: list[str]) -> int:
     cache = next((a.split("=", 1)[1] for a in argv if a.startswith("cache=")), DEFAULT_CACHE)
-    try:
-        print(smollm2_hf_dir(cache))
-    except ModelFetchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.exit_status(lambda: print(smollm2_hf_dir(cache)))
 
 
 if __name__ == "__main__":
