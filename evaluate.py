@@ -52,7 +52,7 @@ from data.prepare import prepare_data
 from data.tokenizer import load_tokenizer, tokenizer_files
 from store.source import SourceError as UsageError
 from store.source import load_model, pick_device, pick_dtype, resolve_checkpoint
-from store.checkpoint import CheckpointError, read_config
+from store.checkpoint import CheckpointError, read_config, staged_file
 from model.config import ConfigError, ModelConfig
 from store.hf import is_hf_model, read_hf_config
 from model.kv_cache import kv_bytes_per_token
@@ -381,10 +381,9 @@ def plot_panels(path: Path, panels: dict[str, torch.Tensor], title: str, ticks=N
             fig.colorbar(image, ax=ax)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100)
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the command

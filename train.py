@@ -39,7 +39,7 @@ from data.loader import TokenStream
 from data.prepare import as_data_config, prepare_data
 from data.tokenizer import Tokenizer
 from store import runs
-from store.checkpoint import save_checkpoint, unwrap, write_json
+from store.checkpoint import save_checkpoint, staged_file, unwrap, write_json
 from store.runs import ACCEL_STATE, TRAIN_CONFIG, TRAINER_STATE
 from training.distill import build_teacher
 from training.optim import build_optimizer, lr_at
@@ -368,10 +368,9 @@ def plot_losses(run_dir: Path) -> None:
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=run_dir.name)
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = run_dir / f".{LOSS_PLOT}"
-    fig.savefig(tmp, format="png", dpi=100)
+    with staged_file(run_dir / LOSS_PLOT) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, run_dir / LOSS_PLOT)
 
 @cli.hydra_main(config_path="configs", config_name="train", errors=(*USER_ERRORS, OSError))
 def main(cfg: DictConfig) -> None:

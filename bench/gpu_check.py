@@ -589,9 +589,8 @@ def device_info(device: torch.device) -> dict:
 
 def write_report(path: Path, report: dict) -> None:
     """Atomically, after every section: a run cut short still leaves a valid report."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from store.checkpoint import write_atomic
+    write_atomic(path, json.dumps(report, indent=2, default=str) + "\n")
 
 
 def run_section(name: str, ctx: Context) -> Section:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 
 from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
-from store.checkpoint import RUN_LOCK, WEIGHTS, CheckpointError
+from store.checkpoint import RUN_LOCK, WEIGHTS, CheckpointError, staged_file
 
 CHECKPOINTS, LATEST = "checkpoints", "latest"
 TRAIN_CONFIG, TRAINER_STATE, ACCEL_STATE = "train_config.yaml", "trainer_state.json", "accelerate"
@@ -52,10 +52,8 @@ def has_checkpoints(run_dir: Path) -> bool:
 
 def point_latest(root: Path, name: str) -> None:
     """Swap the `latest` symlink in one rename: it always names a complete checkpoint."""
-    tmp = root / f".{LATEST}-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(name, tmp)
-    os.replace(tmp, root / LATEST)
+    with staged_file(root / LATEST) as tmp:
+        os.symlink(name, tmp)
 
 
 def prune_checkpoints(root: Path, keep_last: int, newer_than: int | None = None) -> None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import cli
 from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from store import lock, runs
-from store.checkpoint import load_checkpoint, read_config, read_meta
+from store.checkpoint import load_checkpoint, read_config, read_meta, write_atomic
 from model.config import ModelConfig
 from store.hf import import_hf, is_hf_model, read_hf_config
 from store.runs import ACCEL_STATE, RUN_LOCK, TRAIN_CONFIG, TRAINER_STATE
@@ -385,6 +385,4 @@ def trim_metrics(path: Path, last_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
