@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import cli
 from data.loader import TokenStream
 from data.prepare import as_data_config, prepare_data
 from data.tokenizer import Tokenizer
-from store.checkpoint import unwrap
+from store.checkpoint import staged_file, unwrap
 from store.runs import LOSS_PLOT, METRICS
 from training.checkpointer import Checkpointer
 from training.distill import build_teacher
@@ -342,10 +341,9 @@ def plot_losses(run_dir: Path) -> None:
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=run_dir.name)
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = run_dir / f".{LOSS_PLOT}"
-    fig.savefig(tmp, format="png", dpi=100)
+    with staged_file(run_dir / LOSS_PLOT) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, run_dir / LOSS_PLOT)
 
 @cli.hydra_main(config_path="configs", config_name="train", errors=(*USER_ERRORS, OSError))
 def main(cfg: DictConfig) -> None:

@@ -1,7 +1,7 @@
 """Activation checkpointing: peak memory and speed of a training step, with and without.
 
-    python bench/activation_memory.py              # bench/train.py's shape, batch 8
-    python bench/activation_memory.py --batch 16 --steps 3
+    python -m bench.activation_memory              # bench/train.py's shape, batch 8
+    python -m bench.activation_memory --batch 16 --steps 3
 
 Each setting runs in its own fresh process (peak RSS never goes down within one): build
 the model and AdamW, run the steps as train.py does (forward, cross-entropy, backward,
@@ -18,17 +18,16 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.train import SHAPE  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from model.transformer import Transformer  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.config import OptimConfig  # noqa: E402
+from bench import options
+from bench.train import SHAPE
+from model.config import ModelConfig
+from model.transformer import Transformer
+from training.optim import build_optimizer
+from training.config import OptimConfig
 
 
 def rss_mb() -> float:
@@ -59,9 +58,7 @@ def child(checkpointing: bool, batch: int, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
+    parser = options.parser(__doc__, batch=8, steps=3)
     parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.batch <= 0 or args.steps <= 0:
@@ -71,8 +68,8 @@ def main() -> None:
         return
     results = {}
     for setting in ("off", "on"):
-        out = subprocess.run([sys.executable, __file__, "--child", setting, "--batch",
-                              str(args.batch), "--steps", str(args.steps)],
+        out = subprocess.run([sys.executable, "-m", "bench.activation_memory", "--child", setting,
+                              "--batch", str(args.batch), "--steps", str(args.steps)],
                              capture_output=True, text=True, check=True)
         results[setting] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"train step, fp32, {SHAPE['n_layer']} layers, d_model {SHAPE['d_model']}, "

@@ -1,9 +1,9 @@
 """Peak memory of `store.hf import` and `convert` on a bf16 HF Llama, as a multiple
 of the weights' bytes (issue 11, item 5: target <= 2.0x, so 7B bf16 = 13.5 GB fits 24 GB).
 
-    python bench/convert_memory.py                      # 0.95B parameters, 1.9 GB of bf16
-    python bench/convert_memory.py --d-model 1024 --ffn 2816   # 0.27B, for a quick look
-    python bench/convert_memory.py --repo . --repo /tmp/base   # this code vs another checkout
+    python -m bench.convert_memory                      # 0.95B parameters, 1.9 GB of bf16
+    python -m bench.convert_memory --d-model 1024 --ffn 2816   # 0.27B, for a quick look
+    python -m bench.convert_memory --repo . --repo /tmp/base   # this code vs another checkout
 
 A synthetic HF Llama dir (config.json + sharded model.safetensors of random bf16 tensors,
 written shard by shard, no transformers init) goes in a temporary dir under /tmp, removed
@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,12 +108,7 @@ def dtypes_of(safetensors_file: Path) -> set[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--d-model", type=int, default=2048)
-    p.add_argument("--n-layer", type=int, default=16)
-    p.add_argument("--n-head", type=int, default=16)
-    p.add_argument("--ffn", type=int, default=5632)
-    p.add_argument("--vocab", type=int, default=32000)
+    p = options.parser(__doc__, d_model=2048, n_layer=16, n_head=16, ffn=5632, vocab=32000)
     p.add_argument("--n-kv-head", type=int, default=4, help="convert's target")
     p.add_argument("--shard-gb", type=float, default=1.0)
     p.add_argument("--repo", type=Path, action="append",
@@ -129,7 +126,8 @@ def main() -> None:
         hf.mkdir()
         shape = [f"--{k.replace('_', '-')}={getattr(a, k)}"
                  for k in ("d_model", "n_layer", "n_head", "ffn", "vocab", "shard_gb")]
-        subprocess.run([sys.executable, __file__, *shape, "--build", str(hf)], check=True)
+        subprocess.run([sys.executable, "-m", "bench.convert_memory", *shape, "--build", str(hf)],
+                       cwd=REPO, check=True)
         index = json.loads((hf / "model.safetensors.index.json").read_text())
         weights = index["metadata"]["total_size"]
         print(f"synthetic HF Llama: {weights / 2e9:.2f}B parameters, bf16, {weights / 1e9:.2f} "

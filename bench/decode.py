@@ -1,16 +1,16 @@
 """Decode-speed benchmarks; every figure is a ratio against a peer timed in the same run.
 
-    python bench/decode.py                 # all sections (~20 min on 2 CPU cores)
-    python bench/decode.py --section a     # cached vs uncached, 512 new tokens (issue 2)
-    python bench/decode.py --section b     # ours vs transformers generate, greedy 256 tokens
-    python bench/decode.py --section c     # long context: roofline MHA vs GQA vs MQA
-    python bench/decode.py --section q     # int8/int4 weight-only vs fp32 compiled vs transformers
-    python bench/decode.py --section k     # int8 KV cache vs float, long prompt, b8 (compiled)
-    python bench/decode.py --section r     # the real model (SmolLM2-135M): fp32, int8, int4,
+    python -m bench.decode                 # all sections (~20 min on 2 CPU cores)
+    python -m bench.decode --section a     # cached vs uncached, 512 new tokens (issue 2)
+    python -m bench.decode --section b     # ours vs transformers generate, greedy 256 tokens
+    python -m bench.decode --section c     # long context: roofline MHA vs GQA vs MQA
+    python -m bench.decode --section q     # int8/int4 weight-only vs fp32 compiled vs transformers
+    python -m bench.decode --section k     # int8 KV cache vs float, long prompt, b8 (compiled)
+    python -m bench.decode --section r     # the real model (SmolLM2-135M): fp32, int8, int4,
                                            # int8 KV vs transformers generate, b1 and b8
                                            # (--real-kv MHA-9,GQA-3,MQA: its KV layouts)
-    python bench/decode.py --section p     # the real model's perplexity: fp32, int8, int4, KV int8
-    python bench/decode.py --quick         # shorter runs, same tables
+    python -m bench.decode --section p     # the real model's perplexity: fp32, int8, int4, KV int8
+    python -m bench.decode --quick         # shorter runs, same tables
 
 Shapes (fp32, random weights, vocab 4096, SwiGLU ffn 1408 / 704):
   bench model   6 layers, d_model 512, 8 query heads, head_dim 64   (sections b, c)
@@ -25,21 +25,19 @@ import contextlib
 import functools
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.config import ModelConfig  # noqa: E402
-from model.kv_cache import kv_bytes_per_token  # noqa: E402
-from model.sampling import (KV_CACHES, SamplingConfig, compile_decode, generate,  # noqa: E402
+from model.config import ModelConfig
+from model.kv_cache import kv_bytes_per_token
+from model.sampling import (KV_CACHES, SamplingConfig, compile_decode, generate,
                             stream)
-from model.quantized import (CPU_CAPABILITY, describe, int8_kernel, quantize_model,  # noqa: E402
+from model.quantized import (CPU_CAPABILITY, describe, int8_kernel, quantize_model,
                              set_int8_kernel, weight_bytes)
-from model.transformer import Transformer  # noqa: E402
+from model.transformer import Transformer
 
 GREEDY = SamplingConfig(temperature=0.0)
 KV_HEADS = {"MHA": 8, "GQA-2": 2, "MQA": 1}

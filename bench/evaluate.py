@@ -1,8 +1,8 @@
 """Evaluation throughput: evaluate.py's window scoring against transformers' forward, in
 the same run, on the same windows and the same weights.
 
-    python bench/evaluate.py            # 6 layers, d_model 384, 6 heads, vocab 4096, fp32
-    python bench/evaluate.py --quick    # fewer windows and repeats
+    python -m bench.evaluate            # 6 layers, d_model 384, 6 heads, vocab 4096, fp32
+    python -m bench.evaluate --quick    # fewer windows and repeats
 
 A random LlamaForCausalLM is saved as an HF dir and loaded as evaluate.py loads it (the HF
 import); both sides score the same non-overlapping windows (data/loader.eval_batches):
@@ -13,18 +13,16 @@ alternating sides (the CPU is shared, the minimum is the least noisy).
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.decode import timed  # noqa: E402  (best of repeats)
-from data.loader import eval_batches  # noqa: E402
-from evaluation.scoring import mean_nll, window_scores  # noqa: E402
-from store.source import load_model  # noqa: E402
+from bench import options
+from bench.decode import timed  # best of repeats
+from data.loader import eval_batches
+from evaluation.scoring import mean_nll, window_scores
+from store.source import load_model
 
 SHAPE = dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
              num_attention_heads=6, max_position_embeddings=1024)
@@ -55,11 +53,7 @@ def transformers_nll(model, tokens, seq_len: int, batch_size: int) -> tuple[floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--windows", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = options.parser(__doc__, windows=32, seq_len=512, batch_size=4, repeats=3)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:

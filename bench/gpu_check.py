@@ -1,7 +1,7 @@
 """One prepared GPU check (issue 23): every GPU-facing claim of gqalab, one JSON report.
 
     bash bench/gpu_check.sh                     # what a lent GPU machine runs (see docs/gpu.md)
-    python bench/gpu_check.py --out report.json [--device auto|cuda|cpu] [--model-dir DIR]
+    python -m bench.gpu_check --out report.json [--device auto|cuda|cpu] [--model-dir DIR]
                               [--sections train,fsdp,distill,gqa_flash,decode,quant,evaluate]
                               [--budget 450] [--work DIR]
 
@@ -19,11 +19,10 @@ fails or raises does not stop the others):
              path: forward and backward parity, kernel names, time
   decode     greedy decode b1/b8 vs transformers generate, same weights (bench/decode.py's
              helpers), eager and compiled
-  quant      the weight-only modes store.quantize has (int8; int4 once it exists): logits
-             error, compiled == eager greedy ids, tok/s against the unquantized model
+  quant      the weight-only modes int8 and int4 (model.quantized): logits error,
+             compiled == eager greedy ids, tok/s against the unquantized model
   evaluate   evaluate.py in bf16 on --model-dir (e.g. SmolLM2-135M as an HF dir), else on a
-             random-weight Llama of SmolLM2-135M's exact shape (the report says which);
-             skipped while evaluate.py is not in the checkout
+             random-weight Llama of SmolLM2-135M's exact shape (the report says which)
 
 On a CPU (--device cpu, or no GPU) every section runs at shrunk shapes and the checks that
 need CUDA (flash kernel, MFU, FSDP on a GPU, compiled decode) are marked skip: CI proves the
@@ -36,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -57,7 +55,6 @@ from unittest import mock
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SECTIONS = ("train", "fsdp", "distill", "gqa_flash", "decode", "quant", "evaluate")
 # SmolLM2-135M's config.json, the fields that set its shape (the real model: docs/gpu.md)
 SMOLLM2 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576,
@@ -214,14 +211,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in fp32."""
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
-
-
-def load_by_path(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses inside it look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_args(ctx: Context, model: list[str], steps: int, batch: int) -> list[str]:
@@ -445,19 +434,9 @@ def section_gqa_flash(ctx: Context, sec: Section) -> None:
 
 # ---------------------------------------------------------------- (e) decode
 
-def decode_helpers():
-    """bench/decode.py's functions (imported, not copied): raises Skip naming what is
-    missing when that file has changed shape."""
-    decode = load_by_path("gqalab_bench_decode", ROOT / "bench" / "decode.py")
-    needed = ("build", "prompt_batch", "to_hf", "hf_generate", "interleaved")
-    if missing := [n for n in needed if not hasattr(decode, n)]:
-        raise Skip(f"bench/decode.py no longer has {', '.join(missing)}: update gpu_check.py")
-    return decode
-
-
 def section_decode(ctx: Context, sec: Section) -> None:
     from model.sampling import SamplingConfig, compile_decode, generate
-    d = decode_helpers()
+    from bench import decode as d  # its helpers, imported, not copied
     s = ctx.scale
     greedy, plen, n_kv = SamplingConfig(temperature=0.0), 16, 2
     model = d.build(s.decode, n_kv).to(ctx.device)  # GQA-2, fp32 (the HF comparison is exact)
@@ -473,7 +452,7 @@ def section_decode(ctx: Context, sec: Section) -> None:
         prompt = d.prompt_batch(b, plen, s.decode["vocab_size"]).to(ctx.device)
 
         def timed(fn):
-            return lambda: (out := fn(), sync(ctx.device))[0]
+            return lambda: (fn(), sync(ctx.device))[0]
         runs = {"HF": timed(lambda: d.hf_generate(hf, prompt, s.decode_new)),
                 "ours": timed(lambda: generate(model, prompt, s.decode_new, greedy))}
         if ctx.cuda:
@@ -503,12 +482,8 @@ INT4_GROUP = 32  # the smallest group: random weights have no structure to spare
 def section_quant(ctx: Context, sec: Section) -> None:
     from model import quantized as quantize
     from model.sampling import SamplingConfig, compile_decode, generate
-    d = decode_helpers()
+    from bench import decode as d  # its helpers, imported, not copied
     s = ctx.scale
-    modes = [m for m in ("int8", "int4") if m in quantize.MODES]  # what this checkout has
-    for mode in ("int8", "int4"):
-        if mode not in modes:
-            sec.skip(mode, f"store.quantize has no {mode} mode (MODES = {quantize.MODES})")
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     greedy, plen, b = SamplingConfig(temperature=0.0), 16, 1
     base = d.build(s.decode, 2).to(ctx.device, dtype)
@@ -530,7 +505,7 @@ def section_quant(ctx: Context, sec: Section) -> None:
 
     base_rate = rate(base, ctx.cuda)[0]
     sec.figures["unquantized_tok_s"] = round(base_rate, 1)
-    for mode in modes:
+    for mode in QUANT_BOUND:  # int8, int4
         q = quantize.quantize_model(copy.deepcopy(base), mode, group_size=INT4_GROUP)
         with torch.no_grad():
             err = rel_err(q(tokens), reference)
@@ -569,8 +544,6 @@ def random_smollm2(ctx: Context, out: Path) -> str:
 
 
 def section_evaluate(ctx: Context, sec: Section) -> None:
-    if not (ROOT / "evaluate.py").is_file():
-        raise Skip("evaluate.py is not in this checkout yet (issue 20)")
     prepare_corpus(ctx)
     if ctx.model_dir is not None:
         source, what = ctx.model_dir, f"the model at {ctx.model_dir}"
@@ -617,9 +590,8 @@ def device_info(device: torch.device) -> dict:
 
 def write_report(path: Path, report: dict) -> None:
     """Atomically, after every section: a run cut short still leaves a valid report."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from store.checkpoint import write_atomic
+    write_atomic(path, json.dumps(report, indent=2, default=str) + "\n")
 
 
 def run_section(name: str, ctx: Context) -> Section:

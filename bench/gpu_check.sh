@@ -64,7 +64,7 @@ work=${TMPDIR:-/tmp}/gqalab-gpu-check  # run dirs and checkpoints: not under $OU
 rm -rf "$work"
 # the driver stops starting sections at its budget (--budget, default 450 s); this is the
 # hard stop for a section that hangs, inside the 8 minutes
-timeout -k 10 470 "$PYTHON" bench/gpu_check.py --out "$out" --work "$work" "$@"
+timeout -k 10 470 "$PYTHON" -m bench.gpu_check --out "$out" --work "$work" "$@"
 status=$?
 if [ -n "${OUT:-}" ] && [ -d "$work" ]; then  # the logs come back with the report (8 files at most)
     for log in "$work"/*.log; do [ -f "$log" ] && cp "$log" "$OUT/"; done

@@ -1,12 +1,12 @@
 """Training-step throughput: ours vs two peers, each measured in the same run.
 
-    python bench/train.py            # both peers, eager and compiled, 10 timed steps each (~12 min on 2 CPU cores)
-    python bench/train.py --quick    # 3 timed steps each
-    python bench/train.py --peers nanogpt --modes eager
-    python bench/train.py --nanogpt /path/to/nanoGPT      # the dir holding nanoGPT's model.py
-    python bench/train.py --model gpt2s --modes compiled  # on a GPU: bf16 autocast, with MFU
-    python bench/train.py --threads 1 --clock cpu         # a shared CPU: each step's own CPU time
-    python bench/train.py --peers nanogpt --modes compiled,compiled_loss   # where the gap is
+    python -m bench.train            # both peers, eager and compiled, 10 timed steps each (~12 min on 2 CPU cores)
+    python -m bench.train --quick    # 3 timed steps each
+    python -m bench.train --peers nanogpt --modes eager
+    python -m bench.train --nanogpt /path/to/nanoGPT      # the dir holding nanoGPT's model.py
+    python -m bench.train --model gpt2s --modes compiled  # on a GPU: bf16 autocast, with MFU
+    python -m bench.train --threads 1 --clock cpu         # a shared CPU: each step's own CPU time
+    python -m bench.train --peers nanogpt --modes compiled,compiled_loss   # where the gap is
 
 Peers:
   HF       the Llama shape (SwiGLU ffn 1024) against transformers' LlamaForCausalLM
@@ -55,18 +55,17 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from store.checkpoint import model_from_state  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from store.hf import export_hf  # noqa: E402
-from store.hf_families import GPT2  # noqa: E402
-from model.summary import flops_per_token  # noqa: E402
-from model.transformer import Transformer  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
-from training.runtime import peak_tflops  # noqa: E402
-from training.config import OptimConfig  # noqa: E402
+from store.checkpoint import model_from_state
+from model.config import ModelConfig
+from store.hf import export_hf
+from store.hf_families import GPT2
+from model.summary import flops_per_token
+from model.transformer import Transformer
+from training.optim import build_optimizer
+from training.runtime import peak_tflops
+from training.config import OptimConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(vocab_size=4096, n_layer=6, n_head=6, d_model=384, ffn_hidden=1024, max_seq_len=256)
 SHAPES = {"bench": SHAPE, "gpt2s": dict(vocab_size=32000, n_layer=12, n_head=12, d_model=768,
                                         ffn_hidden=2048, max_seq_len=1024)}

@@ -13,7 +13,7 @@ Any other exception in the task is a bug and keeps its traceback. HYDRA_FULL_ERR
 lets every error through with its full trace, for debugging.
 
 For the `python -m` commands: run_app(app, argv) runs an app as a function that returns
-its exit status (`main(argv)`), user_keys() says which keys the command line set, and
+its exit status (`main(argv)`), exit_status(task) does the same for a plain function, user_keys() says which keys the command line set, and
 require(cfg) names the mandatory (???) options left out with the command's usage line.
 
 A package that imports only hydra, omegaconf and the standard library, so the entry
@@ -56,8 +56,12 @@ def is_user_error(e: BaseException) -> bool:
 
 
 def fail(message: Any) -> NoReturn:
-    print(f"error: {one_line(message)}", file=sys.stderr)
+    fail_line(message)
     sys.exit(2)
+
+
+def fail_line(message: Any) -> None:
+    print(f"error: {one_line(message)}", file=sys.stderr)
 
 
 def one_line(text: Any) -> str:
@@ -135,6 +139,20 @@ def run_app(app: Callable[[], Any], argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     finally:
         sys.argv = saved
+    return 0
+
+
+def exit_status(task: Callable[[], Any]) -> int:
+    """task() as a command's exit status: 0 when done, 2 when it raises a user error
+    (printed as one `error:` line). For the `python -m` commands that are not Hydra apps;
+    any other exception is a bug and keeps its traceback."""
+    try:
+        task()
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        fail_line(e)
+        return 2
     return 0
 
 

@@ -19,18 +19,14 @@
 5. train scratch_kv_heads from scratch for base_steps, as the reference;
 6. KV-cache bytes per token and decode tokens/s at batch 8 with a long context.
 
-Training runs are train.py subprocesses (the Accelerator is process-wide state); each
-run lives under <out>/runs/ and is reused when rerun with the same command, so an
-interrupted or extended experiment never retrains the MHA base. Outputs in <out>:
+Training runs are train.py subprocesses (experiments/cached_run.py); each run lives under
+<out>/runs/, is reused when rerun with the same command and resumed from its last
+checkpoint after a stop, so an interrupted or extended experiment never retrains the MHA base. Outputs in <out>:
 results.csv, kv_errors.csv, results.md, fig4_conversion_methods.png, fig5_alpha.png.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,10 +40,11 @@ from tqdm import tqdm
 import cli
 from data.prepare import prepare_data
 from evaluation.scoring import split_tokens, val_loss
+from experiments.cached_run import run_dir_of, train_run
 from experiments.presets import load_preset, named_conversion
 from experiments.report import CONVERSIONS, variant_name, write_report
 from store import runs
-from store.checkpoint import WEIGHTS, load_checkpoint, read_meta, write_atomic
+from store.checkpoint import load_checkpoint, read_meta
 from convert.heads import Calibration, ConvertError, Conversion, check_target
 from convert.command import convert_checkpoint
 from model.kv_cache import kv_bytes_per_token
@@ -130,53 +127,6 @@ def check_settings(cfg: DictConfig) -> None:
                                   f"raise base_steps or alpha")
 
 
-# ---- training runs (train.py subprocesses) ----------------------------------------------
-
-def run_key(args: list[str]) -> str:
-    return hashlib.sha256("\n".join(args).encode()).hexdigest()[:10]
-
-
-def train_run(name: str, args: list[str], runs: Path) -> tuple[Path, float]:
-    """Run `train.py args` in <runs>/<name>-<hash of args>; return its final checkpoint
-    and training seconds. A finished run with the same args is reused."""
-    run_dir = runs / f"{name}-{run_key(args)}"
-    done = run_dir / "experiment_done.json"
-    if done.is_file():
-        record = json.loads(done.read_text())
-        return Path(record["checkpoint"]), record["seconds"]
-    cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}",
-           "overwrite=true"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = run_dir / "experiment.log"
-    started = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env())
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise ExperimentError(f"training run {name} failed ({tail[0]}); full log: {log}")
-    ckpt = final_checkpoint(run_dir)
-    write_atomic(done, json.dumps({"checkpoint": str(ckpt), "seconds": seconds, "cmd": cmd},
-                                  indent=1))
-    return ckpt, seconds
-
-
-def child_env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("WANDB_MODE", "offline")
-    env.setdefault("WANDB_SILENT", "true")
-    return env
-
-
-def final_checkpoint(run_dir: Path) -> Path:
-    latest = runs.latest_checkpoint(run_dir)
-    if latest is None or not (latest / WEIGHTS).is_file():
-        raise ExperimentError(f"{run_dir} finished without a checkpoint at checkpoints/latest")
-    return latest
-
-
 # ---- measurements -----------------------------------------------------------------------
 
 def val_tokens(data_cfg: dict) -> np.ndarray:
@@ -223,7 +173,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
 
     def step(label: str, name: str, args: list[str]) -> tuple[Path, float]:
         bar.set_postfix_str(label)
-        result = train_run(name, args, runs)
+        result = train_run(run_dir_of(runs, name, args), args)
         bar.update()
         return result
 
@@ -304,20 +254,16 @@ def train_data_config(ckpt: Path) -> dict:
     return OmegaConf.to_container(data, resolve=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = load_settings(argv)
-        out = Path(cfg.out)
-        paths = run(cfg, out)
-    except Exception as e:
-        if not cli.is_user_error(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run_and_show(cfg: DictConfig) -> None:
+    out = Path(cfg.out)
+    paths = run(cfg, out)
     print((out / "results.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return cli.exit_status(lambda: run_and_show(load_settings(argv)))
 
 
 if __name__ == "__main__":

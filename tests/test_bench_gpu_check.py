@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from bench import gpu_check
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu_check  # noqa: E402
 
 STATUSES = {"pass", "fail", "skip", "error"}
 CUDA_ONLY = {("train", "mfu_reported"), ("gqa_flash", "flash_kernel"),

@@ -374,3 +374,16 @@ def test_convert_calibrates_on_a_data_group_given_like_train_py(fixture_run, tmp
     assert len(prepared) == 1  # its own cache: the corpus was prepared from data.*
     given = json.loads((prepared[0] / "meta.json").read_text())["tokenizer_given"]
     assert Path(given).parent == (tmp / "world/run/checkpoints/step_4").resolve()
+
+
+def test_exit_status_prints_a_user_error_as_one_line_and_lets_a_bug_through(capsys):
+    import cli
+
+    def refused():
+        raise cli.UserError("bad setting\n  on two lines")
+
+    assert cli.exit_status(lambda: None) == 0
+    assert cli.exit_status(refused) == 2
+    assert capsys.readouterr().err == "error: bad setting on two lines\n"
+    with pytest.raises(KeyError):
+        cli.exit_status(lambda: {}["a bug"])

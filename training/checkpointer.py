@@ -20,7 +20,8 @@ from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 
 from store import runs
-from store.checkpoint import CheckpointError, save_checkpoint, write_json
+from store.checkpoint import (CheckpointError, save_checkpoint, staged_file, write_atomic,
+                              write_json)
 from store.runs import ACCEL_STATE, LATEST, LOSS_PLOT, METRICS, TRAIN_CONFIG, TRAINER_STATE
 
 
@@ -102,10 +103,8 @@ class Checkpointer:
 
     def point_latest(self, name: str) -> None:
         """Swap the `latest` symlink in one rename: it always names a complete checkpoint."""
-        tmp = self.root / f".{LATEST}-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        os.symlink(name, tmp)
-        os.replace(tmp, self.root / LATEST)
+        with staged_file(self.root / LATEST) as tmp:
+            os.symlink(name, tmp)
 
     def prune(self, newer_than: int | None = None) -> None:
         """Keep the newest keep_last, and always the one `latest` names; with newer_than,
@@ -143,6 +142,4 @@ def trim_metrics(path: Path, last_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
