@@ -142,10 +142,14 @@ def run_app(app: Callable[[], Any], argv: list[str] | None = None) -> int:
     return 0
 
 
-def exit_status(task: Callable[[], Any]) -> int:
+def exit_status(task: Callable[[], Any], argv: list[str] = (), usage: str = "") -> int:
     """task() as a command's exit status: 0 when done, 2 when it raises a user error
     (printed as one `error:` line). For the `python -m` commands that are not Hydra apps;
-    any other exception is a bug and keeps its traceback."""
+    any other exception is a bug and keeps its traceback. With usage, -h/--help in argv
+    prints it instead, exit 0."""
+    if usage and {"-h", "--help"} & set(argv):
+        print(usage.strip())
+        return 0
     try:
         task()
     except Exception as e:

@@ -263,7 +263,7 @@ def run_and_show(cfg: DictConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    return cli.exit_status(lambda: run_and_show(load_settings(argv)))
+    return cli.exit_status(lambda: run_and_show(load_settings(argv)), argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -596,7 +596,8 @@ def run(cfg: DictConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    return cli.exit_status(lambda: print((run(load_settings(argv)) / "results.md").read_text()))
+    return cli.exit_status(lambda: print((run(load_settings(argv)) / "results.md").read_text()),
+                           argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def smollm2_hf_dir(cache: str | Path = DEFAULT_CACHE) -> Path:
 
 def main(argv: list[str]) -> int:
     cache = next((a.split("=", 1)[1] for a in argv if a.startswith("cache=")), DEFAULT_CACHE)
-    return cli.exit_status(lambda: print(smollm2_hf_dir(cache)))
+    return cli.exit_status(lambda: print(smollm2_hf_dir(cache)), argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -191,11 +191,14 @@ def run_help(command: tuple[str, ...], capsys) -> tuple[int, str, str]:
     capsys.readouterr()
     argv = [*command, "--help"] if command[0] == "-m" else [str(ROOT / command[0]), "--help"]
     cwd = os.getcwd()
+    module = sys.modules.get(command[1]) if command[0] == "-m" else None
     try:
         os.chdir(ROOT)
         code = run_command(argv)
     finally:
         os.chdir(cwd)
+        if module is not None:  # run_command re-imports it: later tests keep their classes
+            sys.modules[command[1]] = module
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -29,7 +29,8 @@ class FakeTrain:
         step = runs.step_dir(root, 2 * len(self.calls))
         step.mkdir(parents=True)
         (step / WEIGHTS).write_bytes(b"")
-        runs.point_latest(root, step.name)
+        (root / runs.LATEST).unlink(missing_ok=True)
+        (root / runs.LATEST).symlink_to(step.name)
         return subprocess.CompletedProcess(cmd, 1 if len(self.calls) in self.fail else 0)
 
 

@@ -211,4 +211,4 @@ def test_int8_kv_cache_from_the_command_line(ckpt, tokenizer):
     bad = cli(f"ckpt={ckpt}", "prompt=def f(x):", "kv_cache=int4")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        "error: kv_cache='int4' is unknown: use float or int8"], bad.stderr
+        "error: kv_cache=int4: Invalid value 'int4', expected one of [float, int8]"], bad.stderr
