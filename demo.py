@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from evaluation.scoring import val_loss
-from experiments.gqa_ablation import decode_tok_s, train_data_config, val_tokens
+from evaluation.scoring import held_out_tokens, val_loss
+from evaluation.speed import decode_tok_s
 from store import runs
 from store.checkpoint import load_checkpoint
 from model.config import ModelConfig
@@ -93,7 +93,7 @@ def main() -> None:
     print(f"\nSide by side (val loss over 64 fixed windows of 256 tokens; decode at batch "
           f"{DECODE['batch_size']} after a {DECODE['context']}-token context, fp32, "
           f"{torch.get_num_threads()} threads):\n")
-    tokens = val_tokens(train_data_config(mha))
+    tokens = held_out_tokens(mha)
     print_table([measure("MHA (trained)", mha, tokens),
                  measure("GQA-2 (mean-pooled, alpha 0)", converted, tokens),
                  measure(f"GQA-2 (uptrained, alpha {args.alpha:g})", uptrained, tokens)])

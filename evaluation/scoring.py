@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from data.loader import IGNORE_INDEX, eval_batches, open_tokens
-from data.prepare import PreparedData
+from data.prepare import PreparedData, prepare_data
 from data.tokenizer import SentencePieceTokenizer, Tokenizer
+from evaluation import EvalError
+from store import runs
 
 
 def sum_dtype(device: torch.device) -> torch.dtype:
@@ -150,3 +154,14 @@ def split_tokens(prepared: PreparedData, split: str) -> np.ndarray:
 def window_count(n_tokens: int, seq_len: int, stride: int, max_windows: int | None) -> int:
     whole = (n_tokens - 1 - seq_len) // stride + 1
     return whole if max_windows is None else min(whole, max_windows)
+
+
+def held_out_tokens(checkpoint: Path) -> np.ndarray:
+    """The val split the run that wrote checkpoint held out, tokenized as it trained: every
+    model compared with it is scored on the same windows (val_loss), so losses differ only
+    by the model."""
+    data = runs.read_data_config(checkpoint)
+    if data is None:
+        raise EvalError(f"{checkpoint} has no {runs.TRAIN_CONFIG}: cannot find its val split")
+    return split_tokens(prepare_data(OmegaConf.to_container(data, resolve=True), progress=False),
+                        "val")

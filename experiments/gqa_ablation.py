@@ -26,29 +26,25 @@ results.csv, kv_errors.csv, results.md, fig4_conversion_methods.png, fig5_alpha.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 import cli
-from data.prepare import prepare_data
-from evaluation.scoring import split_tokens, val_loss
+from evaluation.scoring import held_out_tokens, val_loss
+from evaluation.speed import decode_tok_s
 from experiments.cached_run import run_dir_of, train_run
 from experiments.presets import load_preset, named_conversion
 from experiments.report import CONVERSIONS, variant_name, write_report
-from store import runs
 from store.checkpoint import load_checkpoint, read_meta
 from convert.heads import Calibration, ConvertError, Conversion, check_target
 from convert.command import convert_checkpoint
 from model.kv_cache import kv_bytes_per_token
-from model.sampling import SamplingConfig, stream
 from model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,29 +125,6 @@ def check_settings(cfg: DictConfig) -> None:
 
 # ---- measurements -----------------------------------------------------------------------
 
-def val_tokens(data_cfg: dict) -> np.ndarray:
-    """The val split the base run held out, tokenized as it trained: every model is scored
-    on the same windows of it (evaluation.scoring.val_loss), so losses differ only by the model."""
-    return split_tokens(prepare_data(data_cfg, progress=False), "val")
-
-
-def decode_tok_s(model: Transformer, batch_size: int, context: int, new_tokens: int,
-                 repeats: int) -> float:
-    """Greedy decode throughput after a context-long prefill (timed from the first token,
-    which the prefill yields): the regime where the KV cache's size matters. Best of
-    repeats, as the CPU is shared."""
-    prompt = torch.randint(0, model.config.vocab_size, (batch_size, context),
-                           generator=torch.Generator().manual_seed(0))
-    best = math.inf
-    for _ in range(repeats):
-        steps = stream(model.eval(), prompt, new_tokens, SamplingConfig(temperature=0))
-        next(steps)  # prefill
-        started = time.perf_counter()
-        decoded = sum(1 for _ in steps)
-        best = min(best, time.perf_counter() - started)
-    return batch_size * decoded / best
-
-
 # ---- the experiment ---------------------------------------------------------------------
 
 
@@ -183,7 +156,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
     if base.config.n_head != cfg.n_head:
         raise ExperimentError(f"the base model has {base.config.n_head} heads, the settings "
                               f"say n_head={cfg.n_head}: make train_args and n_head agree")
-    tokens = val_tokens(train_data_config(base_ckpt))
+    tokens = held_out_tokens(base_ckpt)
     dc = cfg.decode
     speed: dict[int, float] = {}
 
@@ -244,14 +217,6 @@ def run(cfg: DictConfig, out: Path) -> dict:
              f"Wall time {minutes:.1f} min on {torch.get_num_threads()} threads "
              f"(training runs reused from earlier invocations count as 0)."]
     return write_report(rows, out, f"GQA uptraining ablation ({cfg.preset})", notes)
-
-
-def train_data_config(ckpt: Path) -> dict:
-    """The data settings the base run trained on, from its saved train config."""
-    data = runs.read_data_config(ckpt)
-    if data is None:
-        raise ExperimentError(f"{ckpt} has no {runs.TRAIN_CONFIG}: cannot find its val split")
-    return OmegaConf.to_container(data, resolve=True)
 
 
 def run_and_show(cfg: DictConfig) -> None:

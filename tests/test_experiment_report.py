@@ -1,17 +1,15 @@
 """The ablation's writers and measurements, without training: CSV round trip, the table
 read back against the rows, valid PNGs, val loss against a per-token reference, and the
 settings' one-line refusals."""
-import math
 import re
 
 import pytest
 import torch
 
 from evaluation.scoring import val_loss
-from experiments.gqa_ablation import ExperimentError, decode_tok_s, load_settings
+from experiments.gqa_ablation import ExperimentError, load_settings
 from experiments.report import CONVERSIONS, read_csv, write_report
 from model import ModelConfig, Transformer
-from model.kv_cache import kv_bytes_per_token
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -110,14 +108,6 @@ def test_val_loss_equals_per_token_negative_log_likelihood():
             nll += [-logp[t, w[t + 1]].item() for t in range(16)]
     assert val_loss(model, tokens.numpy(), seq_len=16, n_windows=5, batch_size=2) == \
         pytest.approx(sum(nll) / len(nll), rel=1e-5)
-
-
-def test_decode_speed_is_measured_and_kv_bytes_follow_the_heads():
-    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=8, n_kv_head=2, d_model=32,
-                      max_seq_len=32)
-    tok_s = decode_tok_s(Transformer(cfg), batch_size=8, context=16, new_tokens=4, repeats=1)
-    assert math.isfinite(tok_s) and tok_s > 0
-    assert kv_bytes_per_token(cfg) * 4 == kv_bytes_per_token(cfg.with_kv_heads(8))
 
 
 @pytest.mark.parametrize("argv, message", [
