@@ -74,7 +74,8 @@ CASES = [
     ("train.py", [*TRAIN, "run_dir={new}", f"init_from={CKPT}", "model.n_layer=3"],
      "model=tiny model.n_layer=3 disagrees with {run}/checkpoints/step_4's model (n_layer=2): "
      "init_from trains the source's own model; drop the model overrides"),
-    ("train.py", [*TRAIN, "batch_mode=shuffled"], "batch_mode='shuffled' is not one of"),
+    ("train.py", [*TRAIN, "batch_mode=shuffled"], "batch_mode=shuffled: Invalid value 'shuffled', "
+                                                   "expected one of [random, sequential]"),
     ("train.py", [*TRAIN, "--max_steps=3"], "unrecognized arguments: --max_steps=3: settings "
                                              "are key=value overrides, without dashes"),
     ("train.py", [*TRAIN, "run_dir={new}", "+model.n_layr=3"], "+model.n_layr=3 adds a key "

@@ -364,6 +364,9 @@ def test_two_cpu_processes_match_one(base, tmp_path):
     ("model.n_layr=3", "n_layr"),
     ("model.n_layer=abc", "n_layer"),
     ("attention=foo", "attention"),
+    ("batch_mode=shuffled", "batch_mode=shuffled"),  # typed choices: the cli line names them
+    ("fsdp_reduce_dtype=bf16", "fsdp_reduce_dtype=bf16"),
+    ("on_signal=ignore", "on_signal=ignore"),
 ])
 def test_compose_rejects_typos_and_types(base, override, expected):
     with pytest.raises(Exception, match=expected):
@@ -373,8 +376,7 @@ def test_compose_rejects_typos_and_types(base, override, expected):
 @pytest.mark.parametrize("override, message", [
     ("attention.n_kv_head=3", "n_head=8 is not divisible by n_kv_head=3"),
     ("seq_len=128", "seq_len=128 exceeds model.max_seq_len=64"),
-    ("batch_mode=shuffled", "batch_mode='shuffled' is not one of"),
-    ("fsdp_reduce_dtype=bf16", r"fsdp_reduce_dtype='bf16' is not one of \['fp32', 'compute'\]"),
+    ("compile=maybe", r"compile='maybe' is not one of \['auto', 'true', 'false'\]"),
     ("uptrain.alpha=0.05", "uptrain.alpha needs init_from"),
     ("model.norm=batchnorm", "norm='batchnorm' is not one of rmsnorm, layernorm"),
 ])

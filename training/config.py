@@ -8,6 +8,7 @@ express (n_head not divisible by n_kv_head, seq_len above max_seq_len) are check
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Optional, get_type_hints
 
@@ -26,6 +27,33 @@ NOT_IN_MODEL_GROUP = ("vocab_size", "n_kv_head")
 ModelSizeConfig = make_dataclass(
     "ModelSizeConfig", [(f.name, get_type_hints(ModelConfig)[f.name], field(default=f.default))
                         for f in fields(ModelConfig) if f.name not in NOT_IN_MODEL_GROUP])
+
+
+class BatchMode(enum.StrEnum):
+    random = "random"  # random windows, per-process seeds
+    sequential = "sequential"
+
+
+class Precision(enum.StrEnum):
+    auto = "auto"  # bf16 on CUDA, no on CPU (bf16 autocast is several times slower there)
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class ReduceDtype(enum.StrEnum):
+    fp32 = "fp32"  # FSDP's gradient reduce-scatter in fp32 under bf16/fp16
+    compute = "compute"  # in the compute dtype
+
+
+class Backend(enum.StrEnum):
+    wandb = "wandb"
+    none = "none"
+
+
+class OnSignal(enum.StrEnum):
+    checkpoint = "checkpoint"  # finish the step, checkpoint it, exit 143
+    exit = "exit"  # the signal's default action
 
 
 @dataclass
@@ -56,7 +84,7 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "wandb"  # wandb | none
+    backend: Backend = Backend.wandb
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -89,10 +117,10 @@ class TrainConfig:
     batch_size: int = 16  # sequences per process per micro step
     grad_accum: int = 1  # micro steps per optimizer step
     seq_len: int = 256
-    batch_mode: str = "random"  # random windows (per-process seeds) | sequential
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, no on CPU) | no | bf16 | fp16
+    batch_mode: BatchMode = BatchMode.random
+    mixed_precision: Precision = Precision.auto
     compile: str = "auto"  # auto (on CUDA, not on CPU) | true | false: torch.compile the model
-    fsdp_reduce_dtype: str = "fp32"  # FSDP in bf16/fp16: gradient reduce-scatter fp32 | compute
+    fsdp_reduce_dtype: ReduceDtype = ReduceDtype.fp32
     activation_checkpointing: bool = False  # recompute each block in backward: less memory
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs' bf16 peak
 
@@ -107,18 +135,10 @@ class TrainConfig:
     resume: Any = False  # true: <run_dir>/checkpoints/latest; or a run/checkpoint dir
     init_from: Optional[str] = None  # a checkpoint or HF Llama dir to start from (uptraining)
     overwrite: bool = False  # allow a new run in a run dir that already has checkpoints
-    # SIGTERM/SIGINT/SIGUSR1: checkpoint (finish the step, checkpoint it, exit 143) | exit
-    on_signal: str = "checkpoint"
+    on_signal: OnSignal = OnSignal.checkpoint  # on SIGTERM, SIGINT or SIGUSR1
 
 
-CHOICES = {
-    "batch_mode": ("random", "sequential"),
-    "mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "fsdp_reduce_dtype": ("fp32", "compute"),
-    "logger.backend": ("wandb", "none"),
-    "compile": ("auto", "true", "false"),
-    "on_signal": ("checkpoint", "exit"),
-}
+COMPILE = ("auto", "true", "false")  # a str, not an Enum: compile=true arrives as a bool
 POSITIVE = ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches",
             "keep_last", "uptrain.calib_windows")
 
@@ -142,9 +162,8 @@ def model_config(cfg: Any, vocab_size: int) -> ModelConfig:
 def check_config(cfg: Any) -> None:
     """Combinations the schema's types cannot catch; raises ConfigError (one line)."""
     cfg.compile = str(cfg.compile).lower()  # compile=true arrives as the bool's "True"
-    for key, allowed in CHOICES.items():
-        if select(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={select(cfg, key)!r} is not one of {list(allowed)}")
+    if cfg.compile not in COMPILE:
+        raise ConfigError(f"compile={cfg.compile!r} is not one of {list(COMPILE)}")
     for key in POSITIVE:
         if select(cfg, key) <= 0:
             raise ConfigError(f"{key}={select(cfg, key)} must be a positive integer")
