@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode import timed  # noqa: E402  (best of repeats)
 from data.loader import eval_batches  # noqa: E402
 from evaluation.scoring import mean_nll, window_scores  # noqa: E402
-from store.source import load_model  # noqa: E402
+from store.source import open_source  # noqa: E402
 
 SHAPE = dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
              num_attention_heads=6, max_position_embeddings=1024)
@@ -77,7 +77,7 @@ def main() -> None:
     for n_kv in (6, 2):
         with tempfile.TemporaryDirectory() as tmp:
             theirs_model = hf_llama(n_kv, Path(tmp))
-            ours_model, _ = load_model(Path(tmp), cpu, torch.float32)
+            ours_model = open_source(tmp).load(cpu, torch.float32)
         ours_t, theirs_t = float("inf"), float("inf")
         for _ in range(args.repeats):  # alternate, so drift in the CPU's load hits both
             t, totals = timed(lambda: window_scores(ours_model, tokens, args.seq_len,
