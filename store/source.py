@@ -18,10 +18,9 @@ from data.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.transformer import Transformer
 from store import runs
-from store.checkpoint import (CONFIG, QUANTIZED, WEIGHTS, load_checkpoint, read_config,
-                              read_meta)
+from store.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_config, read_meta
 from store.hf import checkpoint_tokenizer, hf_weight_files, import_hf, is_hf_model, read_hf_config
-from store.quantize import load_quantized
+from store.quantize import is_quantized, load_quantized
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,6 +68,9 @@ class Kind(str, Enum):
     CHECKPOINT = "checkpoint"  # gqalab float weights (store/checkpoint.py)
     HF = "hf"  # an HF Llama / GPT-2 / GPT-NeoX dir: imported on load
     QUANTIZED = "quantized"  # int8 / int4 weights (store/quantize.py): loaded as stored
+
+
+FLOAT = (Kind.CHECKPOINT, Kind.HF)  # what training and conversion take: float weights
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def latest_step(run_dir: Path, option: str) -> Path:
 def kind_of(path: Path) -> Kind:
     if is_hf_model(path):
         return Kind.HF
-    return Kind.QUANTIZED if QUANTIZED in read_meta(path) else Kind.CHECKPOINT
+    return Kind.QUANTIZED if is_quantized(path) else Kind.CHECKPOINT
 
 
 def refuse(path: Path, kind: Kind, option: str) -> None:
