@@ -153,8 +153,9 @@ def latest_step(run_dir: Path, option: str) -> Path:
                if steps else "no step_N checkpoint is left in it")
         raise SourceError(f"{link} points at {os.readlink(link)}, which does not exist "
                           f"(dangling): {fix}")
-    raise SourceError(f"{run_dir} holds no {CONFIG} and no checkpoints/latest: pass a "
-                      f"checkpoint dir, a train.py run dir or an HF Llama, GPT-2 or GPT-NeoX dir")
+    raise SourceError(f"{run_dir} holds no {CONFIG} and no checkpoints/latest (not a gqalab "
+                      f"checkpoint, run dir or HF model dir): pass {option}=<a checkpoint dir, a "
+                      f"train.py run dir or an HF Llama, GPT-2 or GPT-NeoX dir>")
 
 
 def kind_of(path: Path) -> Kind:

@@ -100,7 +100,8 @@ def test_a_dangling_latest_is_refused_naming_the_steps_left(ckpt, tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: None, "no checkpoint given: pass init_from=<checkpoint dir"),
     (lambda tmp: tmp / "absent", "not found: pass an existing directory as init_from="),
-    (lambda tmp: tmp, "holds no config.json and no checkpoints/latest: pass a checkpoint dir"),
+    (lambda tmp: tmp, r"holds no config.json and no checkpoints/latest \(not a gqalab "
+                      r"checkpoint, run dir or HF model dir\): pass init_from=<a checkpoint dir"),
 ])
 def test_what_is_no_source_is_refused_naming_the_option(tmp_path, make, message):
     with pytest.raises(SourceError, match=message):
