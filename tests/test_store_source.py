@@ -132,3 +132,15 @@ def test_pickled_hf_weights_that_run_code_are_refused_without_running_it(hf_llam
     with pytest.raises(CheckpointError, match="unreadable as plain weights"):
         source.load()
     assert not ran.exists()
+
+
+def test_init_from_a_run_dir_records_the_step_it_names(ckpt, tmp_path):
+    """`latest` moves on as the run trains: the uptraining records the step it started from."""
+    from test_train import compose_cfg
+    from training.start import uptrain_config
+    run = run_dir(tmp_path, ckpt, "step_2")
+    args = [f"init_from={run}", "seq_len=32", "logger=none", f"run_dir={tmp_path / 'up'}"]
+    cfg = uptrain_config(compose_cfg(args), run, args)
+    step = (run / "checkpoints" / "step_2").resolve()
+    assert cfg.init_from == cfg.data.tokenizer == str(step)
+    assert (cfg.model.n_layer, cfg.attention.n_kv_head) == (2, 2)  # the source's model
