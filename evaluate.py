@@ -50,11 +50,11 @@ from evaluation.ranks import leave_process_group, make_accelerator, window_bar
 from evaluation.report import Row, format_table, gap_closed, make_row, write_report
 from evaluation.scoring import TokenBytes, split_tokens, window_count, window_scores
 from store.source import SourceError as UsageError
-from store.source import load_model, pick_device, pick_dtype, resolve_checkpoint
-from store.checkpoint import CheckpointError, read_config
+from store.source import Kind, load_model, open_source, pick_device, pick_dtype
+from store.source import Source as Opened
+from store.checkpoint import CheckpointError
 from model.config import ConfigError, ModelConfig
-from store.hf import is_hf_model, read_hf_config
-from store.quantize import is_quantized
+from evaluation.scoring import TokenBytes, split_tokens, window_count, window_scores
 
 from store.runs import TRAIN_CONFIG
 SPLITS = ("auto", "val", "train", "all")
@@ -99,17 +99,26 @@ ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 # ---------------------------------------------------------------- sources and settings
 
+# the table's kind column, as evaluate.py has always named them
+KIND_NAMES = {Kind.CHECKPOINT: "gqalab", Kind.QUANTIZED: "int8", Kind.HF: "hf"}
+
+
 @dataclass
 class Source:
     name: str  # as given
-    path: Path  # resolved: a run dir's latest checkpoint
-    config: ModelConfig
+    opened: Opened  # what it names: a run dir's latest checkpoint
+
+    @property
+    def path(self) -> Path:
+        return self.opened.path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.opened.config
 
     @property
     def kind(self) -> str:
-        if is_hf_model(self.path):
-            return "hf"
-        return "int8" if is_quantized(self.path) else "gqalab"
+        return KIND_NAMES[self.opened.kind]
 
 
 def resolve_sources(cfg: EvaluateConfig) -> list[Source]:
@@ -119,12 +128,8 @@ def resolve_sources(cfg: EvaluateConfig) -> list[Source]:
     if not names:
         raise EvalError("no checkpoint given: pass ckpt=<checkpoint | run | HF | int8 dir> or "
                         "ckpts='[a,b,...]'")
-    sources = []
-    for name in names:
-        path = resolve_checkpoint(name)
-        config = read_hf_config(path) if is_hf_model(path) else read_config(path)
-        sources.append(Source(name, path, config))
-    return sources
+    option = "ckpts" if cfg.ckpts else "ckpt"
+    return [Source(name, open_source(name, option)) for name in names]
 
 
 def check_settings(cfg: EvaluateConfig, sources: list[Source]) -> tuple[int, int]:

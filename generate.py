@@ -28,7 +28,7 @@ from model.kv_cache import kv_bytes_per_token
 from model.quantized import MODES, describe, kernel_report, quantize_model, weight_bytes
 from model.sampling import KV_CACHES, SamplingConfig, compile_decode, stream
 from model.transformer import Transformer
-from store.source import load_model, pick_device, pick_dtype, resolve_checkpoint
+from store.source import open_source, pick_device, pick_dtype
 SEPARATOR = "\n" + "-" * 40 + "\n"
 # the schema's choices, from the tables that define them: a bad value fails at composition
 Quantize = enum.StrEnum("Quantize", ["none", *MODES])  # none: float weights
@@ -160,8 +160,8 @@ def run(cfg: GenerateConfig) -> None:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     sampling = sampling_config(cfg)
-    path = resolve_checkpoint(cfg.ckpt)
-    model, tokenizer = load_model(path, device, dtype)
+    source = open_source(cfg.ckpt)
+    model, tokenizer = source.load(device, dtype), source.tokenizer()
     if cfg.quantize != "none":
         quantize_model(model, cfg.quantize, cfg.group_size)
     ids = prompt_tokens(cfg, tokenizer, model)
@@ -215,7 +215,7 @@ def run(cfg: GenerateConfig) -> None:
     prefill_s = t_first - t0
     decode_s = t_end - t_first
     decode_tps = cfg.num_samples * (steps - 1) / decode_s if steps > 1 and decode_s > 0 else 0.0
-    print(f"[{path}] {cfg_m.attention_type}, {device.type} {str(dtype).removeprefix('torch.')}"
+    print(f"[{source.path}] {cfg_m.attention_type}, {device.type} {str(dtype).removeprefix('torch.')}"
           f"{f', decode step compiled in {compile_s:.1f} s' if cfg.compile else ''}\n"
           f"prefill: {len(ids)} tokens x {cfg.num_samples} in {prefill_s:.3f} s "
           f"({cfg.num_samples * len(ids) / prefill_s:,.1f} tok/s)\n"

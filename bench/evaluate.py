@@ -22,7 +22,7 @@ from bench import options
 from bench.decode import timed  # best of repeats
 from data.loader import eval_batches
 from evaluation.scoring import mean_nll, window_scores
-from store.source import load_model
+from store.source import open_source
 
 SHAPE = dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
              num_attention_heads=6, max_position_embeddings=1024)
@@ -71,7 +71,7 @@ def main() -> None:
     for n_kv in (6, 2):
         with tempfile.TemporaryDirectory() as tmp:
             theirs_model = hf_llama(n_kv, Path(tmp))
-            ours_model, _ = load_model(Path(tmp), cpu, torch.float32)
+            ours_model = open_source(tmp).load(cpu, torch.float32)
         ours_t, theirs_t = float("inf"), float("inf")
         for _ in range(args.repeats):  # alternate, so drift in the CPU's load hits both
             t, totals = timed(lambda: window_scores(ours_model, tokens, args.seq_len,

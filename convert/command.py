@@ -27,7 +27,6 @@ tokenizer. The command is a Hydra app (configs/convert.yaml, ConvertConfig below
 """
 from __future__ import annotations
 
-import hashlib
 import resource
 import sys
 import time
@@ -48,19 +47,10 @@ from convert.heads import (Calibration, ConvertError, Conversion, Method, check_
 from model.summary import format_summary
 from model.transformer import Transformer
 from store import runs
-from store.checkpoint import (WEIGHTS, check_out, load_checkpoint, model_state, read_config,
-                              read_meta, save_checkpoint)
-from store.hf import hf_weight_files, import_hf, is_hf_model, read_hf_config, tokenizer_writer
+from store.checkpoint import check_out, model_state, read_config, read_meta, save_checkpoint
+from store.hf import tokenizer_writer
 from store.runs import TRAIN_CONFIG
-
-def sha256_files(paths: list[Path]) -> str:
-    """One digest of the files' bytes in order (an HF dir's shards; one file: its sha256)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+from store.source import FLOAT, Kind, open_source
 
 
 def convert_checkpoint(src: str | Path, out: str | Path, conversion: Conversion,
@@ -72,10 +62,10 @@ def convert_checkpoint(src: str | Path, out: str | Path, conversion: Conversion,
     calibration windows: fit group/align on calibration's train windows and record the
     K/V reconstruction error on as many val windows, with the time and peak memory this
     took (meta.json's calibration, and stderr)."""
-    src, out, fit = Path(src), Path(out), conversion.needs_calibration
-    check_out(src, out, overwrite, "gqa")
-    hf = is_hf_model(src)  # an HF dir converts as its import would
-    src_cfg = read_hf_config(src) if hf else read_config(src)
+    check_out(Path(src), Path(out), overwrite, "gqa")
+    opened = open_source(src, "ckpt", FLOAT)  # an HF dir converts as its import would
+    src, out, src_cfg, hf = opened.path, Path(out), opened.config, opened.kind is Kind.HF
+    fit = conversion.needs_calibration
     check_target(src_cfg.n_kv_head, conversion)  # fail before loading
     data = data_config(src, data or {})
     n_windows, seq_len = calibration.shape(src_cfg.max_seq_len)
@@ -84,18 +74,18 @@ def convert_checkpoint(src: str | Path, out: str | Path, conversion: Conversion,
                            f"calibration data: pass calib_windows=N > 0, and data.* settings "
                            f"when {src} has no {TRAIN_CONFIG} with a data section")
     write_tokenizer = tokenizer_writer(src) if hf else None  # a bad one fails before the weights
-    source = import_hf(src) if hf else load_checkpoint(src).model
+    source = opened.load()
     windows = lambda split: token_windows(data, split, seq_len, n_windows, src_cfg.vocab_size)
     measured = data is not None and n_windows > 0
     started = time.perf_counter()
     calib = windows("train") if measured and fit else None
     plans = plan_conversion(source, conversion, calib, progress=True)
     model = pooled_model(source, conversion, plans)
-    src_meta = read_meta(src)
+    src_meta = opened.meta
     meta = {
         "converted_from": {
-            "path": str(src.resolve()),
-            "weights_sha256": sha256_files(hf_weight_files(src) if hf else [src / WEIGHTS]),
+            "path": str(src),
+            "weights_sha256": opened.weights_sha256(),
             "method": str(conversion.method),
             "group": str(conversion.group),
             "align": str(conversion.align),

@@ -51,10 +51,11 @@ from experiments.cached_run import content_key, finished_run, run_dir_of, train_
 from experiments.presets import load_preset, named_conversion
 from experiments.smollm2 import DEFAULT_CACHE, smollm2_hf_dir
 from convert.align import ALIGNMENTS
-from store.checkpoint import load_checkpoint, read_meta, save_checkpoint, write_atomic
+from store.checkpoint import read_meta, save_checkpoint, write_atomic
 from convert.heads import Calibration, expand_kv_heads, permute_kv_heads
 from convert.command import convert_checkpoint
 from store.hf import import_hf, tokenizer_writer
+from store.source import open_source
 from model.kv_cache import kv_bytes_per_token
 from model.sampling import SamplingConfig, generate
 from model.transformer import Transformer
@@ -305,8 +306,8 @@ def evaluate(name: str, path: Path, model_key: str, windows: dict[str, torch.Ten
 
 
 def load_model(path: Path) -> Transformer:
-    return (import_hf(path) if (path / "config.json").is_file() and not (path / "meta.json").is_file()
-            else load_checkpoint(path).model).eval()
+    """An HF dir (the source) or one of ours (converted, uptrained), in its stored dtype."""
+    return open_source(path).load()
 
 
 # ---- proofs -------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from model.quantized import (Int4Linear, Int8Linear, QuantizeError, QuantMode, Q
                              weight_bytes)
 from model.transformer import Transformer
 from store.checkpoint import (QUANTIZED, Checkpoint, CheckpointError, check_out,
-                              load_checkpoint, model_from_state, read_config, read_meta,
-                              read_weights, save_checkpoint)
+                              model_from_state, read_config, read_meta, read_weights,
+                              save_checkpoint)
 from store.runs import TRAIN_CONFIG
 
 
@@ -93,14 +93,13 @@ def quantize_checkpoint(src: str | Path, out: str | Path, mode: str = "int8",
     """Write a quantized copy of float checkpoint src at out, tokenizer and train config
     included, provenance in meta.json. Nothing is written when mode or group_size do not
     fit the model (a ValueError)."""
-    src, out = Path(src), Path(out)
+    from store.source import Kind, open_source  # imports this module (load_quantized)
     spec = QuantSpec.parse(mode, group_size)
-    check_out(src, out, overwrite, spec.mode)
-    if (src / "meta.json").is_file() and is_quantized(src):
-        raise CheckpointError(f"{src} is already quantized: pass the float checkpoint")
-    ckpt = load_checkpoint(src)
-    model = quantize_model(ckpt.model.float(), spec)
-    meta = {**ckpt.meta, "quantized_from": str(src.resolve())}
+    check_out(Path(src), Path(out), overwrite, spec.mode)
+    source = open_source(src, "ckpt", [Kind.CHECKPOINT])  # refuses quantized and HF dirs
+    src, out = source.path, Path(out)
+    model = quantize_model(source.load().float(), spec)
+    meta = {**source.meta, "quantized_from": str(src)}
     files = tokenizer_files(src)  # the tokenizer travels whole: model file and its configs
     if (src / TRAIN_CONFIG).is_file():
         files[TRAIN_CONFIG] = src / TRAIN_CONFIG

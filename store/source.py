@@ -1,18 +1,25 @@
 """Open whatever a path names: a gqalab checkpoint dir, a train.py run dir (its
 checkpoints/latest), an HF Llama / GPT-2 / GPT-NeoX dir, or a quantized dir; and the device
-and dtype to run it in.
+and dtype to run it in. Every command that reads a model opens it with open_source.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
 import cli
+from data.tokenizer import Tokenizer
+from model.config import ModelConfig
+from model.transformer import Transformer
 from store import runs
-from store.checkpoint import CONFIG, load_checkpoint
-from store.hf import checkpoint_tokenizer, import_hf, is_hf_model
+from store.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_config, read_meta
+from store.hf import checkpoint_tokenizer, hf_weight_files, import_hf, is_hf_model, read_hf_config
 from store.quantize import is_quantized, load_quantized
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,38 +63,118 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint or HF dir as is; a train.py run dir -> its checkpoints/latest."""
+class Kind(str, Enum):
+    """What a source's weights are (how it was named, e.g. by a run dir, is Source.run_dir)."""
+    CHECKPOINT = "checkpoint"  # gqalab float weights (store/checkpoint.py)
+    HF = "hf"  # an HF Llama / GPT-2 / GPT-NeoX dir: imported on load
+    QUANTIZED = "quantized"  # int8 / int4 weights (store/quantize.py): loaded as stored
+
+
+FLOAT = (Kind.CHECKPOINT, Kind.HF)  # what training and conversion take: float weights
+
+
+@dataclass(frozen=True)
+class Source:
+    """An opened source: what its config.json and meta.json say. No weights are read until
+    load(). path: the dir holding the weights (for a run dir, its latest step), resolved."""
+    path: Path
+    kind: Kind
+    config: ModelConfig
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    run_dir: Path | None = None  # the train.py run dir it was named by
+
+    def load(self, device: torch.device | str = "cpu",
+             dtype: torch.dtype | None = None) -> Transformer:
+        """The model in eval mode on device, in dtype (None: the stored one)."""
+        if self.kind is Kind.HF:  # rope tables built in dtype, not via bf16
+            return import_hf(self.path, dtype).to(device)
+        if self.kind is Kind.QUANTIZED:  # as stored, not quantized again
+            return load_quantized(self.path, device, dtype).model
+        return load_checkpoint(self.path, device, dtype).model
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer it ships, or None."""
+        return checkpoint_tokenizer(self.path)
+
+    def weight_files(self) -> list[Path]:
+        """The files its weights are in (an HF dir's shards, in order)."""
+        return hf_weight_files(self.path) if self.kind is Kind.HF else [self.path / WEIGHTS]
+
+    def weights_sha256(self) -> str:
+        """One digest of its weights' bytes: what a conversion records of its source."""
+        return sha256_files(self.weight_files())
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One digest of the files' bytes in order (an HF dir's shards; one file: its sha256)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def open_source(path: str | Path | None, option: str = "ckpt",
+                kinds: Sequence[Kind] = tuple(Kind)) -> Source:
+    """path as the command's `option=` names it: a checkpoint, HF or quantized dir as is, a
+    train.py run dir as its checkpoints/latest. Reads config.json and meta.json only. kinds:
+    those the command takes; another is refused with the fix (refusals name option)."""
+    given = existing_dir(path, option)
+    weights = given if (given / CONFIG).is_file() else latest_step(given, option)
+    kind = kind_of(weights)
+    if kind not in kinds:
+        refuse(weights, kind, option)
+    config = read_hf_config(weights) if kind is Kind.HF else read_config(weights)
+    run_dir = None if weights == given else given.resolve()
+    return Source(weights.resolve(), kind, config, read_meta(weights), run_dir)
+
+
+def existing_dir(path: str | Path | None, option: str) -> Path:
     if not path:
-        raise SourceError("no checkpoint given: pass ckpt=<checkpoint dir | run dir | HF model dir>")
+        raise SourceError(f"no checkpoint given: pass {option}=<checkpoint dir | run dir | "
+                          f"HF model dir>")
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise SourceError(f"checkpoint {p} not found: pass an existing directory as ckpt=")
-    if (p / CONFIG).is_file():
-        return p
-    latest = runs.latest_link(p)
-    if latest.is_dir():  # a directory or a symlink to one
-        return latest.resolve()
-    if latest.is_symlink():  # pointing at a step that was deleted
-        steps = [d for d in runs.step_dirs(latest.parent) if (d / CONFIG).is_file()]
-        fix = (f"pass ckpt={steps[-1]} (on disk: {', '.join(d.name for d in steps)})"
+        raise SourceError(f"checkpoint {p} not found: pass an existing directory as {option}=")
+    return p
+
+
+def latest_step(run_dir: Path, option: str) -> Path:
+    """A train.py run dir's checkpoints/latest; a dangling one is refused, naming the step
+    dirs left to pass instead."""
+    latest = runs.latest_checkpoint(run_dir)
+    if latest is not None:
+        return latest
+    link = runs.latest_link(run_dir)
+    if link.is_symlink():  # pointing at a step that was deleted
+        steps = [d for d in runs.step_dirs(link.parent) if (d / CONFIG).is_file()]
+        fix = (f"pass {option}={steps[-1]} (on disk: {', '.join(d.name for d in steps)})"
                if steps else "no step_N checkpoint is left in it")
-        raise SourceError(f"{latest} points at {os.readlink(latest)}, which does not exist "
-                         f"(dangling): {fix}")
-    if latest.is_file():  # a text file naming the step dir
-        target = latest.parent / latest.read_text().strip()
-        if target.is_dir():
-            return target
-    raise SourceError(f"{p} holds no {CONFIG} and no checkpoints/latest: pass a checkpoint dir, "
-                     f"a train.py run dir or an HF Llama, GPT-2 or GPT-NeoX dir")
+        raise SourceError(f"{link} points at {os.readlink(link)}, which does not exist "
+                          f"(dangling): {fix}")
+    raise SourceError(f"{run_dir} holds no {CONFIG} and no checkpoints/latest (not a gqalab "
+                      f"checkpoint, run dir or HF model dir): pass {option}=<a checkpoint dir, a "
+                      f"train.py run dir or an HF Llama, GPT-2 or GPT-NeoX dir>")
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype):
-    """-> (model, its tokenizer or None)."""
+def kind_of(path: Path) -> Kind:
     if is_hf_model(path):
-        model = import_hf(path, dtype).to(device)  # rope tables built in dtype, not via bf16
-    elif is_quantized(path):  # written by store.quantize: int8 as stored, not re-quantized
-        model = load_quantized(path, device, dtype).model
-    else:
-        model = load_checkpoint(path, device, dtype).model
-    return model, checkpoint_tokenizer(path)
+        return Kind.HF
+    return Kind.QUANTIZED if is_quantized(path) else Kind.CHECKPOINT
+
+
+def refuse(path: Path, kind: Kind, option: str) -> None:
+    """Raise the refusal of a source the command cannot take, with what to pass instead."""
+    if kind is Kind.HF:
+        read_config(path)  # refuses an HF dir, naming its family and the import command
+    origin = read_meta(path).get("quantized_from", "<the float checkpoint it was quantized from>")
+    raise SourceError(f"{path} is already quantized, for generation only: pass "
+                      f"{option}={origin}")
+
+
+def load_model(path: str | Path, device: torch.device,
+               dtype: torch.dtype) -> tuple[Transformer, Tokenizer | None]:
+    """-> (model, its tokenizer or None), for callers that hold a path, not a Source."""
+    source = open_source(path)
+    return source.load(device, dtype), source.tokenizer()

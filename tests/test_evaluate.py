@@ -29,6 +29,7 @@ from hf_fixtures import CORPUS  # noqa: E402
 from store.checkpoint import save_checkpoint  # noqa: E402
 from store.hf import import_hf  # noqa: E402
 from store.quantize import quantize_checkpoint  # noqa: E402
+from store.source import open_source  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -62,7 +63,7 @@ def config(ckpts, corpus: Path, **kw) -> ev.EvaluateConfig:
 
 
 def split_ids(ckpt: Path, cfg: ev.EvaluateConfig, split: str = "all") -> np.ndarray:
-    source = ev.Source(str(ckpt), ckpt, None)
+    source = ev.Source(str(ckpt), open_source(ckpt))
     return scoring.split_tokens(prepare_data(ev.corpus_data(cfg, source), progress=False), split)
 
 

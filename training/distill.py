@@ -27,9 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from store.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_meta
-from convert.command import sha256_files
-from store.hf import hf_weight_files, import_hf, is_hf_model
+from store.checkpoint import CheckpointError
+from store.source import FLOAT, Source, SourceError, open_source
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,21 +46,26 @@ def mix(ce: torch.Tensor, kl: torch.Tensor, lam: float) -> torch.Tensor:
     return (1 - lam) * ce + lam * kl
 
 
-def teacher_source(init_from: Path) -> Path:
+def teacher_source(init_from: str | Path) -> Source:
     """The unconverted model behind init_from: the source convert recorded (unchanged
     since, by its weights' sha256), or init_from itself."""
-    recorded = read_meta(init_from).get("converted_from")
+    student = open_source(init_from, "init_from", FLOAT)
+    recorded = student.meta.get("converted_from")
     if not recorded:
-        return init_from
+        return student
     source = Path(recorded["path"])
-    files = (hf_weight_files(source) if is_hf_model(source) else [source / WEIGHTS])
-    if not all(f.is_file() for f in files):
+    try:
+        teacher = open_source(source, "init_from", FLOAT)
+        whole = all(f.is_file() for f in teacher.weight_files())
+    except (SourceError, CheckpointError):
+        whole = False
+    if not whole:
         raise CheckpointError(f"distillation needs {init_from}'s source {source} (its teacher), "
                               f"which is gone: restore it or set uptrain.distill=0")
-    if sha256_files(files) != recorded["weights_sha256"]:
+    if teacher.weights_sha256() != recorded["weights_sha256"]:
         raise CheckpointError(f"{source} changed since {init_from} was converted from it: it is "
                               f"no longer the teacher; set uptrain.distill=0 or reconvert")
-    return source
+    return teacher
 
 
 class Teacher:
@@ -135,10 +139,8 @@ def build_teacher(cfg: Any, accelerator: Any) -> Teacher | None:
     (nothing is loaded: the run is exactly a plain uptraining)."""
     if not cfg.uptrain.distill:
         return None
-    source = teacher_source(Path(cfg.init_from))
+    source = teacher_source(cfg.init_from)
     dtype = HALF.get(accelerator.mixed_precision, torch.float32)
-    model = (import_hf(source, dtype=dtype) if is_hf_model(source)
-             else load_checkpoint(source, dtype=dtype).model)
-    model = model.to(accelerator.device).eval().requires_grad_(False)
-    return Teacher(model, source, cfg.uptrain.distill, cfg.uptrain.distill_temperature,
+    model = source.load(accelerator.device, dtype).requires_grad_(False)
+    return Teacher(model, source.path, cfg.uptrain.distill, cfg.uptrain.distill_temperature,
                    accelerator)

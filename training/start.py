@@ -24,8 +24,8 @@ from data.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from store import lock, runs
 from store.checkpoint import load_checkpoint, read_config, read_meta
 from model.config import ModelConfig
-from store.hf import import_hf, is_hf_model, read_hf_config
 from store.runs import RUN_LOCK, TRAIN_CONFIG
+from store.source import FLOAT, Source, open_source
 from model.transformer import Transformer
 from training.checkpointer import Checkpointer, read_trainer_state, resume_point
 from training.config import ModelSizeConfig, check_config, model_config, select
@@ -154,17 +154,17 @@ def override_keys(overrides: Sequence[str]) -> list[str]:
 
 # ---------------------------------------------------------------- init_from / uptraining
 
-def source_steps(cfg: Any, source: Path) -> int | None:
+def source_steps(cfg: Any, source: Source) -> int | None:
     """The steps the init_from source was trained for: uptrain.source_steps, else its meta."""
-    meta = read_meta(source)
-    return cfg.uptrain.source_steps or meta.get("source_step", meta.get("step"))
+    return cfg.uptrain.source_steps or source.meta.get("source_step", source.meta.get("step"))
 
-def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> DictConfig:
+def uptrain_config(cfg: DictConfig, init_from: str | Path,
+                   overrides: Sequence[str]) -> DictConfig:
     """Uptraining reuses the source run's recipe except what the user set explicitly, runs
-    round(alpha · source steps) steps, and tokenizes the corpus with the source's tokenizer."""
-    # a missing or foreign checkpoint fails here, early
-    source_cfg = read_hf_config(source) if is_hf_model(source) else read_config(source)
-    source_step = source_steps(cfg, source)
+    round(alpha · source steps) steps, and tokenizes the corpus with the source's tokenizer.
+    A run dir as init_from is recorded as the step it names: `latest` moves on."""
+    opened = open_source(init_from, "init_from", FLOAT)  # a missing or foreign one fails early
+    source, source_cfg, source_step = opened.path, opened.config, source_steps(cfg, opened)
     user = override_keys(overrides)
     overridden = lambda key: any(k == key or k.startswith(key + ".") for k in user)
     if cfg.uptrain.alpha is not None and not source_step and not overridden("max_steps"):
@@ -176,6 +176,8 @@ def uptrain_config(cfg: DictConfig, source: Path, overrides: Sequence[str]) -> D
                          f"merges.txt: init_from needs the source's tokenizer; pass "
                          f"data.tokenizer=<its tokenizer>")
     cfg = cfg.copy()
+    if opened.run_dir is not None:
+        cfg.init_from = str(source)
     take_source_model(cfg, source, source_cfg, {k: o for o, k in zip(overrides, user)
                                                  if k == "model" or k.startswith("model.")})
     if not overridden("attention"):  # keep the source's KV heads unless asked to convert
@@ -243,14 +245,13 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
     configured KV heads."""
     if not cfg.init_from:
         return Transformer(model_config(cfg, vocab_size)), {}
-    source = Path(cfg.init_from)
-    # fp32 master weights, whatever the source's dtype
-    model = (import_hf(source, dtype=torch.float32) if is_hf_model(source)
-             else load_checkpoint(source, dtype=torch.float32).model)
+    source = open_source(cfg.init_from, "init_from", FLOAT)
+    model = source.load(dtype=torch.float32)  # fp32 master weights, whatever the stored dtype
     source_cfg = model.config
     if vocab_size > source_cfg.vocab_size:  # the source's own tokenizer, larger than its model
-        raise TrainError(f"{source} has vocab_size {source_cfg.vocab_size} but the tokenizer has "
-                         f"{vocab_size} ids: use the source's tokenizer (drop data.tokenizer)")
+        raise TrainError(f"{source.path} has vocab_size {source_cfg.vocab_size} but the "
+                         f"tokenizer has {vocab_size} ids: use the source's tokenizer (drop "
+                         f"data.tokenizer)")
     n_kv = cfg.attention.n_kv_head or source_cfg.n_head
     if n_kv != source_cfg.n_kv_head:
         from convert.heads import Calibration, ConvertError, Conversion, convert_model
@@ -265,8 +266,7 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
             model = convert_model(model, conversion, calib)
         except ConvertError as e:
             raise TrainError(str(e)) from None
-    meta = read_meta(source)
-    provenance = {"init_from": str(source.resolve()), "source_n_kv_head": source_cfg.n_kv_head,
+    provenance = {"init_from": str(source.path), "source_n_kv_head": source_cfg.n_kv_head,
                   "source_step": source_steps(cfg, source),
                   "uptrain_alpha": cfg.uptrain.alpha, "uptrain_method": cfg.uptrain.method,
                   "uptrain_group": cfg.uptrain.group, "uptrain_align": cfg.uptrain.align,
@@ -275,8 +275,8 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
     if cfg.uptrain.distill:  # λ = 0 keeps today's meta.json
         provenance.update(uptrain_distill=cfg.uptrain.distill,
                           uptrain_distill_temperature=cfg.uptrain.distill_temperature)
-    if "converted_from" in meta:  # written by convert
-        provenance["converted_from"] = meta["converted_from"]
+    if "converted_from" in source.meta:  # written by convert
+        provenance["converted_from"] = source.meta["converted_from"]
     return model.train(), provenance
 
 
