@@ -42,13 +42,15 @@ from omegaconf import OmegaConf
 
 import cli
 from data.config import DataConfig, DataError
-from data.prepare import prepare_data
+from data.prepare import TooFewDocuments, prepare_data
 from data.tokenizer import load_tokenizer, tokenizer_files
 from evaluation import EvalError
 from evaluation.attention import kl_tables, show_prompt_attention
-from evaluation.ranks import leave_process_group, make_accelerator, window_bar
-from evaluation.report import Row, format_table, gap_closed, make_row, write_report
-from evaluation.scoring import TokenBytes, split_tokens, window_count, window_scores
+from evaluation.ranks import gather_windows, leave_process_group, make_accelerator, window_bar
+from evaluation.report import (Row, format_table, gap_closed, make_row, paired_deltas,
+                               write_report)
+from evaluation.scoring import (TokenBytes, scored_tokens, split_tokens, window_count,
+                                window_rows)
 from store.source import SourceError as UsageError
 from store.source import load_model, pick_device, pick_dtype, resolve_checkpoint
 from store.checkpoint import CheckpointError, read_config
@@ -92,6 +94,9 @@ class EvaluateConfig:
     out: str = ""  # write the results as JSON here
     overwrite: bool = False
     attention: AttentionOptions = field(default_factory=AttentionOptions)
+    # score the corpus? null: yes, unless attention.prompt is all that is asked (a look at
+    # one prompt reads no corpus); true: attention.prompt and the scores; false: no scores
+    score: Optional[bool] = None
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -148,6 +153,9 @@ def check_settings(cfg: EvaluateConfig, sources: list[Source]) -> tuple[int, int
         raise EvalError(f"reference={cfg.reference} must index the {len(sources)} checkpoints "
                         f"(0..{len(sources) - 1})")
     check_attention(cfg, sources)
+    if not wants_scores(cfg) and (cfg.attention.kl or not cfg.attention.prompt):
+        raise EvalError("score=false leaves nothing to do but attention.prompt=... "
+                        "(attention.kl reads the corpus's windows)")
     for out in outputs(cfg, len(sources)):
         check_out(out, cfg.overwrite)
     return seq_len, stride
@@ -180,6 +188,14 @@ def check_attention(cfg: EvaluateConfig, sources: list[Source]) -> None:
                 and sha(s) != sha(ref):
             raise EvalError(f"attention.kl needs the same tokens for both models: {s.name}'s "
                             f"tokenizer differs from the reference {ref.name}'s")
+
+
+def wants_scores(cfg: EvaluateConfig) -> bool:
+    """Whether the corpus is scored: score=, or by default unless attention.prompt alone
+    is asked."""
+    if cfg.score is not None:
+        return cfg.score
+    return not cfg.attention.prompt or cfg.attention.kl
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -237,10 +253,11 @@ def pick_split(cfg: EvaluateConfig, sources: list[Source]) -> tuple[str, str]:
 
 def evaluate_source(source: Source, cfg: EvaluateConfig, split: str, seq_len: int,
                     stride: int, accelerator, device: torch.device,
-                    dtype: torch.dtype) -> tuple[Row, np.ndarray]:
+                    dtype: torch.dtype) -> tuple[Row, np.ndarray, np.ndarray]:
+    """-> (its row, the split's tokens, every window's (NLL, tokens, bytes))."""
     data = corpus_data(cfg, source)
     with accelerator.main_process_first():  # one process tokenizes, the others hit the cache
-        prepared = prepare_data(data, progress=accelerator.is_main_process)
+        prepared = prepare_corpus(data, split, accelerator.is_main_process)
     model, _ = load_model(source.path, device, dtype)
     tokenizer = prepared.tokenizer()
     check_vocab(source.name, data.tokenizer, tokenizer.vocab_size, model.config.vocab_size)
@@ -250,14 +267,27 @@ def evaluate_source(source: Source, cfg: EvaluateConfig, split: str, seq_len: in
                         f"{source.name}'s tokenizer, fewer than one window of seq_len+1="
                         f"{seq_len + 1}: lower seq_len, use split=all, or add data")
     windows = window_count(len(tokens), seq_len, stride, cfg.max_windows)
+    if accelerator.is_main_process:  # before a long run starts: what it will cost
+        print(f"{source.name}: scoring {windows:,} windows of {seq_len} tokens: "
+              f"{scored_tokens(seq_len, stride, windows):,} of the {len(tokens):,} tokens "
+              f"of split {split}", flush=True)
     with window_bar(accelerator, windows, source.name) as bar:
-        totals = window_scores(model, tokens, seq_len, cfg.batch_size, device, stride=stride,
-                               max_windows=cfg.max_windows, rank=accelerator.process_index,
-                               world_size=accelerator.num_processes,
-                               token_bytes=TokenBytes(tokenizer, model.config.vocab_size, device),
-                               bar=bar)
-    totals = accelerator.reduce(totals, "sum").tolist()
-    return make_row(source, model.config, tokenizer, totals, dtype), tokens
+        rows = window_rows(model, tokens, seq_len, cfg.batch_size, device, stride=stride,
+                           max_windows=cfg.max_windows, rank=accelerator.process_index,
+                           world_size=accelerator.num_processes,
+                           token_bytes=TokenBytes(tokenizer, model.config.vocab_size, device),
+                           bar=bar)
+    scores = gather_windows(accelerator, rows, windows)
+    return make_row(source, model.config, tokenizer, scores, dtype), tokens, scores
+
+
+def prepare_corpus(data: DataConfig, split: str, progress: bool):
+    """split=all: every document in order, no train/val split (one document will do);
+    train or val: the split build, refused in one line for a corpus of one document."""
+    try:
+        return prepare_data(data, progress=progress, whole=split == "all")
+    except TooFewDocuments as e:
+        raise EvalError(f"{e}; or score it whole: split=all") from None
 
 
 def check_vocab(name: str, tokenizer: str, tokenizer_ids: int, model_ids: int) -> None:
@@ -270,15 +300,17 @@ def check_vocab(name: str, tokenizer: str, tokenizer_ids: int, model_ids: int) -
 def score_sources(cfg: EvaluateConfig, sources: list[Source], split: str, seq_len: int,
                   stride: int, accelerator, device, dtype) -> tuple[list[Row], np.ndarray | None]:
     """-> (a row per source, the reference's tokens)."""
-    rows, ref_tokens = [], None
+    rows, ref_tokens, scores = [], None, []
     for i, source in enumerate(sources):
-        row, tokens = evaluate_source(source, cfg, split, seq_len, stride, accelerator, device,
-                                      dtype)
+        row, tokens, windows = evaluate_source(source, cfg, split, seq_len, stride, accelerator,
+                                               device, dtype)
         rows.append(row)
+        scores.append(windows)
         if i == cfg.reference:
             ref_tokens = tokens
     if cfg.reference is not None:
         gap_closed(rows, cfg.reference)
+        paired_deltas(rows, scores, cfg.reference)
     return rows, ref_tokens
 
 
@@ -317,18 +349,20 @@ def run(cfg: EvaluateConfig) -> dict:
     accelerator = make_accelerator()
     device = accelerator.device if accelerator.num_processes > 1 else pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    split, why = pick_split(cfg, sources)
     main = accelerator.is_main_process
-    rows, ref_tokens = score_sources(cfg, sources, split, seq_len, stride, accelerator, device,
-                                     dtype)
-    result = {"corpus": given(asdict(cfg.data)), "split": split, "split_reason": why,
-              "seq_len": seq_len, "stride": stride, "max_windows": cfg.max_windows,
-              "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-              "processes": accelerator.num_processes, "reference": cfg.reference,
-              "rows": [asdict(r) for r in rows]}
-    if main:
-        print_settings(cfg, result)
-        print(format_table(rows))
+    result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+              "processes": accelerator.num_processes, "rows": []}
+    ref_tokens = None
+    if wants_scores(cfg):
+        split, why = pick_split(cfg, sources)
+        rows, ref_tokens = score_sources(cfg, sources, split, seq_len, stride, accelerator,
+                                         device, dtype)
+        result |= {"corpus": given(asdict(cfg.data)), "split": split, "split_reason": why,
+                   "seq_len": seq_len, "stride": stride, "max_windows": cfg.max_windows,
+                   "reference": cfg.reference, "rows": [asdict(r) for r in rows]}
+        if main:
+            print_settings(cfg, result)
+            print(format_table(rows))
     result |= attention_results(cfg, sources, ref_tokens, seq_len, accelerator, device, dtype)
     if cfg.out and main:
         write_report(Path(cfg.out), result)
