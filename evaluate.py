@@ -7,12 +7,15 @@ the ablation and the demo score windows through evaluation/scoring.py's `window_
     python evaluate.py ckpt=ckpts/gqa2 seq_len=512 stride=256 max_windows=64
     python evaluate.py ckpts='[mha,gqa2]' reference=0 attention.kl=true
     python evaluate.py ckpt=hf_dir attention.prompt="def fib(n):" attention.layer=3 attention.head=1
+    python evaluate.py ckpt=hf_dir data=text_files data.files='[wiki.test.raw]' split=all
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
         evaluate.py ckpt=runs/x                     # windows dealt round-robin over processes
 
 Sources: whatever generate.py loads (a gqalab checkpoint, a run dir's latest, an HF Llama,
 GPT-2 or GPT-NeoX dir, an int8 dir). The corpus (`data=` / `data.*`, as train.py takes it)
-is tokenized with each model's own tokenizer through data.prepare's cache.
+is tokenized with each model's own tokenizer through data.prepare's cache; split=all
+scores every document in order with no train/val split (one file is a corpus).
+attention.prompt alone reads no corpus (score=true: the scores too).
 
 Windows: seq_len inputs, each predicting the next token (so seq_len + 1 tokens are read).
 stride = seq_len: non-overlapping, every token of the split from the second to the last
@@ -26,7 +29,9 @@ token counts the bytes it spells (BOS/EOS and other special tokens 0, a byte-fal
 1, a dummy-prefix space at a document's start 0). So with max_windows (or a sliding stride,
 or the dropped tail) the bytes are exactly those of the text that was scored, and over a
 whole split they are the documents' bytes. NLL per token compares models that share a
-tokenizer; bits per byte compares any.
+tokenizer; bits per byte compares any. Each carries its standard error over windows
+(evaluation/stats.py); with reference=, a model of the reference's tokenizer is tested
+paired over the same windows (beyond noise: |delta| > 1.96 SE).
 """
 from __future__ import annotations
 
