@@ -7,12 +7,15 @@ the ablation and the demo score windows through evaluation/scoring.py's `window_
     python evaluate.py ckpt=ckpts/gqa2 seq_len=512 stride=256 max_windows=64
     python evaluate.py ckpts='[mha,gqa2]' reference=0 attention.kl=true
     python evaluate.py ckpt=hf_dir attention.prompt="def fib(n):" attention.layer=3 attention.head=1
+    python evaluate.py ckpt=hf_dir data=text_files data.files='[wiki.test.raw]' split=all
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
         evaluate.py ckpt=runs/x                     # windows dealt round-robin over processes
 
 Sources: whatever generate.py loads (a gqalab checkpoint, a run dir's latest, an HF Llama,
 GPT-2 or GPT-NeoX dir, an int8 dir). The corpus (`data=` / `data.*`, as train.py takes it)
-is tokenized with each model's own tokenizer through data.prepare's cache.
+is tokenized with each model's own tokenizer through data.prepare's cache; split=all
+scores every document in order with no train/val split (one file is a corpus).
+attention.prompt alone reads no corpus (score=true: the scores too).
 
 Windows: seq_len inputs, each predicting the next token (so seq_len + 1 tokens are read).
 stride = seq_len: non-overlapping, every token of the split from the second to the last
@@ -26,7 +29,9 @@ token counts the bytes it spells (BOS/EOS and other special tokens 0, a byte-fal
 1, a dummy-prefix space at a document's start 0). So with max_windows (or a sliding stride,
 or the dropped tail) the bytes are exactly those of the text that was scored, and over a
 whole split they are the documents' bytes. NLL per token compares models that share a
-tokenizer; bits per byte compares any.
+tokenizer; bits per byte compares any. Each carries its standard error over windows
+(evaluation/stats.py); with reference=, a model of the reference's tokenizer is tested
+paired over the same windows (beyond noise: |delta| > 1.96 SE).
 """
 from __future__ import annotations
 
@@ -42,13 +47,15 @@ from omegaconf import OmegaConf
 
 import cli
 from data.config import DataConfig, DataError
-from data.prepare import prepare_data
+from data.prepare import TooFewDocuments, prepare_data
 from data.tokenizer import load_tokenizer, tokenizer_files
 from evaluation import EvalError
 from evaluation.attention import kl_tables, show_prompt_attention
-from evaluation.ranks import leave_process_group, make_accelerator, window_bar
-from evaluation.report import Row, format_table, gap_closed, make_row, write_report
-from evaluation.scoring import TokenBytes, split_tokens, window_count, window_scores
+from evaluation.ranks import gather_windows, leave_process_group, make_accelerator, window_bar
+from evaluation.report import (Row, format_table, gap_closed, make_row, paired_deltas,
+                               write_report)
+from evaluation.scoring import (TokenBytes, scored_tokens, split_tokens, window_count,
+                                window_rows)
 from store.source import SourceError as UsageError
 from store.source import Kind, load_model, open_source, pick_device, pick_dtype
 from store.source import Source as Opened
@@ -92,6 +99,9 @@ class EvaluateConfig:
     out: str = ""  # write the results as JSON here
     overwrite: bool = False
     attention: AttentionOptions = field(default_factory=AttentionOptions)
+    # score the corpus? null: yes, unless attention.prompt is all that is asked (a look at
+    # one prompt reads no corpus); true: attention.prompt and the scores; false: no scores
+    score: Optional[bool] = None
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -153,6 +163,9 @@ def check_settings(cfg: EvaluateConfig, sources: list[Source]) -> tuple[int, int
         raise EvalError(f"reference={cfg.reference} must index the {len(sources)} checkpoints "
                         f"(0..{len(sources) - 1})")
     check_attention(cfg, sources)
+    if not wants_scores(cfg) and (cfg.attention.kl or not cfg.attention.prompt):
+        raise EvalError("score=false leaves nothing to do but attention.prompt=... "
+                        "(attention.kl reads the corpus's windows)")
     for out in outputs(cfg, len(sources)):
         check_out(out, cfg.overwrite)
     return seq_len, stride
@@ -185,6 +198,14 @@ def check_attention(cfg: EvaluateConfig, sources: list[Source]) -> None:
                 and sha(s) != sha(ref):
             raise EvalError(f"attention.kl needs the same tokens for both models: {s.name}'s "
                             f"tokenizer differs from the reference {ref.name}'s")
+
+
+def wants_scores(cfg: EvaluateConfig) -> bool:
+    """Whether the corpus is scored: score=, or by default unless attention.prompt alone
+    is asked."""
+    if cfg.score is not None:
+        return cfg.score
+    return not cfg.attention.prompt or cfg.attention.kl
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -242,10 +263,11 @@ def pick_split(cfg: EvaluateConfig, sources: list[Source]) -> tuple[str, str]:
 
 def evaluate_source(source: Source, cfg: EvaluateConfig, split: str, seq_len: int,
                     stride: int, accelerator, device: torch.device,
-                    dtype: torch.dtype) -> tuple[Row, np.ndarray]:
+                    dtype: torch.dtype) -> tuple[Row, np.ndarray, np.ndarray]:
+    """-> (its row, the split's tokens, every window's (NLL, tokens, bytes))."""
     data = corpus_data(cfg, source)
     with accelerator.main_process_first():  # one process tokenizes, the others hit the cache
-        prepared = prepare_data(data, progress=accelerator.is_main_process)
+        prepared = prepare_corpus(data, split, accelerator.is_main_process)
     model, _ = load_model(source.path, device, dtype)
     tokenizer = prepared.tokenizer()
     check_vocab(source.name, data.tokenizer, tokenizer.vocab_size, model.config.vocab_size)
@@ -255,14 +277,27 @@ def evaluate_source(source: Source, cfg: EvaluateConfig, split: str, seq_len: in
                         f"{source.name}'s tokenizer, fewer than one window of seq_len+1="
                         f"{seq_len + 1}: lower seq_len, use split=all, or add data")
     windows = window_count(len(tokens), seq_len, stride, cfg.max_windows)
+    if accelerator.is_main_process:  # before a long run starts: what it will cost
+        print(f"{source.name}: scoring {windows:,} windows of {seq_len} tokens: "
+              f"{scored_tokens(seq_len, stride, windows):,} of the {len(tokens):,} tokens "
+              f"of split {split}", flush=True)
     with window_bar(accelerator, windows, source.name) as bar:
-        totals = window_scores(model, tokens, seq_len, cfg.batch_size, device, stride=stride,
-                               max_windows=cfg.max_windows, rank=accelerator.process_index,
-                               world_size=accelerator.num_processes,
-                               token_bytes=TokenBytes(tokenizer, model.config.vocab_size, device),
-                               bar=bar)
-    totals = accelerator.reduce(totals, "sum").tolist()
-    return make_row(source, model.config, tokenizer, totals, dtype), tokens
+        rows = window_rows(model, tokens, seq_len, cfg.batch_size, device, stride=stride,
+                           max_windows=cfg.max_windows, rank=accelerator.process_index,
+                           world_size=accelerator.num_processes,
+                           token_bytes=TokenBytes(tokenizer, model.config.vocab_size, device),
+                           bar=bar)
+    scores = gather_windows(accelerator, rows, windows)
+    return make_row(source, model.config, tokenizer, scores, dtype), tokens, scores
+
+
+def prepare_corpus(data: DataConfig, split: str, progress: bool):
+    """split=all: every document in order, no train/val split (one document will do);
+    train or val: the split build, refused in one line for a corpus of one document."""
+    try:
+        return prepare_data(data, progress=progress, whole=split == "all")
+    except TooFewDocuments as e:
+        raise EvalError(f"{e}; or score it whole: split=all") from None
 
 
 def check_vocab(name: str, tokenizer: str, tokenizer_ids: int, model_ids: int) -> None:
@@ -275,15 +310,17 @@ def check_vocab(name: str, tokenizer: str, tokenizer_ids: int, model_ids: int) -
 def score_sources(cfg: EvaluateConfig, sources: list[Source], split: str, seq_len: int,
                   stride: int, accelerator, device, dtype) -> tuple[list[Row], np.ndarray | None]:
     """-> (a row per source, the reference's tokens)."""
-    rows, ref_tokens = [], None
+    rows, ref_tokens, scores = [], None, []
     for i, source in enumerate(sources):
-        row, tokens = evaluate_source(source, cfg, split, seq_len, stride, accelerator, device,
-                                      dtype)
+        row, tokens, windows = evaluate_source(source, cfg, split, seq_len, stride, accelerator,
+                                               device, dtype)
         rows.append(row)
+        scores.append(windows)
         if i == cfg.reference:
             ref_tokens = tokens
     if cfg.reference is not None:
         gap_closed(rows, cfg.reference)
+        paired_deltas(rows, scores, cfg.reference)
     return rows, ref_tokens
 
 
@@ -322,18 +359,20 @@ def run(cfg: EvaluateConfig) -> dict:
     accelerator = make_accelerator()
     device = accelerator.device if accelerator.num_processes > 1 else pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    split, why = pick_split(cfg, sources)
     main = accelerator.is_main_process
-    rows, ref_tokens = score_sources(cfg, sources, split, seq_len, stride, accelerator, device,
-                                     dtype)
-    result = {"corpus": given(asdict(cfg.data)), "split": split, "split_reason": why,
-              "seq_len": seq_len, "stride": stride, "max_windows": cfg.max_windows,
-              "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-              "processes": accelerator.num_processes, "reference": cfg.reference,
-              "rows": [asdict(r) for r in rows]}
-    if main:
-        print_settings(cfg, result)
-        print(format_table(rows))
+    result = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+              "processes": accelerator.num_processes, "rows": []}
+    ref_tokens = None
+    if wants_scores(cfg):
+        split, why = pick_split(cfg, sources)
+        rows, ref_tokens = score_sources(cfg, sources, split, seq_len, stride, accelerator,
+                                         device, dtype)
+        result |= {"corpus": given(asdict(cfg.data)), "split": split, "split_reason": why,
+                   "seq_len": seq_len, "stride": stride, "max_windows": cfg.max_windows,
+                   "reference": cfg.reference, "rows": [asdict(r) for r in rows]}
+        if main:
+            print_settings(cfg, result)
+            print(format_table(rows))
     result |= attention_results(cfg, sources, ref_tokens, seq_len, accelerator, device, dtype)
     if cfg.out and main:
         write_report(Path(cfg.out), result)

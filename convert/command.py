@@ -116,11 +116,13 @@ def kv_error_meta(src_model: Transformer, model: Transformer, plans: list[LayerP
                   val_windows, required: bool) -> dict:
     """meta.json's K/V error on val_windows() (N, T). Only a fit needs the data: a plain
     conversion measures when it can, and data that is gone (a checkpoint copied elsewhere)
-    or unusable is recorded and noted on stderr instead of failing the conversion."""
+    or unusable is recorded and noted on stderr instead of failing the conversion. A corpus
+    of one document holds nothing out: noted, never an error (the fit used all of it)."""
+    from data.prepare import TooFewDocuments
     try:
         windows = val_windows()
     except (DataError, ConvertError) as e:
-        if required:
+        if required and not isinstance(e, TooFewDocuments):
             raise
         print(f"note: K/V error not measured: {e}; pass data.* or calib_windows=0",
               file=sys.stderr)
@@ -166,19 +168,25 @@ def data_config(src: Path, given: dict) -> dict | None:
 def token_windows(data_cfg, split: str, length: int, n_windows: int,
                   vocab_size: int | None = None) -> torch.Tensor:
     """n_windows evenly spaced windows of `length` tokens of the prepared train or val split,
-    (N, length) int64: the same windows on every call."""
-    from data.prepare import prepare_data  # the data stack is only needed with calibration
+    (N, length) int64: the same windows on every call. A corpus of one document has no
+    split: train windows come from all of it, and val (held-out text) raises
+    TooFewDocuments, which kv_error_meta notes."""
+    from data.prepare import TooFewDocuments, prepare_data  # only calibration needs the data stack
     import numpy as np
 
     if n_windows <= 0:
         raise ConvertError(f"calib_windows must be a positive integer, got {n_windows}")
 
-    prepared = prepare_data(data_cfg, progress=False)
+    try:
+        prepared = prepare_data(data_cfg, progress=False)
+    except TooFewDocuments:
+        if split != "train":
+            raise
+        prepared, split = prepare_data(data_cfg, progress=False, whole=True), "all"
     if vocab_size is not None and prepared.vocab_size != vocab_size:
         raise ConvertError(f"the data's tokenizer has {prepared.vocab_size} tokens, the model "
                            f"{vocab_size}: use the source's data settings")
-    tokens = np.memmap(prepared.train_bin if split == "train" else prepared.val_bin,
-                       dtype=prepared.dtype, mode="r")
+    tokens = np.memmap(prepared.bin(split), dtype=prepared.dtype, mode="r")
     if len(tokens) < length:
         raise ConvertError(f"the {split} split has {len(tokens)} tokens, fewer than one window "
                            f"of {length}: use more data or a larger val_fraction")

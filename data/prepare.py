@@ -11,6 +11,9 @@ Output, in <cache_dir>/<source>-<key>/:
                       dir>, a copy of that tokenizer's files (nothing is trained)
     train.bin         train documents' tokens, flat uint16 (uint32 above 65,536 ids)
     val.bin           the same for val documents
+    all.bin           instead of train.bin and val.bin, for a whole corpus (whole=True:
+                      evaluate.py's split=all): every document in corpus order, no split,
+                      so one document is enough; cached apart from the split build
     meta.json         source, content hash, tokenizer hash, counts, dtype, ...
 
 Each document is framed as the tokenizer's models were trained: BOS first when the
@@ -65,6 +68,13 @@ class PreparedData:
     summary: str  # one line for the log
     cached: bool = False
 
+    def bin(self, split: str) -> Path:
+        """The packed ids of split: train | val (a split build) or all (a whole one)."""
+        if split not in self.meta["tokens"]:
+            raise DataError(f"{self.dir} holds the {'/'.join(self.meta['tokens'])} part(s), "
+                            f"not {split}")
+        return self.dir / f"{split}.bin"
+
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.dir)
 
@@ -74,8 +84,9 @@ class PreparedData:
         return tokenizer_files(self.dir)
 
 
-def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
-    """Build (or find in the cache) the tokenizer and packed bins for cfg.
+def prepare_data(cfg: DataConfig, progress: bool = True, whole: bool = False) -> PreparedData:
+    """Build (or find in the cache) the tokenizer and packed bins for cfg: train.bin and
+    val.bin, or with whole=True all.bin (every document in order, no split).
     Call from the main process only; other ranks wait at a barrier, then call again
     (a cache hit) or read the paths."""
     cfg = as_data_config(cfg)
@@ -83,7 +94,7 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
     started = time.time()
     given = given_tokenizer(cfg)
     source = open_source(cfg)
-    key = cache_key(cfg, source.content_hash, given)
+    key = cache_key(cfg, source.content_hash, given, whole)
     out_dir = Path(cfg.cache_dir) / f"{cfg.source}-{key[:16]}"
     found = load_prepared(out_dir, key)
     if found is not None:
@@ -93,7 +104,7 @@ def prepare_data(cfg: DataConfig, progress: bool = True) -> PreparedData:
     tmp_dir.mkdir(parents=True)
     try:
         with datasets_progress(progress):
-            meta = build(cfg, source, key, tmp_dir, progress, given)
+            meta = build(cfg, source, key, tmp_dir, progress, given, whole)
         meta["prepare_seconds"] = round(time.time() - started, 2)
         write_json(tmp_dir / "meta.json", meta)  # written last: its presence marks a complete build
         publish(tmp_dir, out_dir, key)
@@ -134,8 +145,10 @@ def given_tokenizer(cfg: DataConfig) -> Optional[Tokenizer]:
     return tokenizer
 
 
-def cache_key(cfg: DataConfig, content_hash: str, given: Optional[Tokenizer] = None) -> str:
-    """Everything that changes the output, and nothing that does not (num_proc, cache_dir)."""
+def cache_key(cfg: DataConfig, content_hash: str, given: Optional[Tokenizer] = None,
+              whole: bool = False) -> str:
+    """Everything that changes the output, and nothing that does not (num_proc, cache_dir;
+    for a whole build, val_fraction and seed)."""
     trained = dict(TRAINER_OPTIONS, max_train_bytes=MAX_TOKENIZER_TRAIN_BYTES,
                    sentencepiece=spm.__version__, vocab_size=cfg.vocab_size)
     settings = dict(
@@ -148,6 +161,8 @@ def cache_key(cfg: DataConfig, content_hash: str, given: Optional[Tokenizer] = N
         seed=cfg.seed,
         tokenizer=given.identity() if given is not None else trained,
     )
+    if whole:  # split builds keep the keys they always had
+        settings.update(whole=True, val_fraction=None, seed=None)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -156,13 +171,14 @@ def cache_key(cfg: DataConfig, content_hash: str, given: Optional[Tokenizer] = N
 
 
 def build(cfg: DataConfig, source: Source, key: str, out_dir: Path, progress: bool,
-          given: Optional[Tokenizer] = None) -> dict:
+          given: Optional[Tokenizer] = None, whole: bool = False) -> dict:
     log = print if progress else (lambda *a, **k: None)
     docs = source.build()
     if len(docs) == 0:
         raise DataError(f"the {cfg.source} corpus has no documents (all empty); "
                         "add text, or check data.files / data.max_documents")
-    is_val = split_assignment(docs.with_format("arrow")["id"].to_pylist(), cfg.val_fraction, cfg.seed)
+    is_val = [False] * len(docs) if whole else split_assignment(
+        docs.with_format("arrow")["id"].to_pylist(), cfg.val_fraction, cfg.seed)
     docs = docs.add_column("is_val", is_val)
     doc_bytes = text_bytes(docs)
 
@@ -180,7 +196,7 @@ def build(cfg: DataConfig, source: Source, key: str, out_dir: Path, progress: bo
         cumulative = np.cumsum(column(tokens, "n_tokens"))
         n_docs = int(np.searchsorted(cumulative, cfg.max_tokens, side="right"))
         tokens = tokens.select(range(max(n_docs, 1)))
-        if len(set(column(tokens, "is_val").tolist())) < 2:
+        if not whole and len(set(column(tokens, "is_val").tolist())) < 2:
             # the cap kept only one side of the hash split: split_assignment's fallback
             # moves one kept document across, deterministically
             is_val = split_assignment(tokens.with_format("arrow")["id"].to_pylist(),
@@ -188,7 +204,7 @@ def build(cfg: DataConfig, source: Source, key: str, out_dir: Path, progress: bo
             tokens = tokens.remove_columns("is_val").add_column("is_val", is_val)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     counts = {}
-    for split, want_val in (("train", False), ("val", True)):
+    for split, want_val in (("all", False),) if whole else (("train", False), ("val", True)):
         part = tokens.filter(lambda b: [v == want_val for v in b["is_val"]], batched=True,
                              desc=f"{split} split")
         if len(part) == 0:
@@ -198,8 +214,8 @@ def build(cfg: DataConfig, source: Source, key: str, out_dir: Path, progress: bo
         part_bytes = int(doc_bytes[column(part, "doc_index")].sum())
         counts[split] = dict(documents=len(part), tokens=n_tokens, bytes=part_bytes)
 
-    total_tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
-    total_bytes = counts["train"]["bytes"] + counts["val"]["bytes"]
+    total_tokens = sum(c["tokens"] for c in counts.values())
+    total_bytes = sum(c["bytes"] for c in counts.values())
     return dict(
         format_version=FORMAT_VERSION,
         key=key,
@@ -246,13 +262,17 @@ def column(ds: datasets.Dataset, name: str) -> np.ndarray:
     return ds.with_format("arrow")[name].to_numpy()
 
 
+class TooFewDocuments(DataError):
+    """A train/val split of a corpus of one document: scoring it whole needs no split."""
+
+
 def split_assignment(doc_ids, val_fraction: float, seed: int) -> list:
     """is_val per document, from a hash of (seed, document id): the same document
     lands in the same split on every run, whatever else is in the corpus. Tiny
     corpora still get at least one document on each side."""
     scores = np.array([_unit_hash(f"{seed}\0{doc_id}") for doc_id in doc_ids])
     if len(scores) < 2:
-        raise DataError(f"the corpus has {len(scores)} document(s); a train/val split needs 2 or more "
+        raise TooFewDocuments(f"the corpus has {len(scores)} document(s); a train/val split needs 2 or more "
                         "(add files, or data.split_by=line/paragraph)")
     is_val = scores < val_fraction
     if not is_val.any():
@@ -367,7 +387,7 @@ def load_prepared(out_dir: Path, key: str) -> Optional[PreparedData]:
     if meta.get("key") != key or meta.get("format_version") != FORMAT_VERSION:
         return None
     itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in ("train", "val"):
+    for split in meta["tokens"]:
         path = out_dir / f"{split}.bin"
         if not path.exists() or path.stat().st_size != meta["tokens"][split] * itemsize:
             return None
@@ -396,8 +416,9 @@ def prepared_from(out_dir: Path, meta: dict, cached: bool) -> PreparedData:
 
 def summary_line(out_dir: Path, meta: dict, cached: bool) -> str:
     docs, tokens = meta["documents"], meta["tokens"]
-    stats = (f"{docs['train'] + docs['val']:,} documents ({docs['train']:,} train / {docs['val']:,} val), "
-             f"{tokens['train']:,} train + {tokens['val']:,} val tokens, "
+    parts = " / ".join(f"{n:,} {split}" for split, n in docs.items())
+    stats = (f"{sum(docs.values()):,} documents ({parts}), "
+             f"{' + '.join(f'{n:,} {split}' for split, n in tokens.items())} tokens, "
              f"{meta['tokens_per_byte']:.3f} tokens/byte, vocab {meta['vocab_size']} {meta['dtype']}")
     how = "cached, nothing to do" if cached else f"prepared in {meta['prepare_seconds']:.1f} s"
     return f"data {meta['source']}: {how}: {stats} -> {out_dir}"

@@ -7,6 +7,8 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 
@@ -39,6 +41,16 @@ def window_bar(accelerator, windows: int, desc: str) -> Iterator[RankBar]:
         yield RankBar(bar, world)
     finally:
         bar.close()
+
+
+def gather_windows(accelerator, rows: torch.Tensor, windows: int) -> np.ndarray:
+    """Every process's scoring.window_rows (rank r's row j is window j * world + r, then
+    padding) as one (windows, 3) array in window order, on every process."""
+    world = accelerator.num_processes
+    gathered = accelerator.gather(rows) if world > 1 else rows  # (world * per_rank, 3)
+    width = rows.shape[1]
+    in_order = gathered.reshape(world, -1, width).transpose(0, 1).reshape(-1, width)
+    return in_order[:windows].cpu().numpy()
 
 
 def leave_process_group() -> None:

@@ -1,7 +1,7 @@
-"""Scoring held-out text: summed NLL, tokens, UTF-8 bytes and windows over fixed windows
-of a packed token stream (one process or split over ranks), and the bytes each token id
-spells (for bits per byte). train.py, evaluate.py, the demo and the experiments all score
-through here.
+"""Scoring held-out text: NLL, tokens and UTF-8 bytes per window of a packed token stream
+and their sums (one process or split over ranks), and the bytes each token id spells
+(for bits per byte). The per-window scores are what a standard error needs (stats.py).
+train.py, evaluate.py, the demo and the experiments all score through here.
 """
 from __future__ import annotations
 
@@ -47,11 +47,12 @@ class TokenBytes:
         self.bounds = torch.tensor(bounds, dtype=torch.long, device=device)
 
     def count(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Bytes of the scored targets y (B, T) (IGNORE_INDEX: not scored) after inputs x."""
+        """Bytes of the scored targets y (B, T) (IGNORE_INDEX: not scored) after inputs x,
+        per row (B,)."""
         scored = y != IGNORE_INDEX
         targets = y.clamp(min=0)
         at_start = torch.isin(x, self.bounds)  # the target starts a document
-        return torch.where(scored, self.first[targets] - self.lead[targets] * at_start, 0).sum()
+        return torch.where(scored, self.first[targets] - self.lead[targets] * at_start, 0).sum(1)
 
 
 def token_byte_lengths(tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -92,42 +93,59 @@ def token_byte_lengths(tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def score(model, batches: Iterable, device: torch.device, token_bytes: TokenBytes | None = None,
-          bar: tqdm | None = None) -> torch.Tensor:
-    """Sums over (x, y) batches (targets IGNORE_INDEX count for nothing):
-    (NLL in nats, targets scored, their UTF-8 bytes, windows scored), shape (4,).
+def score_rows(model, batches: Iterable, device: torch.device,
+               token_bytes: TokenBytes | None = None, bar: tqdm | None = None) -> torch.Tensor:
+    """Per row of the (x, y) batches (targets IGNORE_INDEX count for nothing, so a padding
+    row is all zeros): (NLL in nats, targets scored, their UTF-8 bytes), shape (rows, 3).
     Logits go to float32 one row at a time: a row of a large vocabulary at 2048 tokens is
     already hundreds of MB."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, device=device, dtype=sum_dtype(device))
+    rows = [torch.zeros(0, 3, device=device, dtype=sum_dtype(device))]
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         logits = model(x)  # (B, T, V)
-        for row in range(len(y)):
-            totals[0] += F.cross_entropy(logits[row].float(), y[row], ignore_index=IGNORE_INDEX,
-                                         reduction="sum")
-        scored = y != IGNORE_INDEX
-        totals[1] += scored.sum()
-        totals[3] += scored.any(1).sum()
-        if token_bytes is not None:
-            totals[2] += token_bytes.count(x, y)
+        nll = torch.stack([F.cross_entropy(logits[r].float(), y[r], ignore_index=IGNORE_INDEX,
+                                           reduction="sum") for r in range(len(y))])
+        n_bytes = token_bytes.count(x, y) if token_bytes is not None else torch.zeros_like(nll)
+        rows.append(torch.stack([nll.to(rows[0].dtype), (y != IGNORE_INDEX).sum(1).to(
+            rows[0].dtype), n_bytes.to(rows[0].dtype)], 1))
         if bar is not None:
             bar.update(len(y))
     model.train(was_training)
-    return totals
+    return torch.cat(rows)
 
 
-def window_scores(model, tokens, seq_len: int, batch_size: int, device: torch.device, *,
-                  stride: int = 0, max_windows: int | None = None, rank: int = 0,
-                  world_size: int = 1, dtype=None, token_bytes: TokenBytes | None = None,
-                  bar: tqdm | None = None) -> torch.Tensor:
-    """This rank's `score` sums over its windows of tokens (a packed token file of dtype,
-    or an array): window i of the split's K goes to rank i % world_size, each once (see
-    data/loader.eval_batches). Sum the ranks' totals for the whole."""
+def totals(rows: torch.Tensor) -> torch.Tensor:
+    """score_rows' rows summed: (NLL in nats, targets scored, their UTF-8 bytes, windows
+    scored), shape (4,)."""
+    return torch.cat([rows.sum(0), (rows[:, 1] > 0).sum()[None].to(rows.dtype)])
+
+
+def score(model, batches: Iterable, device: torch.device, token_bytes: TokenBytes | None = None,
+          bar: tqdm | None = None) -> torch.Tensor:
+    """Sums over (x, y) batches: `totals` of `score_rows`."""
+    return totals(score_rows(model, batches, device, token_bytes, bar))
+
+
+def window_rows(model, tokens, seq_len: int, batch_size: int, device: torch.device, *,
+                stride: int = 0, max_windows: int | None = None, rank: int = 0,
+                world_size: int = 1, dtype=None, token_bytes: TokenBytes | None = None,
+                bar: tqdm | None = None) -> torch.Tensor:
+    """This rank's `score_rows` over its windows of tokens (a packed token file of dtype,
+    or an array): window i of the split's K goes to rank i % world_size, each once, and a
+    rank left one short scores a zero padding row (see data/loader.eval_batches;
+    evaluation/ranks.gather_windows puts every rank's rows back in window order)."""
     batches = eval_batches(tokens, dtype, seq_len, batch_size, rank=rank, world_size=world_size,
                            stride=stride, max_windows=max_windows)
-    return score(model, batches, device, token_bytes, bar)
+    return score_rows(model, batches, device, token_bytes, bar)
+
+
+def window_scores(model, tokens, seq_len: int, batch_size: int, device: torch.device,
+                  **windows) -> torch.Tensor:
+    """This rank's `totals` over its windows (window_rows' keywords). Sum the ranks' totals
+    for the whole."""
+    return totals(window_rows(model, tokens, seq_len, batch_size, device, **windows))
 
 
 def mean_nll(totals: torch.Tensor) -> float:
@@ -143,12 +161,9 @@ def val_loss(model, tokens, seq_len: int, n_windows: int, batch_size: int) -> fl
 
 
 def split_tokens(prepared: PreparedData, split: str) -> np.ndarray:
-    """The packed ids of a split; all: train then val, one stream (documents are
-    EOS-separated either way), read into memory."""
-    if split == "all":
-        return np.concatenate([open_tokens(prepared.train_bin, prepared.dtype),
-                               open_tokens(prepared.val_bin, prepared.dtype)])
-    return open_tokens(prepared.val_bin if split == "val" else prepared.train_bin, prepared.dtype)
+    """The packed ids of a split: train or val of a split build, all of a whole one
+    (data.prepare's whole=True: every document in corpus order)."""
+    return open_tokens(prepared.bin(split), prepared.dtype)
 
 
 def window_count(n_tokens: int, seq_len: int, stride: int, max_windows: int | None) -> int:
@@ -165,3 +180,9 @@ def held_out_tokens(checkpoint: Path) -> np.ndarray:
         raise EvalError(f"{checkpoint} has no {runs.TRAIN_CONFIG}: cannot find its val split")
     return split_tokens(prepare_data(OmegaConf.to_container(data, resolve=True), progress=False),
                         "val")
+
+
+def scored_tokens(seq_len: int, stride: int, windows: int) -> int:
+    """Targets that many windows score: the first (window 0, always among them) all
+    seq_len, each other its last stride (eval_batches)."""
+    return seq_len + (windows - 1) * stride

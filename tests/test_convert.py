@@ -526,3 +526,27 @@ def test_an_hf_dir_or_its_import_calibrates_on_its_own_tokenizer(hf_llama_spm, t
                                   f"data.tokenizer={other}"), capsys)
     assert code == 2 and "differs from the tokenizer" in err and "\n" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_one_document_calibrates_on_all_of_it_and_notes_no_held_out_error(hf_llama_spm,
+                                                                          tmp_path, capsys):
+    """A corpus of one document has no train/val split: the fit reads windows of all of it
+    ([BOS] text EOS, as the tokenizer frames it) and the held-out K/V error is noted as not
+    measured, never an error."""
+    from convert.command import data_config, token_windows
+    from data.tokenizer import load_tokenizer
+    import numpy as np
+    from hf_fixtures import CORPUS
+    src, _ = hf_llama_spm
+    text = "".join(CORPUS) * 2
+    (tmp_path / "one.txt").write_text(text)
+    code, err = run_main(fit_args(src, tmp_path / "gqa", tmp_path / "one.txt", tmp_path), capsys)
+    assert code == 0 and err.count("note: K/V error not measured: the corpus has 1 document") == 1
+    meta = read_meta(tmp_path / "gqa")
+    assert meta["converted_from"]["calib_windows"] == 4 and "kv_error" not in meta
+    data = data_config(src, {"source": "text_files", "files": [str(tmp_path / "one.txt")],
+                             "cache_dir": str(tmp_path / "cache"), "num_proc": 1})
+    tok = load_tokenizer(src)
+    ids = [tok.bos_id] * tok.add_bos + tok.encode(text) + [tok.eos_id]
+    starts = np.linspace(0, len(ids) - 64, 4).astype(int)
+    assert token_windows(data, "train", 64, 4).tolist() == [ids[s:s + 64] for s in starts]

@@ -326,3 +326,20 @@ def test_given_tokenizer_errors_are_one_line(tmp_path):
         prepare_data(files_cfg(corpus, tmp_path / "cache", tokenizer=str(tmp_path / "bad.model")),
                      progress=False)
     assert not (tmp_path / "cache").exists()  # nothing written
+
+
+def test_whole_build_is_every_document_in_order_and_one_document_is_enough(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", n_docs=3)
+    cfg = files_cfg(corpus, tmp_path / "cache")
+    whole = prepare_data(cfg, progress=False, whole=True)
+    in_order = [p.read_bytes().decode() for p in sorted(corpus.glob("*.py"))]
+    assert documents_in(whole.bin("all"), whole) == in_order
+    assert whole.dir != prepare_data(cfg, progress=False).dir  # cached apart from the split
+    one = DataConfig(source="text_files", files=[str(corpus / "doc001.py")],
+                     cache_dir=cfg.cache_dir)
+    single = prepare_data(one, progress=False, whole=True)
+    assert documents_in(single.bin("all"), single) == [in_order[1]]
+    with pytest.raises(DataError, match="holds the all part"):
+        single.bin("val")
+    with pytest.raises(prepare_module.TooFewDocuments, match="1 document"):
+        prepare_data(one, progress=False)

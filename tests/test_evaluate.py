@@ -64,7 +64,8 @@ def config(ckpts, corpus: Path, **kw) -> ev.EvaluateConfig:
 
 def split_ids(ckpt: Path, cfg: ev.EvaluateConfig, split: str = "all") -> np.ndarray:
     source = ev.Source(str(ckpt), open_source(ckpt))
-    return scoring.split_tokens(prepare_data(ev.corpus_data(cfg, source), progress=False), split)
+    prepared = prepare_data(ev.corpus_data(cfg, source), progress=False, whole=split == "all")
+    return scoring.split_tokens(prepared, split)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,7 @@ def test_bits_per_byte_is_nll_over_the_decoded_bytes_of_the_scored_tokens(llama_
             first = next(t for t, target in enumerate(yr) if target != IGNORE_INDEX)
             n_bytes += decoded_bytes(tok, xr[first], yr[first:])
     assert row["bytes"] == n_bytes
+    assert row["tokens"] == scoring.scored_tokens(SEQ, 20, 7)  # as announced before scoring
     assert row["bits_per_byte"] == pytest.approx(row["nll"] * row["tokens"] / math.log(2) / n_bytes,
                                                  rel=1e-9)
 
@@ -160,6 +162,9 @@ def test_int8_within_one_percent_and_run_dir_evaluates_latest(llama_ckpts, corpu
     assert latest["path"] == str((run / "step_2").resolve()) and latest["nll"] == int8["nll"]
     assert json.loads((tmp_path / "eval.json").read_text()) == result
     assert floats["delta_nll"] == 0 and int8["delta_nll"] == int8["nll"] - floats["nll"]
+    # paired over the same windows: the reference differs from itself by exactly nothing
+    assert floats["delta_nll_se"] == 0 and floats["beyond_noise"] is False
+    assert 0 < int8["delta_nll_se"] < int8["nll_se"]  # the windows' shared difficulty cancels
     assert result["split"] == "all"  # no train_config.yaml: nothing was held out
 
 
@@ -188,6 +193,7 @@ def test_two_processes_give_the_numbers_of_one(corpus, tmp_path):
     for key in ("tokens", "windows", "bytes"):
         assert two["rows"][0][key] == one["rows"][0][key], key
     assert two["rows"][0]["nll"] == pytest.approx(one["rows"][0]["nll"], rel=1e-6)
+    assert two["rows"][0]["nll_se"] == pytest.approx(one["rows"][0]["nll_se"], rel=1e-6)
     assert proc.stdout.count("bits/byte") == 1  # one table, from the main process
 
 
@@ -206,3 +212,49 @@ def test_attention_options_print_and_plot(llama_ckpts, corpus, tmp_path, capsys)
     assert all(abs(sum(row) - 1) < 1e-5 for row in matrix)
     for png in ("att.png", "kl.png"):
         assert (tmp_path / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+# ---------------------------------------------------------------- one file
+
+def test_one_file_is_a_corpus_scored_as_its_text_and_two_files_as_theirs(hf_llama, tmp_path):
+    """split=all needs no train/val split: one file is the stream [BOS] text EOS, the same
+    text in two files [BOS] a EOS [BOS] b EOS (the documented difference at the boundary:
+    the framing between them, and the junction tokenized apart), each scored as
+    transformers scores that stream."""
+    _, hf_dir, model, _ = hf_llama
+    a, b = (doc.encode("ascii", "ignore").decode() * 2 for doc in CORPUS[:2])
+    for name, text in (("one.txt", a + b), ("a.txt", a), ("b.txt", b)):
+        (tmp_path / name).write_text(text)
+    tok = load_tokenizer(hf_dir)
+    frame = lambda text: [tok.bos_id] * tok.add_bos + tok.encode(text) + [tok.eos_id]
+    for files, stream in (["one.txt"], frame(a + b)), (["a.txt", "b.txt"], frame(a) + frame(b)):
+        cfg = config(hf_dir, tmp_path, split="all")
+        cfg.data.files = [str(tmp_path / f) for f in files]
+        row = ev.run(cfg)["rows"][0]
+        losses = hf_window_losses(model, np.array(stream), SEQ)
+        assert row["tokens"] == len(losses) * SEQ
+        assert row["nll"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_one_file_refuses_a_split_before_tokenizing(llama_ckpts, tmp_path):
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "one.txt").write_text("just one document\n" * 50)
+    cfg = config(llama_ckpts["hf"], tmp_path / "text", split="val")  # its cache: tmp_path/cache
+    with pytest.raises(ev.EvalError, match=r"1 document.*split=all"):
+        ev.run(cfg)
+    assert not list((tmp_path / "cache").rglob("*.bin"))
+
+
+# ---------------------------------------------------------------- attention alone
+
+def test_attention_prompt_alone_reads_no_corpus_and_score_true_adds_the_scores(llama_ckpts,
+                                                                               corpus, tmp_path):
+    ckpt = llama_ckpts["float"]
+    att = ev.AttentionOptions(prompt="def f(x):", plot=str(tmp_path / "att.png"))
+    alone = ev.run(config(ckpt, tmp_path / "no_corpus_here", attention=att))  # never read
+    assert alone["rows"] == [] and "split" not in alone and "attention_prompt" in alone
+    both = ev.run(config(ckpt, corpus, attention=att, score=True, max_windows=2,
+                         overwrite=True))
+    assert len(both["rows"]) == 1 and "attention_prompt" in both
+    with pytest.raises(ev.EvalError, match="score=false"):
+        ev.run(config(ckpt, corpus, score=False))
