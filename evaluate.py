@@ -61,7 +61,7 @@ from store.source import Kind, load_model, open_source, pick_device, pick_dtype
 from store.source import Source as Opened
 from store.checkpoint import CheckpointError
 from model.config import ConfigError, ModelConfig
-from evaluation.scoring import TokenBytes, split_tokens, window_count, window_scores
+from evaluation.scoring import TokenBytes, split_tokens, window_count
 
 from store.runs import TRAIN_CONFIG
 SPLITS = ("auto", "val", "train", "all")
