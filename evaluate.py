@@ -46,6 +46,7 @@ from data.prepare import prepare_data
 from data.tokenizer import load_tokenizer, tokenizer_files
 from evaluation import EvalError
 from evaluation.attention import kl_tables, show_prompt_attention
+from evaluation.passkey import DEPTHS, check_passkey, default_lengths, passkey_results
 from evaluation.ranks import leave_process_group, make_accelerator, window_bar
 from evaluation.report import Row, format_table, gap_closed, make_row, write_report
 from evaluation.scoring import TokenBytes, split_tokens, window_count, window_scores
@@ -53,7 +54,7 @@ from store.source import SourceError as UsageError
 from store.source import load_model, pick_device, pick_dtype, resolve_checkpoint
 from store.checkpoint import CheckpointError, read_config
 from model.config import ConfigError, ModelConfig
-from store.hf import is_hf_model, read_hf_config
+from store.hf import checkpoint_tokenizer, is_hf_model, read_hf_config
 from store.quantize import is_quantized
 
 from store.runs import TRAIN_CONFIG
@@ -77,6 +78,22 @@ class AttentionOptions:
 
 
 @dataclass
+class PasskeyOptions:
+    """Passkey retrieval (evaluation/passkey.py): a key hidden in filler, asked for at the end."""
+    enabled: bool = False
+    only: bool = False  # passkey alone, no corpus scored (implies enabled)
+    lengths: list[int] = field(default_factory=list)  # prompt tokens; []: 256, 512, .. context
+    depths: list[float] = field(default_factory=lambda: list(DEPTHS))  # 0: first, 1: last
+    trials: int = 5  # keys per length x depth
+    seed: int = 0  # decides every key, so every prompt
+    plot: str = "passkey.png"  # accuracy per length x depth (one panel per model)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled or self.only
+
+
+@dataclass
 class EvaluateConfig:
     ckpt: str = ""  # checkpoint dir | run dir (its latest) | HF dir | int8 dir
     ckpts: list[str] = field(default_factory=list)  # several, one table row each
@@ -92,6 +109,7 @@ class EvaluateConfig:
     out: str = ""  # write the results as JSON here
     overwrite: bool = False
     attention: AttentionOptions = field(default_factory=AttentionOptions)
+    passkey: PasskeyOptions = field(default_factory=PasskeyOptions)
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -148,6 +166,9 @@ def check_settings(cfg: EvaluateConfig, sources: list[Source]) -> tuple[int, int
         raise EvalError(f"reference={cfg.reference} must index the {len(sources)} checkpoints "
                         f"(0..{len(sources) - 1})")
     check_attention(cfg, sources)
+    if cfg.passkey.active:
+        check_passkey(cfg.passkey, passkey_lengths(cfg, sources), context,
+                      {s.name: checkpoint_tokenizer(s.path) for s in sources})
     for out in outputs(cfg, len(sources)):
         check_out(out, cfg.overwrite)
     return seq_len, stride
@@ -163,6 +184,9 @@ def check_attention(cfg: EvaluateConfig, sources: list[Source]) -> None:
                                 f"0..{s.config.n_head - 1}")
     if not att.kl:
         return
+    if cfg.passkey.only:
+        raise EvalError("attention.kl compares attention over the corpus, which passkey.only "
+                        "skips: use passkey.enabled=true to run both")
     if cfg.reference is None or len(sources) < 2:
         raise EvalError("attention.kl=true compares each model with the reference: pass "
                         "ckpts='[reference,other,...]' and reference=<its index>")
@@ -196,6 +220,8 @@ def outputs(cfg: EvaluateConfig, n_sources: int) -> list[Path]:
         paths.append(Path(cfg.attention.plot))
     if cfg.attention.kl:
         paths.append(Path(cfg.attention.kl_plot))
+    if cfg.passkey.active:
+        paths.append(Path(cfg.passkey.plot))
     return paths
 
 
@@ -310,6 +336,28 @@ def attention_results(cfg: EvaluateConfig, sources: list[Source], ref_tokens, se
     return results
 
 
+def passkey_lengths(cfg: EvaluateConfig, sources: list[Source]) -> list[int]:
+    """passkey.lengths, or the ladder up to the smallest model context."""
+    return list(cfg.passkey.lengths) or default_lengths(min(s.config.max_seq_len
+                                                            for s in sources))
+
+
+def passkey_result(cfg: EvaluateConfig, sources: list[Source], main: bool, device,
+                   dtype) -> dict:
+    """The passkey grids (the main process runs them)."""
+    if not (cfg.passkey.active and main):
+        return {}
+    return {"passkey": passkey_results(cfg.passkey, passkey_lengths(cfg, sources), sources,
+                                       device, dtype, cfg.batch_size)}
+
+
+def finish(cfg: EvaluateConfig, result: dict, main: bool) -> dict:
+    if cfg.out and main:
+        write_report(Path(cfg.out), result)
+        print(f"wrote {cfg.out}")
+    return result
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate every source; print the table (main process); -> the JSON result."""
     sources = resolve_sources(cfg)
@@ -319,6 +367,9 @@ def run(cfg: EvaluateConfig) -> dict:
     dtype = pick_dtype(cfg.dtype, device)
     split, why = pick_split(cfg, sources)
     main = accelerator.is_main_process
+    if cfg.passkey.only:  # no corpus: the attention prompt still shows, as asked
+        result = attention_results(cfg, sources, None, seq_len, accelerator, device, dtype)
+        return finish(cfg, result | passkey_result(cfg, sources, main, device, dtype), main)
     rows, ref_tokens = score_sources(cfg, sources, split, seq_len, stride, accelerator, device,
                                      dtype)
     result = {"corpus": given(asdict(cfg.data)), "split": split, "split_reason": why,
@@ -330,10 +381,8 @@ def run(cfg: EvaluateConfig) -> dict:
         print_settings(cfg, result)
         print(format_table(rows))
     result |= attention_results(cfg, sources, ref_tokens, seq_len, accelerator, device, dtype)
-    if cfg.out and main:
-        write_report(Path(cfg.out), result)
-        print(f"wrote {cfg.out}")
-    return result
+    result |= passkey_result(cfg, sources, main, device, dtype)
+    return finish(cfg, result, main)
 
 
 @cli.hydra_main(config_path="configs", config_name="evaluate",
