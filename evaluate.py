@@ -51,6 +51,7 @@ from data.prepare import TooFewDocuments, prepare_data
 from data.tokenizer import load_tokenizer, tokenizer_files
 from evaluation import EvalError
 from evaluation.attention import kl_tables, show_prompt_attention
+from evaluation.passkey import DEPTHS, check_passkey, default_lengths, passkey_results
 from evaluation.ranks import gather_windows, leave_process_group, make_accelerator, window_bar
 from evaluation.report import (Row, format_table, gap_closed, make_row, paired_deltas,
                                write_report)
@@ -61,7 +62,7 @@ from store.source import Kind, load_model, open_source, pick_device, pick_dtype
 from store.source import Source as Opened
 from store.checkpoint import CheckpointError
 from model.config import ConfigError, ModelConfig
-from evaluation.scoring import TokenBytes, split_tokens, window_count
+from store.hf import checkpoint_tokenizer
 
 from store.runs import TRAIN_CONFIG
 SPLITS = ("auto", "val", "train", "all")
@@ -84,6 +85,22 @@ class AttentionOptions:
 
 
 @dataclass
+class PasskeyOptions:
+    """Passkey retrieval (evaluation/passkey.py): a key hidden in filler, asked for at the end."""
+    enabled: bool = False
+    only: bool = False  # passkey alone, no corpus scored (implies enabled)
+    lengths: list[int] = field(default_factory=list)  # prompt tokens; []: 256, 512, .. context
+    depths: list[float] = field(default_factory=lambda: list(DEPTHS))  # 0: first, 1: last
+    trials: int = 5  # keys per length x depth
+    seed: int = 0  # decides every key, so every prompt
+    plot: str = "passkey.png"  # accuracy per length x depth (one panel per model)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled or self.only
+
+
+@dataclass
 class EvaluateConfig:
     ckpt: str = ""  # checkpoint dir | run dir (its latest) | HF dir | int8 dir
     ckpts: list[str] = field(default_factory=list)  # several, one table row each
@@ -102,6 +119,7 @@ class EvaluateConfig:
     # score the corpus? null: yes, unless attention.prompt is all that is asked (a look at
     # one prompt reads no corpus); true: attention.prompt and the scores; false: no scores
     score: Optional[bool] = None
+    passkey: PasskeyOptions = field(default_factory=PasskeyOptions)
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -163,9 +181,13 @@ def check_settings(cfg: EvaluateConfig, sources: list[Source]) -> tuple[int, int
         raise EvalError(f"reference={cfg.reference} must index the {len(sources)} checkpoints "
                         f"(0..{len(sources) - 1})")
     check_attention(cfg, sources)
-    if not wants_scores(cfg) and (cfg.attention.kl or not cfg.attention.prompt):
+    nothing_else = cfg.attention.kl or not cfg.attention.prompt
+    if not wants_scores(cfg) and not cfg.passkey.only and nothing_else:
         raise EvalError("score=false leaves nothing to do but attention.prompt=... "
                         "(attention.kl reads the corpus's windows)")
+    if cfg.passkey.active:
+        check_passkey(cfg.passkey, passkey_lengths(cfg, sources), context,
+                      {s.name: checkpoint_tokenizer(s.path) for s in sources})
     for out in outputs(cfg, len(sources)):
         check_out(out, cfg.overwrite)
     return seq_len, stride
@@ -181,6 +203,9 @@ def check_attention(cfg: EvaluateConfig, sources: list[Source]) -> None:
                                 f"0..{s.config.n_head - 1}")
     if not att.kl:
         return
+    if cfg.passkey.only:
+        raise EvalError("attention.kl compares attention over the corpus, which passkey.only "
+                        "skips: use passkey.enabled=true to run both")
     if cfg.reference is None or len(sources) < 2:
         raise EvalError("attention.kl=true compares each model with the reference: pass "
                         "ckpts='[reference,other,...]' and reference=<its index>")
@@ -201,8 +226,10 @@ def check_attention(cfg: EvaluateConfig, sources: list[Source]) -> None:
 
 
 def wants_scores(cfg: EvaluateConfig) -> bool:
-    """Whether the corpus is scored: score=, or by default unless attention.prompt alone
-    is asked."""
+    """Whether the corpus is scored: never with passkey.only; else score=, or by default
+    unless attention.prompt alone is asked."""
+    if cfg.passkey.only:  # passkey retrieval alone: no corpus
+        return False
     if cfg.score is not None:
         return cfg.score
     return not cfg.attention.prompt or cfg.attention.kl
@@ -222,6 +249,8 @@ def outputs(cfg: EvaluateConfig, n_sources: int) -> list[Path]:
         paths.append(Path(cfg.attention.plot))
     if cfg.attention.kl:
         paths.append(Path(cfg.attention.kl_plot))
+    if cfg.passkey.active:
+        paths.append(Path(cfg.passkey.plot))
     return paths
 
 
@@ -352,6 +381,28 @@ def attention_results(cfg: EvaluateConfig, sources: list[Source], ref_tokens, se
     return results
 
 
+def passkey_lengths(cfg: EvaluateConfig, sources: list[Source]) -> list[int]:
+    """passkey.lengths, or the ladder up to the smallest model context."""
+    return list(cfg.passkey.lengths) or default_lengths(min(s.config.max_seq_len
+                                                            for s in sources))
+
+
+def passkey_result(cfg: EvaluateConfig, sources: list[Source], main: bool, device,
+                   dtype) -> dict:
+    """The passkey grids (the main process runs them)."""
+    if not (cfg.passkey.active and main):
+        return {}
+    return {"passkey": passkey_results(cfg.passkey, passkey_lengths(cfg, sources), sources,
+                                       device, dtype, cfg.batch_size)}
+
+
+def finish(cfg: EvaluateConfig, result: dict, main: bool) -> dict:
+    if cfg.out and main:
+        write_report(Path(cfg.out), result)
+        print(f"wrote {cfg.out}")
+    return result
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate every source; print the table (main process); -> the JSON result."""
     sources = resolve_sources(cfg)
@@ -374,10 +425,8 @@ def run(cfg: EvaluateConfig) -> dict:
             print_settings(cfg, result)
             print(format_table(rows))
     result |= attention_results(cfg, sources, ref_tokens, seq_len, accelerator, device, dtype)
-    if cfg.out and main:
-        write_report(Path(cfg.out), result)
-        print(f"wrote {cfg.out}")
-    return result
+    result |= passkey_result(cfg, sources, main, device, dtype)
+    return finish(cfg, result, main)
 
 
 @cli.hydra_main(config_path="configs", config_name="evaluate",

@@ -3,7 +3,6 @@ over a prompt, and KL(reference || model) per layer x query head over corpus win
 (how far a conversion moved each head); both printed and drawn as heatmaps."""
 from __future__ import annotations
 
-import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,13 +12,8 @@ import torch
 from data.loader import IGNORE_INDEX, eval_batches
 from evaluation import EvalError
 from evaluation.scoring import sum_dtype, window_count
-from store.checkpoint import staged_file
+from evaluation.heatmap import plot_panels
 from store.source import load_model
-
-TITLE_POINTS = 12  # the figure title's font size
-# A character's width in font sizes, on the wide side (DejaVu Sans: ~0.55 for lowercase,
-# ~0.7 for capitals): a wrapped title keeps a margin inside the figure.
-CHAR_WIDTH = 0.68
 
 
 @contextmanager
@@ -157,59 +151,3 @@ def print_kl_tables(tables: dict, reference: str, windows: int, length: int) -> 
         print("layer " + " ".join(f"{f'h{h}':>7}" for h in range(len(table[0]))))
         for layer, row in enumerate(table):
             print(f"{layer:>5} " + " ".join(f"{v:7.4f}" for v in row))
-
-
-# ---------------------------------------------------------------- heatmaps
-
-def plot_panels(path: Path, panels: dict[str, torch.Tensor], title: str, ticks=None,
-                xlabel: str = "", ylabel: str = "", colorbar: bool = False) -> None:
-    """One heatmap per name, side by side, written atomically."""
-    fig = panels_figure(panels, title, ticks, xlabel, ylabel, colorbar)
-    try:
-        with staged_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        pyplot().close(fig)
-
-
-def panels_figure(panels: dict[str, torch.Tensor], title: str, ticks=None, xlabel: str = "",
-                  ylabel: str = "", colorbar: bool = False):
-    """plot_panels' figure. Constrained layout makes room for the title's lines; the title
-    is wrapped to the figure's width, which a figure title would otherwise run past on
-    both sides (issue 31)."""
-    n = len(panels)
-    fig, axes = pyplot().subplots(1, n, figsize=(4.5 * n + 1, 4.5), squeeze=False,
-                             layout="constrained")
-    for ax, (name, matrix) in zip(axes[0], panels.items()):
-        image = ax.imshow(matrix.numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
-        label_ticks(ax, matrix, (ticks or {}).get(name))
-        ax.set(title=Path(name).name or name, xlabel=xlabel, ylabel=ylabel)
-        if colorbar:
-            fig.colorbar(image, ax=ax)
-    fig.suptitle(wrap_title(title, fig.get_figwidth()), fontsize=TITLE_POINTS)
-    return fig
-
-
-def label_ticks(ax, matrix: torch.Tensor, labels: list[str] | None) -> None:
-    """Token labels on both axes (up to 40 tokens), or whole layer / head numbers."""
-    if labels is not None and len(labels) <= 40:
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    elif labels is None:  # layers x heads: whole numbers
-        ax.set_xticks(range(0, matrix.shape[1], max(1, matrix.shape[1] // 16)))
-        ax.set_yticks(range(0, matrix.shape[0], max(1, matrix.shape[0] // 16)))
-
-
-def wrap_title(title: str, inches: float) -> str:
-    """title in lines that fit inches at TITLE_POINTS; a path too long for one line is
-    broken inside."""
-    chars = int(inches * 72 / (CHAR_WIDTH * TITLE_POINTS))
-    return "\n".join(textwrap.fill(line, chars) for line in title.splitlines())
-
-
-def pyplot():
-    """matplotlib.pyplot drawing to files only (Agg): no display needed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt

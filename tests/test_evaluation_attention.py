@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.loader import eval_batches  # noqa: E402
-from evaluation.attention import attention_kl, panels_figure, prompt_attention  # noqa: E402
+from evaluation.attention import attention_kl, prompt_attention  # noqa: E402
+from evaluation.heatmap import panels_figure  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from store.hf import import_hf  # noqa: E402
