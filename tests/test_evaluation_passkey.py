@@ -122,7 +122,8 @@ def test_evaluate_passkey_only_prints_plots_and_writes_json(tiny, tmp_path, caps
     result = ev.run(cfg)
     saved = json.loads((tmp_path / "e.json").read_text())
     assert saved["passkey"]["accuracy"] == {str(hf_dir): [[0.0, 0.0]]} == result["passkey"]["accuracy"]
-    assert "rows" not in saved and (tmp_path / "passkey.png").read_bytes()[:4] == b"\x89PNG"
+    assert saved["rows"] == [] and "corpus" not in saved  # no corpus read, none scored
+    assert (tmp_path / "passkey.png").read_bytes()[:4] == b"\x89PNG"
     assert "passkey retrieval" in capsys.readouterr().out
 
 
