@@ -6,6 +6,7 @@ the ablation and the demo score windows through evaluation/scoring.py's `window_
     python evaluate.py ckpts='[hf_mha_dir,ckpts/gqa2,runs/up]' reference=0 out=eval.json
     python evaluate.py ckpt=ckpts/gqa2 seq_len=512 stride=256 max_windows=64
     python evaluate.py ckpts='[mha,gqa2]' reference=0 attention.kl=true
+    python evaluate.py ckpt=hf_dir tasks='[arc_easy,piqa]' tasks_dir=../shared/evalsets task_limit=100
     python evaluate.py ckpt=hf_dir attention.prompt="def fib(n):" attention.layer=3 attention.head=1
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
         evaluate.py ckpt=runs/x                     # windows dealt round-robin over processes
@@ -48,6 +49,7 @@ from evaluation import EvalError
 from evaluation.attention import kl_tables, show_prompt_attention
 from evaluation.ranks import leave_process_group, make_accelerator, window_bar
 from evaluation.report import Row, format_table, gap_closed, make_row, write_report
+from evaluation.tasks import add_task_scores, check_tasks
 from evaluation.scoring import TokenBytes, split_tokens, window_count, window_scores
 from store.source import SourceError as UsageError
 from store.source import load_model, pick_device, pick_dtype, resolve_checkpoint
@@ -92,6 +94,10 @@ class EvaluateConfig:
     out: str = ""  # write the results as JSON here
     overwrite: bool = False
     attention: AttentionOptions = field(default_factory=AttentionOptions)
+    # zero-shot tasks through lm-evaluation-harness (evaluation/tasks.py, needs '.[eval]')
+    tasks: list[str] = field(default_factory=list)  # e.g. [arc_easy,piqa,winogrande]
+    tasks_dir: str = ""  # local originals of LOCAL_TASKS (<dir>/<task>/); "": the Hub
+    task_limit: Optional[int] = None  # the first N items of each task; null: all
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -148,6 +154,7 @@ def check_settings(cfg: EvaluateConfig, sources: list[Source]) -> tuple[int, int
         raise EvalError(f"reference={cfg.reference} must index the {len(sources)} checkpoints "
                         f"(0..{len(sources) - 1})")
     check_attention(cfg, sources)
+    check_tasks(cfg.tasks, cfg.tasks_dir, cfg.task_limit)
     for out in outputs(cfg, len(sources)):
         check_out(out, cfg.overwrite)
     return seq_len, stride
@@ -321,6 +328,9 @@ def run(cfg: EvaluateConfig) -> dict:
     main = accelerator.is_main_process
     rows, ref_tokens = score_sources(cfg, sources, split, seq_len, stride, accelerator, device,
                                      dtype)
+    if cfg.tasks and main:
+        add_task_scores(rows, [s.path for s in sources], cfg.tasks, cfg.tasks_dir,
+                        cfg.task_limit, cfg.batch_size, device, dtype)
     result = {"corpus": given(asdict(cfg.data)), "split": split, "split_reason": why,
               "seq_len": seq_len, "stride": stride, "max_windows": cfg.max_windows,
               "device": str(device), "dtype": str(dtype).removeprefix("torch."),

@@ -8,7 +8,8 @@ equal its HF-transformers backend on the same HF dir:
   tokenizer adds one); TemplateLM's _encode_pair moves the context's trailing spaces into
   the continuation, encodes context + continuation whole and splits it at the context's
   own length; an empty context becomes [BOS] (else EOS).
-- a request longer than the context window keeps its last max_length + 1 tokens.
+- a request longer than the context window keeps its last max_length + 1 tokens (a
+  continuation longer than the window, which HFLM refuses, scores its last max_length).
 - rolling log-likelihood: lm_eval.utils' disjoint rolling windows, BOS-prefixed.
 - generation: greedy, cut at the first stop string (the EOS text always among them).
 
@@ -85,9 +86,11 @@ class GqalabLM(TemplateLM):
     def score_alone(self, pairs: list[Pair]) -> list[tuple[float, bool]]:
         """Each (context, continuation) as its own row of one right-padded batch."""
         inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in pairs]
+        # a continuation longer than the window (HFLM refuses it): its last max_length tokens
+        conts = [cont[-len(inp):] for inp, (_, cont) in zip(inputs, pairs)]
         logits = self.model(pad_right(inputs, self.device)).float().log_softmax(-1)
         return [continuation_score(row[len(inp) - len(cont):len(inp)], cont)
-                for row, inp, (_, cont) in zip(logits, inputs, pairs)]
+                for row, inp, cont in zip(logits, inputs, conts)]
 
     @torch.inference_mode()
     def score_shared(self, context: list[int], choices: list[list[int]]):

@@ -17,10 +17,12 @@ import json
 from functools import partial
 from pathlib import Path
 
+from evaluation import EvalError
+
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
 
 
-class TaskError(ValueError):
+class TaskError(EvalError):
     """A task or its local files that cannot be read; the message names the fix."""
 
 
@@ -159,3 +161,44 @@ def task_metrics(result: dict, samples: int) -> dict:
     value = lambda m: result.get(f"{m},none")
     return {**{m: (None if value(m) in (None, "N/A") else float(value(m))) for m in METRICS},
             "samples": samples}
+
+
+def check_tasks(names: list[str], tasks_dir: str, limit: int | None) -> None:
+    """Before any model loads: lm-eval installed, tasks_dir a folder, limit positive."""
+    if not names:
+        return
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise TaskError("tasks= runs lm-evaluation-harness, which is not installed: "
+                        "pip install -e '.[eval]'") from None
+    task_specs([], tasks_dir)
+    if limit is not None and limit <= 0:
+        raise TaskError(f"task_limit={limit} must be a positive integer (null: every item)")
+
+
+def score_tasks(path, names: list[str], tasks_dir: str, limit: int | None, batch_size: int,
+                device, dtype) -> dict:
+    """run_tasks on the model at path (any source store.source opens)."""
+    from evaluation.harness import GqalabLM
+    from store.source import load_model
+    model, tokenizer = load_model(path, device, dtype)
+    if tokenizer is None:
+        raise TaskError(f"{path} ships no tokenizer: tasks= scores text, so the model needs "
+                        f"its own")
+    return run_tasks(GqalabLM(model, tokenizer, batch_size), names, tasks_dir, limit)
+
+
+def task_average(scores: dict) -> dict:
+    """Mean acc and mean acc_norm over the tasks that report each."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    return {m: mean([t[m] for t in scores.values() if t[m] is not None])
+            for m in ("acc", "acc_norm")}
+
+
+def add_task_scores(rows: list, paths: list, names: list[str], tasks_dir: str,
+                    limit: int | None, batch_size: int, device, dtype) -> None:
+    """Fill each report Row's tasks and task_average (rows and paths in the same order)."""
+    for row, path in zip(rows, paths):
+        row.tasks = score_tasks(path, names, tasks_dir, limit, batch_size, device, dtype)
+        row.task_average = task_average(row.tasks)
