@@ -6,6 +6,7 @@ the ablation and the demo score windows through evaluation/scoring.py's `window_
     python evaluate.py ckpts='[hf_mha_dir,ckpts/gqa2,runs/up]' reference=0 out=eval.json
     python evaluate.py ckpt=ckpts/gqa2 seq_len=512 stride=256 max_windows=64
     python evaluate.py ckpts='[mha,gqa2]' reference=0 attention.kl=true
+    python evaluate.py ckpt=hf_dir tasks='[arc_easy,piqa]' tasks_dir=../shared/evalsets task_limit=100
     python evaluate.py ckpt=hf_dir attention.prompt="def fib(n):" attention.layer=3 attention.head=1
     python evaluate.py ckpt=hf_dir data=text_files data.files='[wiki.test.raw]' split=all
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \
@@ -57,6 +58,7 @@ from evaluation.report import (Row, format_table, gap_closed, make_row, paired_d
                                write_report)
 from evaluation.scoring import (TokenBytes, scored_tokens, split_tokens, window_count,
                                 window_rows)
+from evaluation.tasks import add_task_scores, check_tasks
 from store.source import SourceError as UsageError
 from store.source import Kind, load_model, open_source, pick_device, pick_dtype
 from store.source import Source as Opened
@@ -120,6 +122,10 @@ class EvaluateConfig:
     # one prompt reads no corpus); true: attention.prompt and the scores; false: no scores
     score: Optional[bool] = None
     passkey: PasskeyOptions = field(default_factory=PasskeyOptions)
+    # zero-shot tasks through lm-evaluation-harness (evaluation/tasks.py, needs '.[eval]')
+    tasks: list[str] = field(default_factory=list)  # e.g. [arc_easy,piqa,winogrande]
+    tasks_dir: str = ""  # local originals of LOCAL_TASKS (<dir>/<task>/); "": the Hub
+    task_limit: Optional[int] = None  # the first N items of each task; null: all
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -188,6 +194,10 @@ def check_settings(cfg: EvaluateConfig, sources: list[Source]) -> tuple[int, int
     if cfg.passkey.active:
         check_passkey(cfg.passkey, passkey_lengths(cfg, sources), context,
                       {s.name: checkpoint_tokenizer(s.path) for s in sources})
+    check_tasks(cfg.tasks, cfg.tasks_dir, cfg.task_limit)
+    if cfg.tasks and not wants_scores(cfg):
+        raise EvalError("tasks=... adds columns to the scored rows: drop score=false and "
+                        "passkey.only=true")
     for out in outputs(cfg, len(sources)):
         check_out(out, cfg.overwrite)
     return seq_len, stride
@@ -418,6 +428,9 @@ def run(cfg: EvaluateConfig) -> dict:
         split, why = pick_split(cfg, sources)
         rows, ref_tokens = score_sources(cfg, sources, split, seq_len, stride, accelerator,
                                          device, dtype)
+        if cfg.tasks and main:
+            add_task_scores(rows, [s.path for s in sources], cfg.tasks, cfg.tasks_dir,
+                            cfg.task_limit, cfg.batch_size, device, dtype)
         result |= {"corpus": given(asdict(cfg.data)), "split": split, "split_reason": why,
                    "seq_len": seq_len, "stride": stride, "max_windows": cfg.max_windows,
                    "reference": cfg.reference, "rows": [asdict(r) for r in rows]}

@@ -44,6 +44,8 @@ class Row:
     delta_bits_per_byte_se: Optional[float] = None
     beyond_noise: Optional[bool] = None  # |delta| > 1.96 paired SE (see paired_deltas())
     gap_closed: Optional[float] = None  # see gap_closed()
+    tasks: Optional[dict] = None  # evaluation/tasks.py: {task: {acc, acc_stderr, ...}}
+    task_average: Optional[dict] = None  # {acc, acc_norm}: the mean over the tasks
 
 
 def make_row(source, config: ModelConfig, tokenizer, windows: np.ndarray,
@@ -106,7 +108,11 @@ def format_table(rows: list[Row]) -> str:
     with_ref = any(r.delta_bits_per_byte is not None for r in rows)
     if with_ref:
         head += ["ΔNLL ±SE", "Δbits/byte ±SE", "beyond noise", "gap closed"]
-    table = [head] + [table_cells(r, with_ref) for r in rows]
+    tasks = list(rows[0].tasks or {}) if rows else []
+    if tasks:
+        head += [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")] + ["avg acc",
+                                                                           "avg acc_norm"]
+    table = [head] + [table_cells(r, with_ref) + task_cells(r, tasks) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                        enumerate(zip(row, widths))) for row in table]
@@ -138,6 +144,15 @@ def table_cells(r: Row, with_ref: bool) -> list[str]:
                   pm(r.delta_bits_per_byte, r.delta_bits_per_byte_se, "+.4f"), noise,
                   fmt(r.gap_closed, ".1%")]
     return cells
+
+
+def task_cells(r: Row, tasks: list[str]) -> list[str]:
+    """acc and acc_norm of each task ± its standard error, in percent; then the averages."""
+    pct = lambda v, se=None: "—" if v is None else f"{100 * v:.1f}" + (
+        f"±{100 * se:.1f}" if se is not None else "")
+    cells = [pct(r.tasks[t][m], r.tasks[t][f"{m}_stderr"]) for t in tasks
+             for m in ("acc", "acc_norm")]
+    return cells + [pct(r.task_average[m]) for m in ("acc", "acc_norm")] if tasks else []
 
 
 def write_report(path: Path, result: dict[str, Any]) -> None:
