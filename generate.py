@@ -4,6 +4,7 @@ GPT-2, GPT-NeoX).
     python generate.py ckpt=runs/x/checkpoints/step_1000 prompt="def fib(n):"
     python generate.py ckpt=runs/x prompt_file=- num_samples=3 temperature=0.9 < prompt.py
     python generate.py ckpt=hf_llama_dir prompt_ids=[1,532,99] temperature=0
+    python generate.py ckpt=instruct_dir chat=true prompt="The capital of France is"
     python generate.py --help
 
 Text streams to stdout as it is produced; timing and memory go to stderr. The prompt is
@@ -24,6 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import cli
+from data.chat import ChatTemplate
 from model.kv_cache import kv_bytes_per_token
 from model.quantized import MODES, describe, kernel_report, quantize_model, weight_bytes
 from model.sampling import KV_CACHES, SamplingConfig, compile_decode, stream
@@ -42,7 +44,9 @@ class GenerateConfig:
     prompt_file: str = ""  # read the prompt from this file; "-" reads stdin
     prompt_ids: list[int] = field(default_factory=list)  # token ids instead of text
     bos: Optional[bool] = None  # prepend BOS to a text prompt; null: as the tokenizer does
-    # (Llama's add_bos_token), like transformers' tokenizer(prompt)
+    # (Llama's add_bos_token), like transformers' tokenizer(prompt); with chat: as the template
+    chat: bool = False  # the prompt is a user turn in the source's chat template; stop at its end of turn
+    system: str = ""  # chat: a system turn before the prompt ("": the template's default)
     num_samples: int = 1
     max_new_tokens: int = 256
     temperature: float = 0.8  # 0 = greedy
@@ -79,7 +83,32 @@ def read_prompt(cfg: GenerateConfig) -> str:
     return cfg.prompt
 
 
-def prompt_tokens(cfg: GenerateConfig, tokenizer, model: Transformer) -> list[int]:
+def chat_template(cfg: GenerateConfig, tokenizer) -> ChatTemplate | None:
+    """The source's chat template when chat=true; refused when it has none."""
+    if not cfg.chat:
+        if cfg.system:
+            raise UsageError("system= is a chat turn: add chat=true")
+        return None
+    if cfg.prompt_ids:
+        raise UsageError("chat=true renders a text prompt through the template: drop prompt_ids=")
+    template = ChatTemplate.of(tokenizer) if tokenizer is not None else None
+    if template is None:
+        raise UsageError(f"chat=true needs a chat template: {cfg.ckpt} has no chat_template.jinja"
+                         f" and no chat_template in tokenizer_config.json")
+    return template
+
+
+def text_tokens(cfg: GenerateConfig, tokenizer, text: str, chat: ChatTemplate | None) -> list[int]:
+    if chat is not None:  # the template writes BOS itself, when it wants one
+        ids, bos = chat.encode(chat.render(chat.conversation(text, cfg.system))), bool(cfg.bos)
+    else:
+        ids = tokenizer.encode(text)
+        bos = tokenizer.add_bos if cfg.bos is None else cfg.bos
+    return ([tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []) + ids
+
+
+def prompt_tokens(cfg: GenerateConfig, tokenizer, model: Transformer,
+                  chat: ChatTemplate | None = None) -> list[int]:
     text = read_prompt(cfg)
     if cfg.prompt_ids:
         if text:
@@ -90,9 +119,7 @@ def prompt_tokens(cfg: GenerateConfig, tokenizer, model: Transformer) -> list[in
                          "merges.txt beside it: give the prompt as token ids, e.g. "
                          "prompt_ids=[1,450,3681]")
     else:
-        bos = tokenizer.add_bos if cfg.bos is None else cfg.bos
-        ids = ([tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []) + \
-            tokenizer.encode(text)
+        ids = text_tokens(cfg, tokenizer, text, chat)
     if not ids:
         raise UsageError("the prompt is empty: pass prompt=..., prompt_file=... or prompt_ids=[...]"
                          " (bos=true starts from the BOS token alone)")
@@ -105,6 +132,14 @@ def prompt_tokens(cfg: GenerateConfig, tokenizer, model: Transformer) -> list[in
                          f"exceeds the model's context of {context}: shorten the prompt or "
                          f"lower max_new_tokens")
     return ids
+
+
+def stop_ids(cfg: GenerateConfig, tokenizer, chat: ChatTemplate | None) -> list[int]:
+    """Where a sample ends: EOS, and in a chat the template's end-of-turn token."""
+    if tokenizer is None or not cfg.stop_at_eos:
+        return []
+    ids = [chat.end_of_turn_id() if chat is not None else None, tokenizer.eos_id]
+    return [i for i in dict.fromkeys(ids) if i is not None]
 
 
 def sampling_config(cfg: GenerateConfig) -> SamplingConfig:
@@ -164,12 +199,14 @@ def run(cfg: GenerateConfig) -> None:
     model, tokenizer = source.load(device, dtype), source.tokenizer()
     if cfg.quantize != "none":
         quantize_model(model, cfg.quantize, cfg.group_size)
-    ids = prompt_tokens(cfg, tokenizer, model)
-    eos_id = tokenizer.eos_id if tokenizer is not None and cfg.stop_at_eos else None
+    chat = chat_template(cfg, tokenizer)
+    ids = prompt_tokens(cfg, tokenizer, model, chat)
+    stops = stop_ids(cfg, tokenizer, chat)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     live = cfg.stream and cfg.num_samples == 1
     sinks = [TextSink(tokenizer, ids) for _ in range(cfg.num_samples)]
-    texts = [prompt_text(tokenizer, ids) for _ in range(cfg.num_samples)]
+    # a chat prints only the answer; otherwise the prompt leads its continuation
+    texts = ["" if chat else prompt_text(tokenizer, ids) for _ in range(cfg.num_samples)]
     done = [False] * cfg.num_samples
     started = time.perf_counter()
     if cfg.compile:  # before the clock starts, so decode tok/s is the steady rate
@@ -182,14 +219,14 @@ def run(cfg: GenerateConfig) -> None:
     t0 = time.perf_counter()
     t_first = None
     steps = 0
-    for token in stream(model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, eos_id,
+    for token in stream(model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, stops,
                         generator, compile=cfg.compile, kv_cache=cfg.kv_cache):
         token = token.tolist()  # the one host sync per step
         if t_first is None:
             t_first = time.perf_counter()
         steps += 1
         for b, t in enumerate(token):
-            if done[b] or t == eos_id:
+            if done[b] or t in stops:
                 done[b] = True
                 continue
             new = sinks[b].push(t)
@@ -239,5 +276,6 @@ def main(dcfg) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = cli.quote_prompt_args(sys.argv[1:])
+    for key in ("prompt", "system"):  # free text, verbatim
+        sys.argv[1:] = cli.quote_prompt_args(sys.argv[1:], key)
     main()

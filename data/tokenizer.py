@@ -37,9 +37,11 @@ import sentencepiece as spm
 from data.config import DataError
 
 SPM_FILE, JSON_FILE, CONFIG_FILE = "tokenizer.model", "tokenizer.json", "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' own file; wins over the config's
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # GPT-2's byte-level BPE, as a pair
 # Copied wholesale wherever a tokenizer travels (checkpoints, import, export, prepared data).
-TOKENIZER_CONFIGS = (CONFIG_FILE, "special_tokens_map.json", "generation_config.json")
+TOKENIZER_CONFIGS = (CONFIG_FILE, "special_tokens_map.json", "generation_config.json",
+                     CHAT_TEMPLATE_FILE)
 TOKENIZER_FILES = (SPM_FILE, JSON_FILE, VOCAB_FILE, MERGES_FILE, *TOKENIZER_CONFIGS)
 MODEL_FILES = (JSON_FILE, SPM_FILE, VOCAB_FILE, MERGES_FILE)  # load_tokenizer's preference
 # Where special ids are looked up, in order of authority: (file, is_token_text).
@@ -85,6 +87,11 @@ class Tokenizer:
         raise NotImplementedError
 
     def token_text(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def special_tokens(self) -> dict:
+        """{text: id} of the special tokens (tokenizer.json's added tokens, sentencepiece's
+        control pieces): the ones whose text in a chat template means one id."""
         raise NotImplementedError
 
     def is_byte(self, token_id: int) -> bool:
@@ -197,6 +204,10 @@ class SentencePieceTokenizer(Tokenizer):
     def token_text(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
 
+    def special_tokens(self) -> dict:
+        sp = self.sp
+        return {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
+
     def is_byte(self, token_id: int) -> bool:
         return 0 <= token_id < self.vocab_size and self.sp.is_byte(token_id)
 
@@ -242,6 +253,9 @@ class JsonTokenizer(Tokenizer):
 
     def token_text(self, token_id: int) -> str:
         return self.tk.id_to_token(token_id)
+
+    def special_tokens(self) -> dict:
+        return {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
 
     def post_processor_first_id(self) -> Optional[int]:
         return first_added_id(json.loads(self.data).get("post_processor") or {})

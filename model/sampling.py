@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -160,25 +160,34 @@ def as_batch(prompt: torch.Tensor | list[int], num_samples: int, device) -> torc
     return prompt.contiguous()  # (B, T)
 
 
-def mark_finished(token: torch.Tensor, done: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    """Sequences that already ended keep emitting eos_id; updates done in place."""
-    if eos_id is None:
+def stop_tensor(eos_id: int | Sequence[int] | None, device) -> torch.Tensor | None:
+    """The ids that end a sequence (an EOS id, or several: EOS and a chat's end of turn)."""
+    if eos_id is None or (not isinstance(eos_id, int) and len(eos_id) == 0):
+        return None
+    return torch.as_tensor(eos_id, dtype=torch.long, device=device).reshape(-1)
+
+
+def mark_finished(token: torch.Tensor, done: torch.Tensor,
+                  stop: torch.Tensor | None) -> torch.Tensor:
+    """Sequences that already ended keep emitting the first stop id; updates done in place."""
+    if stop is None:
         return token
-    token = token.masked_fill(done, eos_id)
-    done |= token == eos_id
+    token = token.masked_fill(done, stop[0])
+    done |= torch.isin(token, stop)
     return token
 
 
 @torch.inference_mode()
 def stream(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens: int,
            sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1,
-           eos_id: int | None = None, generator: torch.Generator | None = None,
+           eos_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
            cache_dtype: torch.dtype | None = None, compile: bool = False,
            kv_cache: str = "float") -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (B,) as it is produced.
 
     A 1-D prompt is repeated num_samples times; a 2-D prompt (B, T) is used as is.
-    Sequences that emitted eos_id keep yielding eos_id; the stream ends when all have.
+    eos_id: one id or several (any of them ends a sequence). Sequences that emitted one keep
+    yielding the first; the stream ends when all have.
     compile=True decodes with compiled_decode_step (the prefill stays eager).
     kv_cache: "float" or "int8" (new_cache).
     """
@@ -191,10 +200,11 @@ def stream(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens:
     pos = tokens.shape[1]
     input_pos = torch.tensor([pos], device=model.device)  # advanced in place
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=model.device)
+    stop = stop_tensor(eos_id, model.device)
     for i in range(max_new_tokens):
-        token = mark_finished(sample(logits, sampling, generator), done, eos_id)
+        token = mark_finished(sample(logits, sampling, generator), done, stop)
         yield token
-        if i + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
+        if i + 1 == max_new_tokens or (stop is not None and bool(done.all())):
             return
         if compiled is not None:
             logits = compiled(model, token, input_pos, cache)
@@ -206,7 +216,7 @@ def stream(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens:
 
 def generate(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1,
-             eos_id: int | None = None, generator: torch.Generator | None = None,
+             eos_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True, compile: bool = False,
              kv_cache: str = "float") -> torch.Tensor:
     """Prompt plus continuations, (B, T + new). use_cache=False recomputes the whole
@@ -221,15 +231,16 @@ def generate(model: Transformer, prompt: torch.Tensor | list[int], max_new_token
 @torch.inference_mode()
 def stream_uncached(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
                     sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1,
-                    eos_id: int | None = None,
+                    eos_id: int | Sequence[int] | None = None,
                     generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     tokens = as_batch(prompt, num_samples, model.device)
     check_length(model, tokens.shape[1], max_new_tokens)
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=model.device)
+    stop = stop_tensor(eos_id, model.device)
     for _ in range(max_new_tokens):
         token = sample(model(tokens, last_only=True)[:, -1], sampling, generator)
-        token = mark_finished(token, done, eos_id)
+        token = mark_finished(token, done, stop)
         yield token
-        if eos_id is not None and bool(done.all()):
+        if stop is not None and bool(done.all()):
             return
         tokens = torch.cat([tokens, token[:, None]], dim=1)

@@ -177,3 +177,33 @@ def hf_family(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"hf_{request.param}")
     model, tok = tiny_hf_family(out, request.param)
     return request.param, out, model, tok
+
+
+# SmolLM2-Instruct's chat template (ChatML, a default system turn), as its tokenizer_config.json
+# ships it: the template of the one real instruct model the project measures on.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end>"]
+
+
+def chat_tokenizer(out_dir: Path, template: str, **special):
+    """A transformers byte-level BPE tokenizer with ChatML's specials (and "<end>") and the
+    chat template, saved into out_dir (transformers writes chat_template.jinja). EOS is
+    <|endoftext|>, not a turn terminator, unless special says otherwise."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=CHAT_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    special = {"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", **special}
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **special)
+    hf.save_pretrained(out_dir)
+    return hf

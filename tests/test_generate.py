@@ -21,6 +21,9 @@ from model.config import ModelConfig
 from store.hf import export_hf
 from model.sampling import SamplingConfig, generate
 from model.transformer import Transformer
+from data.chat import chat_template
+from experiments.smollm2 import DEFAULT_CACHE as SMOLLM2_CACHE
+from hf_fixtures import SMOLLM2_TEMPLATE, chat_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRICKY = "def f(x):\n\tif x:\n        return  'héllo wörld ✓ 日本語 🚀'\n\n\nprint(f(1))  # done\n"
@@ -142,6 +145,8 @@ def test_run_dir_uses_latest(tmp_path, ckpt, capsys):
     ({"dtype": "fp8"}, "dtype='fp8' is unknown"),
     ({"prompt_ids": [1, 99999], "prompt": ""}, "prompt_ids must lie in"),
     ({"prompt_file": "/nonexistent.txt", "prompt": ""}, "cannot read prompt_file"),
+    ({"chat": True}, "chat=true needs a chat template"),
+    ({"system": "Be brief."}, "system= is a chat turn: add chat=true"),
 ])
 def test_bad_input_is_one_clear_error(ckpt, kw, message):
     with pytest.raises(UserError) as e:
@@ -175,6 +180,8 @@ def test_prompt_is_taken_verbatim(text):
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
         cfg = compose("generate", quote_prompt_args([f"prompt={text}"]))
         assert cfg.prompt == text
+        cfg = compose("generate", quote_prompt_args([f"system={text}"], "system"))
+        assert cfg.system == text
     GlobalHydra.instance().clear()
 
 
@@ -212,3 +219,92 @@ def test_int8_kv_cache_from_the_command_line(ckpt, tokenizer):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "error: kv_cache=int4: Invalid value 'int4', expected one of [float, int8]"], bad.stderr
+
+
+# ---------------------------------------------------------------- chat templates
+
+CHAT_PROMPT = "class Point:"
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory):
+    """A tiny HF Llama dir with SmolLM2's ChatML template whose head rows of <|im_end|> and
+    of a token greedy decoding picks a few steps into the answer are swapped: the greedy
+    answer now ends with <|im_end|> there. EOS is <|endoftext|>, a different token.
+    -> (dir, transformers model, tokenizer, rendered prompt ids)."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("chat_llama")
+    tok = chat_tokenizer(out, SMOLLM2_TEMPLATE)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():  # larger than the default init: clear greedy picks
+        torch.nn.init.normal_(p, mean=0.0 if p.dim() > 1 else 1.0, std=0.1)
+    ids = tok.apply_chat_template([dict(role="user", content=CHAT_PROMPT)],
+                                  add_generation_prompt=True)["input_ids"]
+    free = hf_greedy(model, ids, 16, eos=None)
+    ends = (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id)
+    k = next(k for k in range(4, len(free))
+             if free[k] not in free[:k] and not set(ends) & set(free[:k + 1]))
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head[[free[k], ends[0]]] = head[[ends[0], free[k]]]
+    model.save_pretrained(out)
+    return out, model, tok, ids
+
+
+def hf_greedy(model, ids, max_new_tokens, eos):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_chat_answers_in_the_template_and_stops_at_its_end_of_turn(chat_llama, capsys):
+    """chat=true: the answer to the ChatML-rendered prompt, alone, is transformers' greedy
+    answer, ending where <|im_end|> comes; the same ids as plain text run on past it."""
+    out, model, tok, ids = chat_llama
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ref = hf_greedy(model, ids, 24, eos=[end, tok.eos_token_id])
+    assert ref[-1] == end and 4 < len(ref) < 24  # stopped mid-way, at the end of turn
+    answer, err = run_cli(capsys, ckpt=str(out), chat=True, prompt=CHAT_PROMPT, temperature=0)
+    assert answer == tok.decode(ref[:-1], skip_special_tokens=True) + "\n"
+    assert f"prefill: {len(ids)} tokens" in err and f"decode: {len(ref)} steps" in err
+    rendered = tok.apply_chat_template([dict(role="user", content=CHAT_PROMPT)], tokenize=False,
+                                       add_generation_prompt=True)
+    plain, err = run_cli(capsys, ckpt=str(out), prompt=rendered, temperature=0)
+    assert f"prefill: {len(ids)} tokens" in err and "decode: 24 steps" in err
+    assert plain.startswith(tok.decode(ids, skip_special_tokens=True) + answer.rstrip("\n"))
+
+
+def test_chat_without_a_template_is_one_line_exit_2(ckpt):
+    bad = cli(f"ckpt={ckpt}", "prompt=Hi, there", "chat=true", "system=Be brief, please.")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"error: chat=true needs a chat template: {ckpt} has no chat_template.jinja and no "
+        f"chat_template in tokenizer_config.json"], bad.stderr
+
+
+SMOLLM2 = Path(SMOLLM2_CACHE).expanduser() / "hf"
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "model.safetensors").is_file(),
+                    reason="SmolLM2-135M-Instruct not on disk: python -m experiments.smollm2")
+def test_smollm2_chat_answer_equals_transformers(capsys):
+    """The real instruct model: its template is SmolLM2's ChatML, and chat=true's greedy
+    answer equals transformers' generate on apply_chat_template's ids."""
+    transformers = pytest.importorskip("transformers")
+    assert chat_template(SMOLLM2) == SMOLLM2_TEMPLATE
+    tok = transformers.AutoTokenizer.from_pretrained(SMOLLM2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32)
+    question = "What is the capital of France?"
+    ids = tok.apply_chat_template([dict(role="user", content=question)],
+                                  add_generation_prompt=True)["input_ids"]
+    ref = hf_greedy(model.eval(), ids, 16, eos=model.generation_config.eos_token_id)
+    answer, _ = run_cli(capsys, ckpt=str(SMOLLM2), chat=True, prompt=question, temperature=0,
+                        max_new_tokens=16)
+    assert answer == tok.decode(ref, skip_special_tokens=True) + "\n"

@@ -242,3 +242,20 @@ def test_missing_dir_and_bad_args(tmp_path, capsys):
     assert main(["export", "ckpt=a", "out=b", "overwrite=ture"]) == 2  # a typo is not "false"
     assert "overwrite=ture: Value 'ture' is not a valid bool" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_chat_template_travels_through_import_and_export(tmp_path):
+    """chat_template.jinja (transformers' own file) reaches the gqalab checkpoint and the
+    export, and transformers reads the same template back from the export."""
+    from transformers import AutoTokenizer
+
+    from data.chat import chat_template
+    from hf_fixtures import SMOLLM2_TEMPLATE, chat_tokenizer
+    _, path = tiny_hf_llama(tmp_path, 2, False)
+    chat_tokenizer(path, SMOLLM2_TEMPLATE)
+    assert (path / "chat_template.jinja").is_file()
+    assert main(["import", f"hf={path}", f"out={tmp_path / 'ckpt'}"]) == 0
+    assert main(["export", f"ckpt={tmp_path / 'ckpt'}", f"out={tmp_path / 'back'}"]) == 0
+    for out in (tmp_path / "ckpt", tmp_path / "back"):
+        assert chat_template(out) == SMOLLM2_TEMPLATE
+    assert AutoTokenizer.from_pretrained(tmp_path / "back").chat_template == SMOLLM2_TEMPLATE

@@ -75,6 +75,20 @@ def test_stops_when_every_sample_emitted_eos():
     assert stopped == free[: free.index(eos) + 1]
 
 
+def test_any_of_several_stop_ids_ends_a_sequence():
+    """eos_id=[EOS, end of turn]: the first of them to come ends the sequence, in the cached
+    and the uncached stream alike."""
+    model = tiny_model()
+    greedy = SamplingConfig(temperature=0)
+    free = generate(model, [5, 6], 20, greedy)[0, 2:].tolist()
+    late, early = free[6], next(t for t in free[2:6] if t not in free[:2])
+    assert free.index(early) < free.index(late)  # early really comes first
+    for use_cache in (True, False):
+        stopped = generate(model, [5, 6], 20, greedy, eos_id=[late, early],
+                           use_cache=use_cache)[0, 2:].tolist()
+        assert stopped == free[: free.index(early) + 1], use_cache
+
+
 def test_finished_samples_keep_emitting_eos():
     """A head biased towards EOS (token 0, about 1 in 5 per step): the rows end at different
     steps; a finished row keeps emitting EOS while the others sample on (without the rule it
