@@ -180,3 +180,26 @@ def test_bad_mla_configs_are_refused_naming_the_fix(bad, match):
 def test_int8_kv_cache_is_refused_for_mla():
     with pytest.raises(ValueError, match="use kv_cache=float"):
         QuantizedKVCache.for_model(mla_config(**ROPE), batch_size=1)
+
+
+def compose_train(overrides: list[str]):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import training.config  # noqa: F401  (registers the schema)
+    GlobalHydra.instance().clear()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(version_base="1.3", config_dir=str(configs)):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_attention_mla_in_train_config_builds_an_mla_model_or_names_the_fix():
+    from training.config import check_config, model_config
+    cfg = compose_train(["attention=mla", "attention.kv_rank=48"])
+    model_cfg = model_config(cfg, vocab_size=100)
+    assert (model_cfg.attention_type, model_cfg.kv_rank, model_cfg.rope_dim) == ("MLA", 48, 16)
+    assert model_config(compose_train(["attention=gqa"]), 100).kv_rank == 0  # group switch resets
+    with pytest.raises(ConfigError, match="lower rope_dim below 8"):  # tiny's head_dim is 8
+        check_config(compose_train(["model=tiny", "attention=mla"]))
