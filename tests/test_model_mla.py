@@ -203,3 +203,12 @@ def test_attention_mla_in_train_config_builds_an_mla_model_or_names_the_fix():
     assert model_config(compose_train(["attention=gqa"]), 100).kv_rank == 0  # group switch resets
     with pytest.raises(ConfigError, match="lower rope_dim below 8"):  # tiny's head_dim is 8
         check_config(compose_train(["model=tiny", "attention=mla"]))
+
+
+def test_init_from_refuses_converting_to_or_from_mla():
+    """No MHA -> MLA conversion exists yet: init_from with attention=mla must not silently
+    uptrain the source's own attention."""
+    from training.start import TrainError, check_target_heads
+    cfg = compose_train(["attention=mla"])
+    with pytest.raises(TrainError, match="train the MLA model from scratch"):
+        check_target_heads(cfg, ModelConfig(vocab_size=100, n_layer=6, d_model=256))
