@@ -1,4 +1,5 @@
-"""Rotary embeddings and the one causal self-attention behind MHA, GQA and MQA.
+"""Rotary embeddings, the one causal self-attention behind MHA, GQA and MQA, and
+multi-head latent attention (MLA, LatentSelfAttention).
 
 Query head h reads KV head h // group_size (contiguous groups), the layout of HF's
 repeat_kv and SDPA's enable_gqa, and the one mean-pool conversion relies on.
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, LatentCache
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,3 +129,117 @@ class CausalSelfAttention(nn.Module):
         q = q.reshape(B, self.n_kv_head, H // self.n_kv_head * T, hd)  # (B, n_kv, G*T, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_kv, G*T, hd)
         return y.view(B, H, T, hd)
+
+
+class LatentUp(nn.Module):
+    """An up-projection out of MLA's latent, (out, kv_rank) plus an optional bias: a linear
+    layer kept out of nn.Linear so that quantize= leaves it in float, since the absorbed
+    decode reads its weight as a matrix (it is small: kv_rank inputs)."""
+
+    def __init__(self, kv_rank: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, kv_rank))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return F.linear(latent, self.weight, self.bias)
+
+
+class LatentSelfAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2). Each token writes one latent
+    c = W_dkv x (kv_rank) and one RoPE key k_r = rope(W_kr x) (rope_dim) shared by all heads;
+    head h's key is [k_r | W_uk_h c] and its value W_uv_h c. Queries stay per head, each
+    [rope_dim rotated | nope_dim], the order NeoX's partial rotary uses.
+
+    Two forms of one attention: `expanded` (training, prefill) expands the latents to
+    per-head K/V for SDPA; `absorbed` (decode) moves W_uk into the query and W_uv past the
+    weighted sum, so it attends directly over the cached [k_r | c], one shared "KV head".
+    Biases (attn_bias) sit on the up-projections' outputs, never on the latent, so an
+    exact factorisation of a biased K/V (GPT-2's) keeps them exact."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        H, d, bias = cfg.n_head, cfg.d_model, cfg.attn_bias
+        self.n_head, self.kv_rank = H, cfg.kv_rank
+        self.rope_dim, self.nope_dim, self.v_dim = cfg.rope_dim, cfg.nope_dim, cfg.v_dim
+        self.q_proj = nn.Linear(d, H * (cfg.rope_dim + cfg.nope_dim), bias=bias)
+        self.kv_down = nn.Linear(d, cfg.kv_rank, bias=False)  # W_dkv
+        self.k_rope = nn.Linear(d, cfg.rope_dim, bias=bias) if cfg.rope_dim else None  # W_kr
+        self.k_up = LatentUp(cfg.kv_rank, H * cfg.nope_dim, bias)  # W_uk
+        self.v_up = LatentUp(cfg.kv_rank, H * cfg.v_dim, bias)  # W_uv
+        self.o_proj = nn.Linear(H * cfg.v_dim, d, bias=bias)
+        self.scale = (cfg.rope_dim + cfg.nope_dim) ** -0.5  # a query's whole width
+        self.on_attention: Callable[[int, torch.Tensor], None] | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                cache: LatentCache | None = None, input_pos: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+        """As CausalSelfAttention.forward; a cache here is a LatentCache. One new token per
+        sequence decodes in the absorbed form, anything else runs expanded."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.rope_dim + self.nope_dim)
+        latent = self.latent(x, cos, sin)  # (B, T, rd + r)
+        if cos is not None:
+            q = apply_rope(q, cos[:, None], sin[:, None])  # rotates each head's first rd
+        q = q.transpose(1, 2)  # (B, H, T, rd + nope)
+        if cache is not None:
+            latent = cache.update(self.layer, input_pos, latent)[:, :kv_len]  # (B, S, rd + r)
+        if cache is not None and T == 1:
+            y = self.absorbed(q, latent, mask)
+        else:
+            y = self.expanded(q, latent, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor | None,
+               sin: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, d) -> what the cache holds per token, [rotated k_r | c] (B, T, rd + r)."""
+        c = self.kv_down(x)  # (B, T, r)
+        if self.k_rope is None:  # rope_dim 0 (learned positions): all of K is latent
+            return c
+        k_r = self.k_rope(x)  # (B, T, rd)
+        if cos is not None:
+            k_r = apply_rope(k_r, cos, sin)
+        return torch.cat([k_r, c], dim=-1)
+
+    def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent (B, S, rd + r) -> per-head k (B, H, S, rd + nope), v (B, H, S, v_dim)."""
+        B, S, _ = latent.shape
+        H = self.n_head
+        k_r, c = latent.split([self.rope_dim, self.kv_rank], dim=-1)
+        k_nope = self.k_up(c).view(B, S, H, self.nope_dim).transpose(1, 2)  # (B, H, S, nope)
+        v = self.v_up(c).view(B, S, H, self.v_dim).transpose(1, 2)  # (B, H, S, v)
+        k = torch.cat([k_r[:, None].expand(B, H, S, self.rope_dim), k_nope], dim=-1)
+        return k, v
+
+    def expanded(self, q: torch.Tensor, latent: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training/prefill form: q (B, H, T, rd + nope) over latent (B, S, rd + r) expanded
+        to per-head K/V -> (B, H, T, v_dim). mask (.., T, S) from cache_mask; None: causal
+        (S == T)."""
+        k, v = self.expand(latent)
+        if mask is None and self.on_attention is not None:
+            self.on_attention(self.layer, attention_logprobs(q, k))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              scale=self.scale)
+
+    def absorbed(self, q: torch.Tensor, latent: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode form, equal to expanded: q_nope W_uk_h scores the latents directly, and the
+        probabilities average the latents before W_uv_h. Then the heads are queries of one
+        shared KV head [k_r | c] with value c, folded into the query axis as _attend_grouped
+        folds a group. W_uk's bias adds q_nope . b_k to every key's score alike, which softmax
+        ignores; W_uv's bias passes through the average (the probabilities sum to 1).
+        q (B, H, T, rd + nope), latent (B, S, rd + r), mask cache_mask(.., S, group=H)
+        (for one token group=1's (1, 1, 1, S) broadcasts the same) -> (B, H, T, v_dim)."""
+        B, H, T, _ = q.shape
+        q_rope, q_nope = q.split([self.rope_dim, self.nope_dim], dim=-1)
+        w_uk = self.k_up.weight.view(H, self.nope_dim, self.kv_rank)
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        q_abs = torch.cat([q_rope, q_latent], dim=-1).reshape(B, 1, H * T, -1)  # rows (h, t)
+        kv = latent[:, None]  # (B, 1, S, rd + r)
+        ctx = F.scaled_dot_product_attention(q_abs, kv, kv[..., self.rope_dim:], attn_mask=mask,
+                                             scale=self.scale)  # (B, 1, H*T, r)
+        w_uv = self.v_up.weight.view(H, self.v_dim, self.kv_rank)
+        y = torch.einsum("bhtr,hvr->bhtv", ctx.view(B, H, T, self.kv_rank), w_uv)
+        return y if self.v_up.bias is None else y + self.v_up.bias.view(H, 1, self.v_dim)

@@ -1,4 +1,5 @@
-"""The model's shape. MHA, GQA and MQA are values of one field: n_kv_head."""
+"""The model's shape. MHA, GQA and MQA are values of one field, n_kv_head; MLA (multi-head
+latent attention) is kv_rank > 0."""
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,12 @@ class ModelConfig:
     positions: str = "rope"  # rope | learned (an embedding per position, GPT-2)
     rotary_dim: int = 0  # 0 means head_dim; NeoX rotates only the first rotary_dim of each head
     parallel_residual: bool = False  # NeoX: x + attn(norm1(x)) + mlp(norm2(x))
+    # MLA (DeepSeek-V2, docs/mla.md): every head's K and V come out of one latent per token,
+    # the only thing cached beside one RoPE key shared by all heads. Queries stay per head.
+    kv_rank: int = 0  # the latent's width; 0: not MLA (K/V heads by n_kv_head)
+    rope_dim: int = 0  # MLA: width of the shared RoPE key and each query's rotated part (even)
+    nope_dim: int = 0  # MLA: each head's unrotated query/key width; 0 means head_dim - rope_dim
+    v_dim: int = 0  # MLA: each head's value width; 0 means head_dim
 
     def __post_init__(self) -> None:
         if self.n_kv_head == 0:
@@ -49,6 +56,10 @@ class ModelConfig:
             self.ffn_hidden = swiglu if self.mlp == "swiglu" else 4 * self.d_model
         if self.rotary_dim == 0:
             self.rotary_dim = self.head_dim
+        if self.kv_rank > 0 and self.nope_dim == 0:
+            self.nope_dim = self.head_dim - self.rope_dim
+        if self.kv_rank > 0 and self.v_dim == 0:
+            self.v_dim = self.head_dim
         self.validate()
 
     def validate(self) -> None:
@@ -72,6 +83,37 @@ class ModelConfig:
             raise ConfigError(f"{name}={self.rotary_dim} must be even for rotary embeddings")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ConfigError("rope_theta and norm_eps must be positive")
+        self.validate_latent()
+
+    def validate_latent(self) -> None:
+        """MLA's fields: all 0 without kv_rank, a consistent head shape with it."""
+        mla_fields = {k: getattr(self, k) for k in ("rope_dim", "nope_dim", "v_dim")}
+        if min(self.kv_rank, self.rope_dim, self.v_dim) < 0:
+            raise ConfigError("kv_rank, rope_dim and v_dim must be >= 0")
+        if self.kv_rank == 0:
+            given = [f"{k}={v}" for k, v in mla_fields.items() if v]
+            if given:
+                raise ConfigError(f"{', '.join(given)} shape(s) MLA's heads: set kv_rank > 0 "
+                                  f"(attention=mla), or leave them at 0")
+            return
+        if self.n_kv_head != self.n_head:
+            raise ConfigError(f"n_kv_head={self.n_kv_head} with kv_rank={self.kv_rank}: MLA has "
+                              f"no KV heads to share; leave n_kv_head at 0 (attention=mla does)")
+        if self.rotary_dim != self.head_dim:
+            raise ConfigError(f"rotary_dim={self.rotary_dim} is per-head partial RoPE, which MLA "
+                              f"replaces by its shared RoPE key: leave rotary_dim at 0 and set "
+                              f"rope_dim={self.rotary_dim}")
+        if self.positions == "rope" and (self.rope_dim <= 0 or self.rope_dim % 2):
+            raise ConfigError(f"rope_dim={self.rope_dim}: MLA with positions=rope needs an even "
+                              f"rope_dim > 0, the width of its shared RoPE key (e.g. rope_dim="
+                              f"{max(2, self.head_dim // 2 // 2 * 2)})")
+        if self.positions == "learned" and self.rope_dim:
+            raise ConfigError(f"rope_dim={self.rope_dim} needs positions=rope; with learned "
+                              f"positions set rope_dim=0 (all of K comes from the latent)")
+        if self.nope_dim <= 0:
+            raise ConfigError(f"rope_dim={self.rope_dim} leaves no unrotated key width at "
+                              f"head_dim={self.head_dim}: lower rope_dim below {self.head_dim} "
+                              f"or set nope_dim > 0")
 
     @property
     def group_size(self) -> int:
@@ -79,13 +121,22 @@ class ModelConfig:
         return self.n_head // self.n_kv_head
 
     @property
+    def rotated_dim(self) -> int:
+        """The width RoPE rotates, its tables' width: MLA's rope_dim, else rotary_dim."""
+        return self.rope_dim if self.kv_rank else self.rotary_dim
+
+    @property
     def attention_type(self) -> str:
+        if self.kv_rank:
+            return "MLA"
         if self.n_kv_head == self.n_head:
             return "MHA"
         return "MQA" if self.n_kv_head == 1 else f"GQA-{self.n_kv_head}"
 
     def with_kv_heads(self, n_kv_head: int) -> "ModelConfig":
-        return dataclasses.replace(self, n_kv_head=n_kv_head)
+        """This model with n_kv_head K/V heads (an MLA model: its MHA/GQA equivalent)."""
+        return dataclasses.replace(self, n_kv_head=n_kv_head, kv_rank=0, rope_dim=0, nope_dim=0,
+                                   v_dim=0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

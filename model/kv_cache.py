@@ -1,5 +1,6 @@
 """A preallocated per-layer KV cache that holds only the n_kv_head K/V heads, in full
-precision (KVCache) or int8 (QuantizedKVCache)."""
+precision (KVCache) or int8 (QuantizedKVCache); for MLA models, only each token's latent and
+shared RoPE key (LatentCache)."""
 from __future__ import annotations
 
 import torch
@@ -31,10 +32,11 @@ class KVCache:
     def for_model(cls, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> "KVCache":
-        max_len = max_len or cfg.max_seq_len
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len "
-                             f"{cfg.max_seq_len}: shorten the prompt or max_new_tokens")
+        """The float cache for cfg's model: one entry point for every attention kind, so an
+        MLA model (kv_rank > 0) gets its LatentCache here."""
+        if cfg.kv_rank:
+            return LatentCache.for_model(cfg, batch_size, max_len, dtype, device)
+        max_len = checked_len(cfg, max_len)
         return cls(cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim, dtype, device)
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -51,9 +53,55 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def checked_len(cfg: ModelConfig, max_len: int | None) -> int:
+    """The cache length asked for (None: the model's context), refused past the context."""
+    max_len = max_len or cfg.max_seq_len
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len "
+                         f"{cfg.max_seq_len}: shorten the prompt or max_new_tokens")
+    return max_len
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Cache bytes one token costs per sequence: K and V, every layer, n_kv heads."""
+    """Cache bytes one token costs per sequence, every layer: K and V of n_kv heads, or
+    MLA's latent and shared RoPE key."""
+    if cfg.kv_rank:
+        return cfg.n_layer * (cfg.kv_rank + cfg.rope_dim) * dtype.itemsize
     return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * dtype.itemsize
+
+
+class LatentCache:
+    """MLA's cache: one buffer (B, max_len, rope_dim + kv_rank) per layer, each token's
+    rotated shared RoPE key beside its latent, in that order (the order of each query's
+    [rope | nope] parts). Side by side so the absorbed decode reads one buffer as its keys
+    and a view of it as its values, with no copy per step. Written in place at a position
+    tensor, like KVCache."""
+
+    quantized = False
+
+    def __init__(self, n_layer: int, batch_size: int, max_len: int, width: int,
+                 dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (batch_size, max_len, width)
+        self.latent = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                  dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> "LatentCache":
+        return cls(cfg.n_layer, batch_size, checked_len(cfg, max_len), cfg.rope_dim + cfg.kv_rank,
+                   dtype, device)
+
+    def update(self, layer: int, input_pos: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """Write latent (B, T, rd + r) at positions input_pos (T,); return the whole buffer
+        (B, max_len, rd + r), to be read through cache_mask. Cast as KVCache.update does."""
+        self.latent[layer].index_copy_(1, input_pos, latent.to(self.latent[layer].dtype))
+        return self.latent[layer]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.latent)
 
 
 class QuantizedKVCache(KVCache):
@@ -92,6 +140,10 @@ class QuantizedKVCache(KVCache):
     def for_model(cls, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                   window: int = 32) -> "QuantizedKVCache":
+        if cfg.kv_rank:
+            raise ValueError("kv_cache=int8 has no MLA form yet: MLA's cache already holds only "
+                             f"{cfg.kv_rank + cfg.rope_dim} values per token and layer; use "
+                             "kv_cache=float")
         cache = super().for_model(cfg, batch_size, max_len, dtype, device)  # checks max_len
         if window < 1:
             raise ValueError(f"the full-precision window must be >= 1 token, got {window}")

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import CausalSelfAttention, cache_mask, rope_tables
+from model.attention import (CausalSelfAttention, LatentSelfAttention, LatentUp, cache_mask,
+                             rope_tables)
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 
@@ -56,7 +57,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg, layer)
+        self.attn = (LatentSelfAttention if cfg.kv_rank else CausalSelfAttention)(cfg, layer)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.parallel_residual = cfg.parallel_residual
@@ -91,7 +92,7 @@ class Transformer(nn.Module):
         (store.checkpoint.model_from_state) calls this again once its weights are in."""
         cfg = self.config
         cos, sin = (None, None) if cfg.positions == "learned" else rope_tables(
-            cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta)
+            cfg.rotated_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, rd)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -103,12 +104,12 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         std = self.config.init_std
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, LatentUp)):
                 # GPT-2: layers writing into the residual stream shrink with depth.
                 residual_out = name.endswith(("o_proj", "down_proj"))
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if residual_out else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-            if isinstance(module, nn.Linear) and module.bias is not None:
+            if isinstance(module, (nn.Linear, LatentUp)) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         self.tie_weights()
 

@@ -41,7 +41,7 @@ CKPT = "{run}/checkpoints/step_4"
 CASES = [
     ("train.py", [*TRAIN, "model.n_layer=abc"], "model.n_layer=abc: Value 'abc'"),
     ("train.py", [*TRAIN, "attention=foo"], "attention=foo is not an option of group attention: "
-                                            "choose one of gqa, mha, mqa"),
+                                            "choose one of gqa, mha, mla, mqa"),
     ("train.py", [*TRAIN, "model.n_layr=3"], "unknown key model.n_layr: did you mean model.n_layer?"),
     ("train.py", [*TRAIN, "n_head=4"], "unknown key n_head: did you mean model.n_head?"),
     ("train.py", [*TRAIN, "model="], "choose one of gpt2, gpt2s, pythia, small, tiny"),

@@ -68,17 +68,20 @@ def test_invalid_switches_raise_one_clear_message(kwargs, message):
 
 def test_the_model_config_group_is_model_config_itself():
     """train.py's `model` group is ModelConfig's fields and defaults (one declaration of the
-    model's shape), less vocab_size (the tokenizer's) and n_kv_head (the attention group's);
-    every preset in configs/model/ only sets fields of it."""
+    model's shape), less vocab_size (the tokenizer's) and the attention group's fields
+    (n_kv_head and MLA's, with ModelConfig's defaults); every preset in configs/model/ only
+    sets fields of it."""
     from dataclasses import fields
     from pathlib import Path
 
     from omegaconf import OmegaConf
-    from training.config import ModelSizeConfig
+    from training.config import AttentionConfig, ModelSizeConfig
 
     given = {f.name: (f.type, f.default) for f in fields(ModelSizeConfig)}
     own = {f.name: (f.type, f.default) for f in fields(ModelConfig)}
-    assert set(own) - set(given) == {"vocab_size", "n_kv_head"}
+    attention = {f.name: f.default for f in fields(AttentionConfig)}
+    assert set(own) - set(given) == {"vocab_size", *attention}
     assert all(given[k][1] == own[k][1] for k in given)
+    assert all(attention[k] == own[k][1] for k in attention)
     for preset in (Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"):
         assert set(OmegaConf.load(preset)) <= set(given), preset.name

@@ -22,8 +22,9 @@ from model.config import ConfigError, ModelConfig
 
 # The model group's schema is ModelConfig itself (one declaration of the model's shape, one
 # set of defaults; configs/model/*.yaml only set fields), less vocab_size (the tokenizer's)
-# and n_kv_head (the attention group's).
-NOT_IN_MODEL_GROUP = ("vocab_size", "n_kv_head")
+# and the attention group's fields (n_kv_head; MLA's kv_rank, rope_dim, nope_dim, v_dim).
+ATTENTION_FIELDS = ("n_kv_head", "kv_rank", "rope_dim", "nope_dim", "v_dim")
+NOT_IN_MODEL_GROUP = ("vocab_size", *ATTENTION_FIELDS)
 ModelSizeConfig = make_dataclass(
     "ModelSizeConfig", [(f.name, get_type_hints(ModelConfig)[f.name], field(default=f.default))
                         for f in fields(ModelConfig) if f.name not in NOT_IN_MODEL_GROUP])
@@ -59,6 +60,11 @@ class OnSignal(enum.StrEnum):
 @dataclass
 class AttentionConfig:
     n_kv_head: int = 0  # 0 = n_head (MHA), 1 = MQA, between = GQA
+    # MLA (attention=mla, docs/mla.md): kv_rank > 0 caches one latent per token instead
+    kv_rank: int = 0  # the latent's width; 0: not MLA
+    rope_dim: int = 0  # the RoPE key shared by all heads (even; 0 with learned positions)
+    nope_dim: int = 0  # each head's unrotated query/key width; 0: head_dim - rope_dim
+    v_dim: int = 0  # each head's value width; 0: head_dim
 
 
 @dataclass
@@ -156,7 +162,8 @@ def select(cfg: Any, dotted: str) -> Any:
 def model_config(cfg: Any, vocab_size: int) -> ModelConfig:
     """The model's dataclass from the composed sizes + attention group + tokenizer."""
     sizes = {k: select(cfg.model, k) for k in ModelSizeConfig.__dataclass_fields__}
-    return ModelConfig(vocab_size=vocab_size, n_kv_head=cfg.attention.n_kv_head, **sizes)
+    attention = {k: select(cfg.attention, k) for k in ATTENTION_FIELDS}
+    return ModelConfig(vocab_size=vocab_size, **attention, **sizes)
 
 
 def check_config(cfg: Any) -> None:

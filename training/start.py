@@ -28,7 +28,8 @@ from store.runs import RUN_LOCK, TRAIN_CONFIG
 from store.source import FLOAT, Source, open_source
 from model.transformer import Transformer
 from training.checkpointer import Checkpointer, read_trainer_state, resume_point
-from training.config import ModelSizeConfig, check_config, model_config, select
+from training.config import (ATTENTION_FIELDS, ModelSizeConfig, check_config, model_config,
+                             select)
 
 # The parts of a source run's config that uptraining reuses unless overridden (§2.1: same
 # recipe, alpha of the steps).
@@ -181,7 +182,8 @@ def uptrain_config(cfg: DictConfig, init_from: str | Path,
     take_source_model(cfg, source, source_cfg, {k: o for o, k in zip(overrides, user)
                                                  if k == "model" or k.startswith("model.")})
     if not overridden("attention"):  # keep the source's KV heads unless asked to convert
-        cfg.attention.n_kv_head = source_cfg.n_kv_head
+        for key in ATTENTION_FIELDS:  # an MLA source's latent shape too
+            cfg.attention[key] = getattr(source_cfg, key)
     if cfg.uptrain.alpha is not None and (source / TRAIN_CONFIG).is_file():
         recipe = OmegaConf.load(source / TRAIN_CONFIG)
         for key in RECIPE:
@@ -204,6 +206,9 @@ def check_target_heads(cfg: DictConfig, source_cfg: ModelConfig) -> None:
     """The KV heads init_from converts to, refused before any data is prepared."""
     from convert.heads import ConvertError, Conversion, check_target
     n_kv, up = cfg.attention.n_kv_head or source_cfg.n_head, cfg.uptrain
+    if cfg.attention.kv_rank or source_cfg.kv_rank:
+        check_same_latent(cfg, source_cfg)
+        return
     try:
         if n_kv != source_cfg.n_kv_head:
             conversion = Conversion(n_kv, up.method, up.group, up.align, up.seed)
@@ -211,6 +216,16 @@ def check_target_heads(cfg: DictConfig, source_cfg: ModelConfig) -> None:
     except ConvertError as e:
         raise TrainError(str(e)) from None
     model_config(cfg, source_cfg.vocab_size)  # the converted model's own consistency
+
+def check_same_latent(cfg: DictConfig, source_cfg: ModelConfig) -> None:
+    """init_from with MLA on either side: only the source's own MLA shape, since no
+    conversion to or from MLA exists yet."""
+    target = model_config(cfg, source_cfg.vocab_size)
+    if any(getattr(target, k) != getattr(source_cfg, k) for k in ATTENTION_FIELDS):
+        raise TrainError(f"init_from converts K/V heads only: {source_cfg.attention_type} -> "
+                         f"{target.attention_type} (MLA's kv_rank/rope_dim) is not supported; "
+                         f"drop the attention overrides to uptrain the source as it is, or "
+                         f"train the MLA model from scratch (drop init_from)")
 
 def check_data_tokenizer(tokenizer: str, source: Path, vocab_size: int) -> None:
     """A data.tokenizer given with init_from or resume: the source's own, and one its

@@ -1,0 +1,214 @@
+"""Multi-head latent attention: the module against a per-head reference written from its
+weights, the absorbed decode against the expanded form, cached decode against the full
+forward, the cache's bytes, and the configs it refuses."""
+import math
+import os
+
+import pytest
+import torch
+
+from model.attention import LatentSelfAttention, LatentUp, apply_rope, cache_mask, rope_tables
+from model.config import ConfigError, ModelConfig
+from model.kv_cache import KVCache, LatentCache, QuantizedKVCache, kv_bytes_per_token
+from model.quantized import quantize_model
+from model.sampling import (SamplingConfig, compiled_decode_step, decode_step, generate,
+                            new_cache, prefill)
+from model.summary import param_counts
+from model.transformer import Transformer
+
+ROPE = dict(kv_rank=12, rope_dim=4)
+GPT2_LIKE = dict(kv_rank=20, positions="learned", attn_bias=True, norm="layernorm", mlp="gelu_tanh")
+WIDE = dict(kv_rank=16, rope_dim=6, nope_dim=10, v_dim=5, attn_bias=True)  # DeepSeek-style widths
+SHAPES = pytest.mark.parametrize("mla", [ROPE, GPT2_LIKE, WIDE], ids=["rope", "gpt2", "wide"])
+
+
+def mla_config(**mla) -> ModelConfig:
+    return ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=40,
+                       init_std=0.2, **mla)
+
+
+def with_random_biases(module: torch.nn.Module) -> torch.nn.Module:
+    """init zeroes biases; random ones prove where each bias enters."""
+    for name, p in module.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.3)
+    return module
+
+
+def reference_attention(attn: LatentSelfAttention, x: torch.Tensor, cfg: ModelConfig):
+    """MLA spelled out per head from the weights: k_h = [rope(W_kr x) | W_uk_h W_dkv x + b],
+    v_h = W_uv_h W_dkv x + b, causal softmax over (rd + nope)^-1/2-scaled scores."""
+    B, T, _ = x.shape
+    rd, nope, vd = cfg.rope_dim, cfg.nope_dim, cfg.v_dim
+    c = x @ attn.kv_down.weight.T  # (B, T, r)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    cos, sin = rope_tables(rd, T, cfg.rope_theta) if rd else (None, None)
+    heads = []
+    for h in range(cfg.n_head):
+        q = attn.q_proj(x)[..., h * (rd + nope):(h + 1) * (rd + nope)]
+        k_nope = c @ attn.k_up.weight[h * nope:(h + 1) * nope].T
+        v = c @ attn.v_up.weight[h * vd:(h + 1) * vd].T
+        if attn.k_up.bias is not None:
+            k_nope = k_nope + attn.k_up.bias[h * nope:(h + 1) * nope]
+            v = v + attn.v_up.bias[h * vd:(h + 1) * vd]
+        k = k_nope
+        if rd:
+            q = torch.cat([apply_rope(q[..., :rd], cos, sin), q[..., rd:]], dim=-1)
+            k = torch.cat([apply_rope(attn.k_rope(x), cos, sin), k_nope], dim=-1)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(rd + nope)).masked_fill(~causal, -math.inf)
+        heads.append(scores.softmax(-1) @ v)  # (B, T, vd)
+    return attn.o_proj(torch.cat(heads, dim=-1))
+
+
+@SHAPES
+def test_expanded_forward_equals_the_per_head_reference(mla):
+    torch.manual_seed(0)
+    cfg = mla_config(**mla)
+    model = with_random_biases(Transformer(cfg))
+    attn, x = model.blocks[0].attn, torch.randn(2, 9, cfg.d_model)
+    cos, sin = (model.rope_cos[:9], model.rope_sin[:9]) if cfg.rope_dim else (None, None)
+    torch.testing.assert_close(attn(x, cos, sin), reference_attention(attn, x, cfg),
+                               atol=1e-5, rtol=1e-5)
+
+
+@SHAPES
+@pytest.mark.parametrize("T", [1, 5])
+def test_absorbed_decode_equals_expanded(mla, T):
+    """Same queries over the same cached latents: W_uk absorbed into q, W_uv applied after
+    the average, biases included; T > 1 with the mask folded per head (group=H)."""
+    torch.manual_seed(1)
+    cfg = mla_config(**mla)
+    attn = with_random_biases(Transformer(cfg)).blocks[1].attn.double()
+    S = 11
+    q = torch.randn(2, cfg.n_head, T, cfg.rope_dim + cfg.nope_dim, dtype=torch.float64)
+    latent = torch.randn(2, S, cfg.rope_dim + cfg.kv_rank, dtype=torch.float64)
+    pos = torch.arange(S - T, S)
+    expanded = attn.expanded(q, latent, cache_mask(pos, S, group=1))
+    absorbed = attn.absorbed(q, latent, cache_mask(pos, S, group=cfg.n_head))
+    torch.testing.assert_close(absorbed, expanded, atol=1e-12, rtol=1e-10)
+
+
+@SHAPES
+def test_cached_prefill_and_decode_equal_the_full_forward(mla):
+    """Prefill in two chunks (the expanded form over the cache), then absorbed decode steps:
+    every step's logits are the uncached forward's at that position, in fp32."""
+    torch.manual_seed(2)
+    model = with_random_biases(Transformer(mla_config(**mla))).eval()
+    tokens = torch.randint(0, 97, (3, 16))
+    full = model(tokens)
+    cache = new_cache(model, 3, 16)
+    assert isinstance(cache, LatentCache)
+    logits = prefill(model, tokens[:, :7], cache, chunk_size=4)
+    torch.testing.assert_close(logits, full[:, 6], atol=2e-5, rtol=2e-5)
+    for t in range(7, 16):
+        logits = decode_step(model, tokens[:, t], torch.tensor([t]), cache, t + 1)
+        torch.testing.assert_close(logits, full[:, t], atol=2e-5, rtol=2e-5)
+
+
+def greedy_case():
+    torch.manual_seed(3)
+    model = with_random_biases(Transformer(mla_config(**WIDE))).eval()
+    return model, torch.randint(0, 97, (2, 5)), SamplingConfig(temperature=0)
+
+
+def test_greedy_ids_equal_cached_and_uncached():
+    """Greedy continuations: cached (absorbed decode) == uncached (expanded forward)."""
+    model, prompt, greedy = greedy_case()
+    eager = generate(model, prompt, 12, greedy)
+    assert torch.equal(generate(model, prompt, 12, greedy, use_cache=False), eager)
+
+
+@pytest.mark.skipif(not os.environ.get("GQALAB_COMPILE_TESTS"),
+                    reason="compiling MLA's decode step (max_autotune) takes 1-3 min on a "
+                           "shared CPU: GQALAB_COMPILE_TESTS=1 runs it")
+def test_greedy_ids_equal_eager_and_compiled():
+    model, prompt, greedy = greedy_case()
+    eager = generate(model, prompt, 12, greedy)
+    assert torch.equal(generate(model, prompt, 12, greedy, compile=True), eager)
+    with torch.inference_mode():
+        cache = new_cache(model, 2, 17)
+        token, pos = prefill(model, prompt, cache).argmax(-1), torch.tensor([5])
+        torch.testing.assert_close(compiled_decode_step()(model, token, pos, cache),
+                                   decode_step(model, token, pos, cache), atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_weights_keep_the_up_projections_float_and_decode_like_their_forward():
+    torch.manual_seed(4)
+    model = quantize_model(Transformer(mla_config(**ROPE)).eval(), "int8")
+    attn = model.blocks[0].attn
+    assert type(attn.kv_down).__name__ == "Int8Linear" and isinstance(attn.k_up, LatentUp)
+    tokens = torch.randint(0, 97, (2, 10))
+    full, cache = model(tokens), new_cache(model, 2, 10)
+    prefill(model, tokens[:, :6], cache)
+    for t in range(6, 10):
+        logits = decode_step(model, tokens[:, t], torch.tensor([t]), cache, t + 1)
+        torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=1e-4)
+
+
+@SHAPES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_bytes_are_latent_plus_rope_width_per_layer(mla, dtype):
+    cfg = mla_config(**mla)
+    per_token = (cfg.kv_rank + cfg.rope_dim) * dtype.itemsize * cfg.n_layer
+    assert kv_bytes_per_token(cfg, dtype) == per_token
+    cache = KVCache.for_model(cfg, batch_size=3, max_len=10, dtype=dtype)
+    assert isinstance(cache, LatentCache) and cache.nbytes == 3 * 10 * per_token
+
+
+@SHAPES
+def test_param_counts_match_the_built_model(mla):
+    cfg = mla_config(**mla)
+    built = sum(p.numel() for p in Transformer(cfg).parameters())
+    assert param_counts(cfg)["total"] == built
+    assert cfg.attention_type == "MLA" and cfg.with_kv_heads(4).attention_type == "MHA"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(rope_dim=4), "set kv_rank > 0"),
+    (dict(kv_rank=8, rope_dim=0), "needs an even rope_dim > 0"),
+    (dict(kv_rank=8, rope_dim=3), "needs an even rope_dim > 0"),
+    (dict(kv_rank=8, rope_dim=8), "lower rope_dim below 8"),
+    (dict(kv_rank=8, rope_dim=4, n_kv_head=2), "leave n_kv_head at 0"),
+    (dict(kv_rank=8, rope_dim=4, rotary_dim=4), "set rope_dim=4"),
+    (dict(kv_rank=8, rope_dim=4, positions="learned"), "set rope_dim=0"),
+    (dict(kv_rank=-1), "must be >= 0")])
+def test_bad_mla_configs_are_refused_naming_the_fix(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        mla_config(**bad)
+
+
+def test_int8_kv_cache_is_refused_for_mla():
+    with pytest.raises(ValueError, match="use kv_cache=float"):
+        QuantizedKVCache.for_model(mla_config(**ROPE), batch_size=1)
+
+
+def compose_train(overrides: list[str]):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import training.config  # noqa: F401  (registers the schema)
+    GlobalHydra.instance().clear()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(version_base="1.3", config_dir=str(configs)):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_attention_mla_in_train_config_builds_an_mla_model_or_names_the_fix():
+    from training.config import check_config, model_config
+    cfg = compose_train(["attention=mla", "attention.kv_rank=48"])
+    model_cfg = model_config(cfg, vocab_size=100)
+    assert (model_cfg.attention_type, model_cfg.kv_rank, model_cfg.rope_dim) == ("MLA", 48, 16)
+    assert model_config(compose_train(["attention=gqa"]), 100).kv_rank == 0  # group switch resets
+    with pytest.raises(ConfigError, match="lower rope_dim below 8"):  # tiny's head_dim is 8
+        check_config(compose_train(["model=tiny", "attention=mla"]))
+
+
+def test_init_from_refuses_converting_to_or_from_mla():
+    """No MHA -> MLA conversion exists yet: init_from with attention=mla must not silently
+    uptrain the source's own attention."""
+    from training.start import TrainError, check_target_heads
+    cfg = compose_train(["attention=mla"])
+    with pytest.raises(TrainError, match="train the MLA model from scratch"):
+        check_target_heads(cfg, ModelConfig(vocab_size=100, n_layer=6, d_model=256))
