@@ -5,6 +5,7 @@ this file reads and writes the directories. transformers is not imported here; i
 test/bench-only dependency.
 
     python -m store.hf import hf=<hf model dir> out=<our checkpoint dir>
+    python -m store.hf import hf=gpt2 out=<our checkpoint dir>   # a Hub id (store/hub.py)
     python -m store.hf export ckpt=<our checkpoint dir> out=<hf model dir>
     python -m store.hf --help
 
@@ -38,6 +39,7 @@ from store.checkpoint import (CONFIG, WEIGHTS, CheckpointError, check_out, confi
                               save_checkpoint, staged_dir, write_json)
 from model.config import ModelConfig
 from store.hf_families import family_of, family_of_hf
+from store.hub import model_dir
 from model.transformer import Transformer
 
 HF_INDEX = "model.safetensors.index.json"
@@ -210,7 +212,7 @@ ACTIONS = ("import", "export")
 class HfConfig:
     """python -m store.hf's options (configs/hf.yaml; --help describes them)."""
     action: str = ""  # import | export; also the first word: python -m store.hf export ...
-    hf: Optional[str] = None  # import: an HF Llama/GPT-2/GPT-NeoX dir
+    hf: Optional[str] = None  # import: an HF Llama/GPT-2/GPT-NeoX dir, or a Hub id org/name[@rev]
     ckpt: Optional[str] = None  # export: a gqalab checkpoint dir
     out: str = MISSING  # the new dir
     overwrite: bool = False  # replace an existing out
@@ -242,8 +244,11 @@ def command(cfg: DictConfig) -> None:
     args: HfConfig = OmegaConf.to_object(cfg)
     if args.action == "import":
         check_out(Path(args.hf), Path(args.out), args.overwrite, "gqalab")
-        write_tokenizer = tokenizer_writer(args.hf)  # a bad one fails before the weights
-        out = save_checkpoint(args.out, import_hf(args.hf), meta={"imported_from": args.hf},
+        hf_dir, hub = model_dir(args.hf, "hf")  # a local dir, or a Hub id's cache snapshot
+        write_tokenizer = tokenizer_writer(hf_dir)  # a bad one fails before the weights
+        origin = {"hub": hub.spec} if hub else {}
+        out = save_checkpoint(args.out, import_hf(hf_dir),
+                              meta={"imported_from": args.hf, **origin},
                               extra=write_tokenizer, overwrite=args.overwrite)
     else:
         check_out(Path(args.ckpt), Path(args.out), args.overwrite, "hf")

@@ -1,6 +1,7 @@
 """Open whatever a path names: a gqalab checkpoint dir, a train.py run dir (its
-checkpoints/latest), an HF Llama / GPT-2 / GPT-NeoX dir, or a quantized dir; and the device
-and dtype to run it in. Every command that reads a model opens it with open_source.
+checkpoints/latest), an HF Llama / GPT-2 / GPT-NeoX dir, or a quantized dir, or a Hub id
+(`org/name[@revision]`, store/hub.py) when no local path has that name; and the device and
+dtype to run it in. Every command that reads a model opens it with open_source.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from model.transformer import Transformer
 from store import runs
 from store.checkpoint import CONFIG, WEIGHTS, load_checkpoint, read_config, read_meta
 from store.hf import checkpoint_tokenizer, hf_weight_files, import_hf, is_hf_model, read_hf_config
+from store.hub import HubOrigin, model_dir
 from store.quantize import is_quantized, load_quantized
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,6 +84,12 @@ class Source:
     config: ModelConfig
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
     run_dir: Path | None = None  # the train.py run dir it was named by
+    hub: HubOrigin | None = None  # the Hub repo and commit it was named by
+
+    @property
+    def spec(self) -> str:
+        """What names these weights again: `org/name@<commit>` for a Hub id, else the path."""
+        return self.hub.spec if self.hub else str(self.path)
 
     def load(self, device: torch.device | str = "cpu",
              dtype: torch.dtype | None = None) -> Transformer:
@@ -118,26 +126,28 @@ def sha256_files(paths: list[Path]) -> str:
 def open_source(path: str | Path | None, option: str = "ckpt",
                 kinds: Sequence[Kind] = tuple(Kind)) -> Source:
     """path as the command's `option=` names it: a checkpoint, HF or quantized dir as is, a
-    train.py run dir as its checkpoints/latest. Reads config.json and meta.json only. kinds:
-    those the command takes; another is refused with the fix (refusals name option)."""
-    given = existing_dir(path, option)
+    train.py run dir as its checkpoints/latest, a Hub id as its snapshot in the Hub cache.
+    Reads config.json and meta.json only. kinds: those the command takes; another is refused
+    with the fix (refusals name option)."""
+    given, hub = existing_dir(path, option)
     weights = given if (given / CONFIG).is_file() else latest_step(given, option)
     kind = kind_of(weights)
     if kind not in kinds:
         refuse(weights, kind, option)
     config = read_hf_config(weights) if kind is Kind.HF else read_config(weights)
     run_dir = None if weights == given else given.resolve()
-    return Source(weights.resolve(), kind, config, read_meta(weights), run_dir)
+    return Source(weights.resolve(), kind, config, read_meta(weights), run_dir, hub)
 
 
-def existing_dir(path: str | Path | None, option: str) -> Path:
+def existing_dir(path: str | Path | None, option: str) -> tuple[Path, HubOrigin | None]:
+    """The dir path names, local or a Hub id's snapshot, and its Hub origin (None: local)."""
     if not path:
         raise SourceError(f"no checkpoint given: pass {option}=<checkpoint dir | run dir | "
-                          f"HF model dir>")
-    p = Path(path).expanduser()
+                          f"HF model dir | Hub id org/name>")
+    p, hub = model_dir(str(path), option)
     if not p.is_dir():
         raise SourceError(f"checkpoint {p} not found: pass an existing directory as {option}=")
-    return p
+    return p, hub
 
 
 def latest_step(run_dir: Path, option: str) -> Path:
