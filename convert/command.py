@@ -21,7 +21,8 @@ kv_error_not_measured say so), with the calibration's time and peak memory.
     python -m convert ckpt=<HF dir> n_kv_head=1 data=text_files data.files='[a/*.txt]' out=...
     python -m convert --help
 
-ckpt= may be an HF Llama/GPT-2/GPT-NeoX dir: it converts as its import would. A source with
+ckpt= may be an HF Llama/GPT-2/GPT-NeoX dir (or a Hub id, org/name[@revision]: its meta.json's
+converted_from.hub records the commit): it converts as its import would. A source with
 no train_config.yaml calibrates on data=/data.* (as for train.py) tokenized with its own
 tokenizer. The command is a Hydra app (configs/convert.yaml, ConvertConfig below).
 """
@@ -85,6 +86,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, conversion: Conversion,
     meta = {
         "converted_from": {
             "path": str(src),
+            **({"hub": opened.hub.spec} if opened.hub else {}),  # the repo@commit it came from
             "weights_sha256": opened.weights_sha256(),
             "method": str(conversion.method),
             "group": str(conversion.group),

@@ -139,7 +139,7 @@ class TrainConfig:
     sample_tokens: int = 64
 
     resume: Any = False  # true: <run_dir>/checkpoints/latest; or a run/checkpoint dir
-    init_from: Optional[str] = None  # a checkpoint or HF Llama dir to start from (uptraining)
+    init_from: Optional[str] = None  # a checkpoint, HF dir or Hub id (org/name[@rev]) to start from
     overwrite: bool = False  # allow a new run in a run dir that already has checkpoints
     on_signal: OnSignal = OnSignal.checkpoint  # on SIGTERM, SIGINT or SIGUSR1
 

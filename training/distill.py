@@ -54,10 +54,12 @@ def teacher_source(init_from: str | Path) -> Source:
     if not recorded:
         return student
     source = Path(recorded["path"])
+    if not source.exists() and "hub" in recorded:  # a Hub snapshot gone from this cache
+        source = recorded["hub"]
     try:
         teacher = open_source(source, "init_from", FLOAT)
         whole = all(f.is_file() for f in teacher.weight_files())
-    except (SourceError, CheckpointError):
+    except (SourceError, CheckpointError):  # a HubError says itself how to get it back
         whole = False
     if not whole:
         raise CheckpointError(f"distillation needs {init_from}'s source {source} (its teacher), "

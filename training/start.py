@@ -62,7 +62,9 @@ class Start:
     @property
     def source(self) -> Path | None:
         """Whose token ids the model knows: the resumed checkpoint, or init_from."""
-        return self.resume_from or (Path(self.cfg.init_from) if self.cfg.init_from else None)
+        if self.resume_from or not self.cfg.init_from:
+            return self.resume_from
+        return open_source(self.cfg.init_from, "init_from", FLOAT).path  # a Hub id: its snapshot
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         """The tokenizer the data was prepared with (one trained here, e.g. on resume)."""
@@ -100,7 +102,7 @@ def decide_start(cfg: DictConfig, overrides: Sequence[str]) -> Start:
             raise TrainError(f"max_steps={cfg.max_steps} is below {resume_from}'s step "
                              f"{state['step']}: pass max_steps>={state['step']}, or none")
     elif cfg.init_from:
-        cfg = uptrain_config(cfg, Path(cfg.init_from), overrides)
+        cfg = uptrain_config(cfg, cfg.init_from, overrides)
     return Start(cfg, Path(cfg.run_dir).resolve(), list(overrides), resume_from, state)
 
 
@@ -163,7 +165,8 @@ def uptrain_config(cfg: DictConfig, init_from: str | Path,
                    overrides: Sequence[str]) -> DictConfig:
     """Uptraining reuses the source run's recipe except what the user set explicitly, runs
     round(alpha · source steps) steps, and tokenizes the corpus with the source's tokenizer.
-    A run dir as init_from is recorded as the step it names: `latest` moves on."""
+    A run dir as init_from is recorded as the step it names (`latest` moves on), a Hub id as
+    the commit it resolved to (`org/name@<commit>`: the branch moves on)."""
     opened = open_source(init_from, "init_from", FLOAT)  # a missing or foreign one fails early
     source, source_cfg, source_step = opened.path, opened.config, source_steps(cfg, opened)
     user = override_keys(overrides)
@@ -177,8 +180,8 @@ def uptrain_config(cfg: DictConfig, init_from: str | Path,
                          f"merges.txt: init_from needs the source's tokenizer; pass "
                          f"data.tokenizer=<its tokenizer>")
     cfg = cfg.copy()
-    if opened.run_dir is not None:
-        cfg.init_from = str(source)
+    if opened.run_dir is not None or opened.hub is not None:
+        cfg.init_from = opened.spec
     take_source_model(cfg, source, source_cfg, {k: o for o, k in zip(overrides, user)
                                                  if k == "model" or k.startswith("model.")})
     if not overridden("attention"):  # keep the source's KV heads unless asked to convert
@@ -281,7 +284,9 @@ def init_model(cfg: Any, vocab_size: int) -> tuple[Transformer, dict]:
             model = convert_model(model, conversion, calib)
         except ConvertError as e:
             raise TrainError(str(e)) from None
-    provenance = {"init_from": str(source.path), "source_n_kv_head": source_cfg.n_kv_head,
+    provenance = {"init_from": str(source.path), **({"init_from_hub": source.hub.spec}
+                                                    if source.hub else {}),
+                  "source_n_kv_head": source_cfg.n_kv_head,
                   "source_step": source_steps(cfg, source),
                   "uptrain_alpha": cfg.uptrain.alpha, "uptrain_method": cfg.uptrain.method,
                   "uptrain_group": cfg.uptrain.group, "uptrain_align": cfg.uptrain.align,
