@@ -7,6 +7,7 @@ repo of pickled weights is refused from its file list, never unpickled."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -169,11 +170,16 @@ def test_the_commit_is_recorded_by_import_convert_and_train(hub, tmp_path):
     from convert.heads import Conversion
     from store.hf import main
     from test_train import compose_cfg
+    from training.distill import teacher_source
     from training.start import uptrain_config
     assert main(["import", "hf=org/tiny@v1", f"out={tmp_path / 'imported'}"]) == 0
     assert read_meta(tmp_path / "imported")["hub"] == f"org/tiny@{OLD}"
     out = convert_checkpoint("org/tiny", tmp_path / "gqa", Conversion(2))
     assert read_meta(out)["converted_from"]["hub"] == f"org/tiny@{NEW}"
+    meta = read_meta(out)  # the snapshot dir it read is gone: the teacher is found by its id
+    meta["converted_from"]["path"] = str(tmp_path / "elsewhere")
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert teacher_source(out).hub == HubOrigin("org/tiny", NEW)
     args = ["init_from=org/tiny", "seq_len=32", "logger=none", "max_steps=2",
             f"run_dir={tmp_path / 'up'}"]
     cfg = uptrain_config(compose_cfg(args), "org/tiny", args)
