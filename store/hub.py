@@ -111,12 +111,19 @@ def download(repo: str, revision: str | None, text: str) -> Path:
     """What a source reads of repo at revision, into the cache: its file list is checked
     first, so a repo of pickled weights is refused before any weight is downloaded."""
     from huggingface_hub import HfApi, snapshot_download
+    info = from_hub(lambda: HfApi().model_info(repo, revision=revision, timeout=30),
+                    repo, revision, text)
+    check_weights([s.rfilename for s in info.siblings or []], text)
+    return Path(from_hub(lambda: snapshot_download(repo, revision=info.sha,
+                                                   allow_patterns=WANTED), repo, revision, text))
+
+
+def from_hub(call, repo: str, revision: str | None, text: str):
+    """call()'s answer; the Hub's refusals and network failures as one-line HubErrors."""
     from huggingface_hub.errors import (GatedRepoError, HTTPError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
     try:
-        info = HfApi().model_info(repo, revision=revision, timeout=30)
-        check_weights([s.rfilename for s in info.siblings or []], text)
-        return Path(snapshot_download(repo, revision=info.sha, allow_patterns=WANTED))
+        return call()
     except GatedRepoError:
         raise HubError(f"{repo} is gated: accept its terms on huggingface.co and log in "
                        f"(hf auth login), or pass a local directory") from None
