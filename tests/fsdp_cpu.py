@@ -18,31 +18,44 @@ from pathlib import Path
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
-accelerator_state_init = AcceleratorState.__init__
+def allow_fsdp_on_cpu() -> None:
+    """From here on, an Accelerator built under an FSDP launch on CPU processes takes
+    Accelerate's FSDP path (tests/fsdp_reduce_cpu.py builds its own; main() runs train.py)."""
+    accelerator_state_init = AcceleratorState.__init__
+
+    def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+        accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            if self._mixed_precision != "no":  # as the accelerator-device branch does
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            self.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init_with_fsdp_on_cpu
 
 
-def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
-    accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-        if self._mixed_precision != "no":  # as the accelerator-device branch does
-            fsdp_plugin.set_mixed_precision(self._mixed_precision)
-        self.fsdp_plugin = fsdp_plugin
-        self.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+def exit_skipping_teardown(status: int) -> None:
+    """Skip the interpreter's teardown: in 2 of ~20 test runs here, a CPU-FSDP2 rank that had
+    finished (checkpoint written, process group destroyed by end_training) aborted there with
+    "terminate called without an active exception" (a C++ thread destroyed while joinable)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
-AcceleratorState.__init__ = init_with_fsdp_on_cpu
-train_py = Path(__file__).resolve().parents[1] / "train.py"
-sys.path.insert(0, str(train_py.parent))
-sys.argv = [str(train_py), *sys.argv[1:]]
-try:
-    runpy.run_path(str(train_py), run_name="__main__")
-    status = 0
-except SystemExit as e:
-    status = e.code if isinstance(e.code, int) else int(e.code is not None)
-# Skip the interpreter's teardown: in 2 of ~20 test runs here, a CPU-FSDP2 rank that had
-# finished (checkpoint written, process group destroyed by end_training) aborted there with
-# "terminate called without an active exception" (a C++ thread destroyed while joinable).
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(status)
+def main() -> None:
+    allow_fsdp_on_cpu()
+    train_py = Path(__file__).resolve().parents[1] / "train.py"
+    sys.path.insert(0, str(train_py.parent))
+    sys.argv = [str(train_py), *sys.argv[1:]]
+    try:
+        runpy.run_path(str(train_py), run_name="__main__")
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    exit_skipping_teardown(status)
+
+
+if __name__ == "__main__":
+    main()

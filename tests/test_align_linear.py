@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
+from helpers import planted_mha
 from hf_fixtures import tiny_hf_family, tiny_hf_llama
 from test_convert import add_bias, rewritten
 from model import ModelConfig, Transformer
 from convert.align import LayerPlan
 from store.checkpoint import model_state
-from convert.heads import (ConvertError, Conversion, aligned_attention, convert_model, kv_errors,
+from convert.heads import (ConvertError, Conversion, convert_model, kv_errors,
                            plan_conversion, pooled_model)
 from store.hf import import_hf
 
@@ -168,18 +169,9 @@ def planted(G, family):
     invertible map on the free dims, Q and O counter-mapped; that GQA model)."""
     gen = torch.Generator().manual_seed(11)
     base = tiny_model(G, seed=4, **FAMILIES[family])
-    mha = tiny_model(N_HEAD, **FAMILIES[family])
-    state = model_state(base)
-    for name in list(state):  # repeat each KV head for its query heads: MHA == GQA
-        if ".k_proj." in name or ".v_proj." in name:
-            heads = state[name].unflatten(0, (G, HD))  # (G, hd, ...)
-            state[name] = heads.repeat_interleave(N_HEAD // G, dim=0).flatten(0, 1)
-    for layer in range(len(base.blocks)):
-        plan = exact_plan(base.config, N_HEAD, gen, torch.randperm(N_HEAD, generator=gen))
-        state.update(aligned_attention(state, layer, plan, N_HEAD))
-    mha.load_state_dict(state, strict=False)  # lm_head is tied to the embedding
-    torch.testing.assert_close(logits(mha), logits(base), atol=1e-5, rtol=1e-5)
-    return mha, base
+    plans = [exact_plan(base.config, N_HEAD, gen, torch.randperm(N_HEAD, generator=gen))
+             for _ in base.blocks]
+    return planted_mha(base, tiny_model(N_HEAD, **FAMILIES[family]), plans, logits), base
 
 
 @pytest.mark.parametrize("family, G, align", [

@@ -259,6 +259,7 @@ import math  # noqa: E402
 from convert.align import LayerPlan, similar_groups, spread  # noqa: E402
 from store.checkpoint import model_state  # noqa: E402
 from convert.heads import aligned_attention, kv_errors, plan_conversion, pooled_state  # noqa: E402
+from helpers import planted_mha  # noqa: E402
 
 CALIB = torch.randint(0, 61, (8, 32), generator=torch.Generator().manual_seed(2))
 
@@ -351,16 +352,8 @@ def planted(G, bias=False):
     if bias:
         add_bias(base, gen)
     mha = add_bias(tiny_model(N_HEAD), gen) if bias else tiny_model(N_HEAD)
-    state = model_state(base)
-    for name in list(state):  # repeat each KV head for its query heads: MHA == GQA
-        if ".k_proj." in name or ".v_proj." in name:
-            heads = state[name].unflatten(0, (G, HD))  # (G, hd, ...)
-            state[name] = heads.repeat_interleave(N_HEAD // G, dim=0).flatten(0, 1)
-    for layer in range(len(base.blocks)):
-        state.update(aligned_attention(state, layer, random_plan(N_HEAD, gen), N_HEAD))
-    mha.load_state_dict(state, strict=False)
-    torch.testing.assert_close(logits(mha), logits(base), atol=1e-5, rtol=1e-5)
-    return mha, base
+    plans = [random_plan(N_HEAD, gen) for _ in base.blocks]
+    return planted_mha(base, mha, plans, logits), base
 
 
 @pytest.mark.parametrize("G", [4, 2, 1])

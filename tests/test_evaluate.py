@@ -25,6 +25,7 @@ from data.config import DataConfig  # noqa: E402
 from data.loader import IGNORE_INDEX, eval_batches  # noqa: E402
 from data.prepare import prepare_data  # noqa: E402
 from data.tokenizer import load_tokenizer, tokenizer_files  # noqa: E402
+from helpers import one_thread  # noqa: E402,F401  (autouse: one thread)
 from hf_fixtures import CORPUS  # noqa: E402
 from store.checkpoint import save_checkpoint  # noqa: E402
 from store.hf import import_hf  # noqa: E402
@@ -34,15 +35,6 @@ from store.source import open_source  # noqa: E402
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 SEQ = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation, many times over on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,12 @@ sys.path.insert(0, str(ROOT))
 import evaluation.scoring as scoring  # noqa: E402
 from data.loader import IGNORE_INDEX, eval_batches  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
+from helpers import one_thread  # noqa: E402,F401  (autouse: one thread)
 from hf_fixtures import CORPUS  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 
 SEQ = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation, many times over on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def scored_positions(tokens_len: int, seq_len: int, stride: int, world: int, **kw) -> list[int]:

@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from convert.command import data_config, token_windows
 from experiments.report import read_csv
 from store.checkpoint import load_checkpoint, read_meta
 
@@ -50,6 +53,42 @@ def test_every_variant_method_and_alpha_has_a_row(quick):
                          + len(s.scratch_kv_heads) + len(s.alphas))
 
 
+def mean_pooling_kv_errors(converted: Path, meta: dict) -> list[tuple[float, float]]:
+    """Per layer, the (K, V) error of contiguous mean pooling, from the activations: run the
+    source over the val windows the conversion measured on, project each attention input
+    with the source's K/V heads and with the pooled heads its query heads now read;
+    sum |source - pooled|^2 / sum |source|^2 over tokens and heads, in float64."""
+    src = Path(meta["converted_from"]["path"])
+    source, pooled = load_checkpoint(src).model.eval(), load_checkpoint(converted).model
+    measured = meta["kv_error"]
+    windows = token_windows(data_config(src, {}), "val", measured["seq_len"],
+                            measured["windows"], source.config.vocab_size)
+    inputs = {}  # layer -> its attention's input over every token
+    hooks = [b.attn.register_forward_pre_hook(
+        lambda m, args, i=i: inputs.setdefault(i, []).append(args[0].double().flatten(0, 1)))
+        for i, b in enumerate(source.blocks)]
+    with torch.no_grad():
+        source(windows)
+    for hook in hooks:
+        hook.remove()
+    S, G, hd = source.config.n_kv_head, pooled.config.n_kv_head, source.config.head_dim
+
+    def project(linear, x, heads):  # (tokens, heads, hd)
+        bias = None if linear.bias is None else linear.bias.detach().double()
+        return F.linear(x, linear.weight.detach().double(), bias).unflatten(-1, (heads, hd))
+
+    errors = []
+    for i, (a, b) in enumerate(zip(source.blocks, pooled.blocks)):
+        x = torch.cat(inputs[i])
+        err = []
+        for proj in ("k_proj", "v_proj"):
+            ours = project(getattr(a.attn, proj), x, S)
+            read = project(getattr(b.attn, proj), x, G).repeat_interleave(S // G, dim=1)
+            err.append(float((ours - read).pow(2).sum() / ours.pow(2).sum()))
+        errors.append(tuple(err))
+    return errors
+
+
 def test_rows_agree_with_the_runs_they_came_from(quick):
     out, s, rows = quick
     mha = next(r for r in rows if r["method"] == "base")
@@ -62,6 +101,7 @@ def test_rows_agree_with_the_runs_they_came_from(quick):
         meta = read_meta(done)
         assert meta["step"] == round(meta["uptrain_alpha"] * s.base_steps)
         assert meta["converted_from"]["method"] in s.methods
+    recomputed = 0
     for converted in (out / "converted").iterdir():  # options and K/V errors travel in meta
         meta, name = read_meta(converted), converted.name.split("-", 1)[1]
         options = meta["converted_from"]
@@ -72,6 +112,12 @@ def test_rows_agree_with_the_runs_they_came_from(quick):
         row = next(r for r in rows if r["method"] == name and r["alpha"] == 0
                    and converted.name.startswith(f"gqa{r['n_kv_head']}-"))
         assert row["k_error"] == pytest.approx(sum(e["k"] for e in layers) / 2, abs=1e-4)
+        assert row["v_error"] == pytest.approx(sum(e["v"] for e in layers) / 2, abs=1e-4)
+        if name == "mean":  # the recorded errors, recomputed from the K/V heads themselves
+            recomputed += 1
+            for got, want in zip(layers, mean_pooling_kv_errors(converted, meta), strict=True):
+                assert (got["k"], got["v"]) == pytest.approx(want, abs=2e-6), converted.name
+    assert recomputed == len(s.kv_heads)
     for done in (out / "runs").glob("mha-continued-*/checkpoints/latest"):  # the control
         meta = read_meta(done)
         assert meta["step"] == round(meta["uptrain_alpha"] * s.base_steps)

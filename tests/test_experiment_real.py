@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from experiments import real_model as rm
-from convert.align import ALIGNMENTS
-from convert.heads import (Calibration, ConvertError, Conversion, convert_model,
+from convert.align import Alignment, Grouping
+from convert.heads import (Calibration, ConvertError, Conversion, Method, convert_model,
                            expand_kv_heads, permute_kv_heads)
 from convert.command import convert_checkpoint
 from store.checkpoint import read_meta
@@ -142,11 +142,19 @@ def test_methods_follow_what_model_align_offers():
         1, method="mean", group="similar", align="procrustes")
     assert rm.named_conversion("first", 3, seed=5) == Conversion(3, "first", seed=5)
     methods = rm.available_methods()
-    assert methods[:6] == ["mean", "first", "random", "similar", "procrustes",
-                           "similar+procrustes"][:4] + methods[4:6]
-    assert {"linear", "similar+linear", "linear_readers"} <= set(methods)
-    for m in methods:
-        assert rm.named_conversion(m, 1).align in ALIGNMENTS
+    # expected from convert's own enums: the paper's three, each other grouping alone, each
+    # fitted alignment alone, then each grouping with each alignment, in the enums' order
+    groupings = [str(g) for g in Grouping if g is not Grouping.contiguous]
+    fitted = [str(a) for a in Alignment if a is not Alignment.none]
+    assert methods == [*map(str, Method), *groupings, *fitted,
+                       *[f"{g}+{a}" for g in groupings for a in fitted]]
+    assert {"similar", "procrustes", "linear", "similar+linear", "linear_readers"} <= set(methods)
+    # every conversion convert offers (a paper method, or mean after any grouping and
+    # alignment) has exactly one name
+    offered = {(str(m), "contiguous", "none") for m in Method} | {
+        ("mean", str(g), str(a)) for g in Grouping for a in Alignment}
+    named = [rm.named_conversion(m, 1) for m in methods]
+    assert sorted((str(c.method), str(c.group), str(c.align)) for c in named) == sorted(offered)
 
 
 def test_gap_closed():

@@ -4,6 +4,7 @@ losses as one process, one consolidated model.safetensors, the optimizer state s
 half per rank, and an exact resume from the sharded state (with activation checkpointing)."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -14,17 +15,18 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from test_train import ENV, ROOT, free_port, odd_val_seq_len, records, run
+from fsdp_reduce_cpu import X
 from training.runtime import fsdp_plugin
 from test_train import base  # noqa: F401  (a fixture)
 
 
-def launch_fsdp(overrides: list[str], cwd) -> str:
+def launch_fsdp(overrides: list[str], cwd, script: str = "fsdp_cpu.py") -> str:
     """The main process's stdout."""
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
          str(ROOT / "configs/accelerate/fsdp.yaml"), "--num_processes", "2",
-         "--main_process_port", str(free_port()), str(ROOT / "tests/fsdp_cpu.py"), *overrides],
+         "--main_process_port", str(free_port()), str(ROOT / "tests" / script), *overrides],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -108,6 +110,23 @@ def test_fsdp_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(base, tmp_path
     losses = records(run_dir, "train_loss")
     assert sorted(losses) == [1, 2] and all(map(math.isfinite, losses.values()))
     assert math.isfinite(records(run_dir, "val_loss")[2])
+
+
+def test_fsdp_bf16_gradients_are_summed_in_fp32(tmp_path):
+    """The number, not the policy: train.py's Accelerator (make_accelerator, bf16, the default
+    fsdp_reduce_dtype=fp32) shards a Block under the FSDP launch file on two processes; rank
+    r's bf16 gradient is X[r], one large and one small value per column, each exact in bf16
+    but not their sum. fp32 gives their exact mean; a bf16 sum (reduce=compute, or
+    Accelerate's own policy) gives 0.5, 0.50390625, 0.5, 128 (measured). One launch: ~10 s."""
+    out = tmp_path / "grad.json"
+    launch_fsdp(["fp32", str(out)], tmp_path, script="fsdp_reduce_cpu.py")
+    got = json.loads(out.read_text())
+    x0, x1 = (torch.tensor(x, dtype=torch.float64) for x in X)
+    exact = ((x0 + x1) / 2).float()  # a sum of two bf16 values and a halving: exact in fp32
+    rounded = ((x0.bfloat16() + x1.bfloat16()) / 2).float()
+    assert (exact != rounded).all()  # the crafted gradients tell the two apart in each column
+    assert got["dtype"] == "torch.float32"  # the sharded gradient, beside fp32 weights
+    assert torch.equal(torch.tensor(got["grad"]), exact.expand(2, -1)), (got, exact, rounded)
 
 
 @pytest.mark.parametrize("precision, reduce, dtypes", [
