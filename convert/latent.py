@@ -234,8 +234,8 @@ def latent_model(model: Transformer, conversion: LatentConversion,
     src, state = config_of(model), model_state(model)
     kv_rank, rope_dim = conversion.shape(src)
     rotary = src.rotary_dim if src.positions == "rope" else 0
-    eye = torch.eye(src.d_model + 1, dtype=torch.float64)
-    grams = [eye if g is None else g.double() for g in (grams or [None] * src.n_layer)]
+    calibrated, eye = grams is not None, torch.eye(src.d_model + 1, dtype=torch.float64)
+    grams = [g.double() for g in grams] if calibrated else [eye] * src.n_layer
     rows = [layer_rows(state, i, src) for i in range(src.n_layer)]
     mixes, kept, freqs = [], [], []
     if rope_dim:
@@ -248,7 +248,7 @@ def latent_model(model: Transformer, conversion: LatentConversion,
     report = []
     for i, ((q, k, v), gram) in enumerate(zip(rows, grams)):
         tensors, errors = latent_layer(q, k, v, mixes[i] if mixes else None, kept, gram,
-                                       cfg, rotary, src.attn_bias, grams[i] is not eye)
+                                       cfg, rotary, src.attn_bias, calibrated)
         dtype = state[f"blocks.{i}.attn.k_proj.weight"].dtype
         for name in [n for n in state if n.startswith(f"blocks.{i}.attn.") and "o_proj" not in n]:
             del state[name]
