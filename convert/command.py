@@ -42,9 +42,10 @@ from omegaconf.errors import OmegaConfBaseException
 import cli
 from data.config import DataConfig, DataError
 from data.tokenizer import tokenizer_files
-from convert.align import Alignment, Grouping, LayerPlan
+from convert.align import Alignment, Grouping, LayerPlan, attention_input_grams
 from convert.heads import (Calibration, ConvertError, Conversion, Method, check_target,
                            kv_errors, plan_conversion, pooled_model)
+from convert.latent import LatentConversion, RopeChoice, latent_model
 from model.summary import format_summary
 from model.transformer import Transformer
 from store import runs
@@ -82,7 +83,6 @@ def convert_checkpoint(src: str | Path, out: str | Path, conversion: Conversion,
     calib = windows("train") if measured and fit else None
     plans = plan_conversion(source, conversion, calib, progress=True)
     model = pooled_model(source, conversion, plans)
-    src_meta = opened.meta
     meta = {
         "converted_from": {
             "path": str(src),
@@ -96,10 +96,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, conversion: Conversion,
             "source_n_kv_head": src_cfg.n_kv_head,
             "seed": conversion.seed,
         },
-        "source_step": src_meta.get("step", src_meta.get("source_step")),
     }
-    if "max_steps" in src_meta:
-        meta["max_steps"] = src_meta["max_steps"]
     if measured:
         meta.update(kv_error_meta(source, model, plans, lambda: windows("val"),
                                   required=fit))
@@ -107,11 +104,57 @@ def convert_checkpoint(src: str | Path, out: str | Path, conversion: Conversion,
             meta["calibration"] = calibration_cost(
                 started, 0 if calib is None else calib.numel(),
                 n_windows * seq_len if "kv_error" in meta else 0)
-    files = {} if hf else tokenizer_files(src)  # the tokenizer travels whole: model file, configs
+    return save_converted(opened, out, model, meta, write_tokenizer, overwrite)
+
+
+def save_converted(opened, out: Path, model: Transformer, meta: dict, write_tokenizer,
+                   overwrite: bool) -> Path:
+    """Write model at out with meta (plus the source's step), the source's tokenizer and its
+    train config."""
+    src, src_meta = opened.path, opened.meta
+    meta["source_step"] = src_meta.get("step", src_meta.get("source_step"))
+    if "max_steps" in src_meta:
+        meta["max_steps"] = src_meta["max_steps"]
+    files = {} if opened.kind is Kind.HF else tokenizer_files(src)  # the tokenizer travels whole
     if (src / TRAIN_CONFIG).is_file():
         files[TRAIN_CONFIG] = src / TRAIN_CONFIG
     return save_checkpoint(out, model, meta, files, overwrite=overwrite,
                            extra=write_tokenizer)
+
+
+def convert_to_latent(src: str | Path, out: str | Path, conversion: LatentConversion,
+                      calibration: Calibration = Calibration(), data: dict | None = None,
+                      overwrite: bool = False) -> Path:
+    """Write an MLA copy of checkpoint src at out (convert/latent.py), fitted on
+    calibration's train windows of the data (as align= is) when there is data, else on the
+    weights alone (C = I, noted on stderr); meta.json records the shape, each layer's
+    left-out shares (latent_error, rope_residual) and the time and peak memory."""
+    check_out(Path(src), Path(out), overwrite, "mla")
+    opened = open_source(src, "ckpt", FLOAT)
+    src, out, src_cfg, hf = opened.path, Path(out), opened.config, opened.kind is Kind.HF
+    kv_rank, rope_dim = conversion.shape(src_cfg)  # refused before loading or calibrating
+    data = data_config(src, data or {})
+    n_windows, seq_len = calibration.shape(src_cfg.max_seq_len)
+    write_tokenizer = tokenizer_writer(src) if hf else None
+    source = opened.load()
+    started = time.perf_counter()
+    calib = None
+    if data is not None and n_windows > 0:
+        calib = token_windows(data, "train", seq_len, n_windows, src_cfg.vocab_size)
+    else:
+        print("note: no calibration data (calib_windows=0 or no data settings): factoring the "
+              "weights unweighted (C = I)", file=sys.stderr)
+    grams = None if calib is None else attention_input_grams(source, calib, progress=True)
+    model, layers = latent_model(source, conversion, grams)
+    meta = {"converted_from": {
+        "path": str(src), "weights_sha256": opened.weights_sha256(), "target": "mla",
+        "kv_rank": kv_rank, "rope_dim": rope_dim, "rope": str(conversion.rope),
+        "budget": conversion.budget, "source_attention": src_cfg.attention_type,
+        "calib_windows": 0 if calib is None else n_windows,
+        "calib_seq_len": 0 if calib is None else seq_len},
+        "latent_fit": layers,
+        "calibration": calibration_cost(started, 0 if calib is None else calib.numel(), 0)}
+    return save_converted(opened, out, model, meta, write_tokenizer, overwrite)
 
 
 def kv_error_meta(src_model: Transformer, model: Transformer, plans: list[LayerPlan] | None,
@@ -197,10 +240,23 @@ def token_windows(data_cfg, split: str, length: int, n_windows: int,
 
 
 @dataclass
+class LatentOptions:
+    """mla.*: convert to MLA (convert/latent.py) instead of to n_kv_head heads."""
+    kv_rank: int = 0  # the latent's width
+    rope_dim: int = 0  # the shared RoPE key's width; 0: one source head's rotary width
+    budget: int = 0  # fp32 KV bytes per token, split into kv_rank + rope_dim (instead of kv_rank)
+    rope: RopeChoice = RopeChoice.rorope  # rorope | select: which RoPE components are kept
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.kv_rank or self.budget)
+
+
+@dataclass
 class ConvertConfig:
     """python -m convert's options (configs/convert.yaml; --help describes them)."""
     ckpt: str = MISSING  # a gqalab checkpoint dir or an HF Llama/GPT-2/GPT-NeoX dir
-    n_kv_head: int = MISSING  # KV heads of the result: a divisor of the source's
+    n_kv_head: int = 0  # KV heads of the result: a divisor of the source's (or mla.*)
     out: str = MISSING  # the new checkpoint dir
     method: Method = Method.mean  # mean | first | random
     group: Grouping = Grouping.contiguous  # contiguous | similar (convert/align.py)
@@ -209,6 +265,7 @@ class ConvertConfig:
     calib_seq_len: int = 0  # tokens per calibration window; 0: the context up to 1024
     calib_tokens: int = 0  # a calibration token budget (windows it fills) instead of calib_windows
     seed: int = 0  # for method=random
+    mla: LatentOptions = field(default_factory=lambda: LatentOptions())  # to MLA instead
     overwrite: bool = False  # replace an existing out
     # the calibration corpus; only the settings the user gives count (given_data)
     data: DataConfig = field(default_factory=DataConfig)
@@ -232,8 +289,14 @@ def given_data(cfg: DictConfig) -> dict:
 def command(cfg: DictConfig) -> None:
     cli.require(cfg)
     args: ConvertConfig = OmegaConf.to_object(cfg)
-    conversion = Conversion(args.n_kv_head, args.method, args.group, args.align, args.seed)
     calibration = Calibration(args.calib_windows, args.calib_seq_len, args.calib_tokens)
+    if args.mla.wanted or args.mla.rope_dim:
+        return latent_command(args, calibration, given_data(cfg))
+    if args.n_kv_head == 0:
+        raise ConvertError("missing n_kv_head=...: python -m convert ckpt=<dir> n_kv_head=<G> "
+                           "out=<dir>, or mla.kv_rank=<r> | mla.budget=<bytes/token> for MLA "
+                           "(--help lists the options)")
+    conversion = Conversion(args.n_kv_head, args.method, args.group, args.align, args.seed)
     out = convert_checkpoint(args.ckpt, args.out, conversion, calibration, given_data(cfg),
                              args.overwrite)
     print(f"wrote {out} ({args.method} pooling, group={args.group}, align={args.align}, "
@@ -245,6 +308,23 @@ def command(cfg: DictConfig) -> None:
               f"(|aligned source heads - pooled|^2 / |source heads|^2):")
         for e in errors["layers"]:
             print(f"  layer {e['layer']}: K {e['k']:.4f}  V {e['v']:.4f}")
+
+
+def latent_command(args: ConvertConfig, calibration: Calibration, data: dict) -> None:
+    if args.n_kv_head:
+        raise ConvertError(f"n_kv_head={args.n_kv_head} with mla.*: MLA has no KV heads; drop "
+                           f"n_kv_head to convert to MLA, or drop mla.* to pool heads")
+    m = args.mla
+    conversion = LatentConversion(m.kv_rank, m.rope_dim, m.budget, m.rope)
+    out = convert_to_latent(args.ckpt, args.out, conversion, calibration, data, args.overwrite)
+    cfg = read_config(out)
+    print(f"wrote {out} (MLA: kv_rank {cfg.kv_rank}, rope_dim {cfg.rope_dim}, rope={m.rope}, "
+          f"of {args.ckpt})")
+    print(format_summary(cfg))
+    for e in read_meta(out)["latent_fit"]:
+        rope = f"  RoPE K left position-free {e['rope_residual']:.4f}" if "rope_residual" in e else ""
+        print(f"  layer {e['layer']}: [K_nope; V] activation energy left out "
+              f"{e['latent_error']:.4f}{rope}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,12 +17,17 @@ from model.config import ModelConfig
 from model.kv_cache import KVCache, LatentCache
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_len: int, theta: float,
+                freqs: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, signed sin of shape (max_len, head_dim) in the half-split ("rotate_half") layout.
+    freqs: each plane's angular speed (head_dim/2 of them, ModelConfig.rope_freqs); None or
+    empty: theta^(-2i/head_dim).
 
     The sin table carries rotate_half's sign (-sin on the first half), so apply_rope is a
     roll and two multiply-adds: the fewest kernels per decode step."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if freqs:
+        inv_freq = torch.tensor(freqs, dtype=torch.float64)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (L, hd/2)
     sin = angles.sin()
     return torch.cat([angles, angles], dim=-1).cos().float(), torch.cat([-sin, sin], dim=-1).float()

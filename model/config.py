@@ -3,7 +3,7 @@ latent attention) is kv_rank > 0."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -45,6 +45,10 @@ class ModelConfig:
     rope_dim: int = 0  # MLA: width of the shared RoPE key and each query's rotated part (even)
     nope_dim: int = 0  # MLA: each head's unrotated query/key width; 0 means head_dim - rope_dim
     v_dim: int = 0  # MLA: each head's value width; 0 means head_dim
+    # MLA converted from a RoPE source (convert/latent.py): the angular speed (radians per
+    # position) of each of the shared key's rope_dim/2 planes, the source frequencies it kept
+    # (repeats allowed); empty: the standard theta^(-2i/rope_dim)
+    rope_freqs: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.n_kv_head == 0:
@@ -90,6 +94,9 @@ class ModelConfig:
         mla_fields = {k: getattr(self, k) for k in ("rope_dim", "nope_dim", "v_dim")}
         if min(self.kv_rank, self.rope_dim, self.v_dim) < 0:
             raise ConfigError("kv_rank, rope_dim and v_dim must be >= 0")
+        if self.rope_freqs and len(self.rope_freqs) * 2 != self.rope_dim:
+            raise ConfigError(f"rope_freqs has {len(self.rope_freqs)} planes, rope_dim="
+                              f"{self.rope_dim} needs {self.rope_dim // 2}: one per plane, or none")
         if self.kv_rank == 0:
             given = [f"{k}={v}" for k, v in mla_fields.items() if v]
             if given:
@@ -136,7 +143,7 @@ class ModelConfig:
     def with_kv_heads(self, n_kv_head: int) -> "ModelConfig":
         """This model with n_kv_head K/V heads (an MLA model: its MHA/GQA equivalent)."""
         return dataclasses.replace(self, n_kv_head=n_kv_head, kv_rank=0, rope_dim=0, nope_dim=0,
-                                   v_dim=0)
+                                   v_dim=0, rope_freqs=[])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -92,7 +92,7 @@ class Transformer(nn.Module):
         (store.checkpoint.model_from_state) calls this again once its weights are in."""
         cfg = self.config
         cos, sin = (None, None) if cfg.positions == "learned" else rope_tables(
-            cfg.rotated_dim, cfg.max_seq_len, cfg.rope_theta)
+            cfg.rotated_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_freqs)
         self.register_buffer("rope_cos", cos, persistent=False)  # (L, rd)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -24,7 +24,7 @@ from model.config import ConfigError, ModelConfig
 # set of defaults; configs/model/*.yaml only set fields), less vocab_size (the tokenizer's)
 # and the attention group's fields (n_kv_head; MLA's kv_rank, rope_dim, nope_dim, v_dim).
 ATTENTION_FIELDS = ("n_kv_head", "kv_rank", "rope_dim", "nope_dim", "v_dim")
-NOT_IN_MODEL_GROUP = ("vocab_size", *ATTENTION_FIELDS)
+NOT_IN_MODEL_GROUP = ("vocab_size", "rope_freqs", *ATTENTION_FIELDS)  # rope_freqs: convert's
 ModelSizeConfig = make_dataclass(
     "ModelSizeConfig", [(f.name, get_type_hints(ModelConfig)[f.name], field(default=f.default))
                         for f in fields(ModelConfig) if f.name not in NOT_IN_MODEL_GROUP])
