@@ -80,7 +80,8 @@ def test_the_model_config_group_is_model_config_itself():
     given = {f.name: (f.type, f.default) for f in fields(ModelSizeConfig)}
     own = {f.name: (f.type, f.default) for f in fields(ModelConfig)}
     attention = {f.name: f.default for f in fields(AttentionConfig)}
-    assert set(own) - set(given) == {"vocab_size", *attention}
+    # rope_freqs: the shared RoPE key's plane frequencies, set by an MLA conversion, never a preset
+    assert set(own) - set(given) == {"vocab_size", "rope_freqs", *attention}
     assert all(given[k][1] == own[k][1] for k in given)
     assert all(attention[k] == own[k][1] for k in attention)
     for preset in (Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"):
