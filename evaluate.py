@@ -58,6 +58,7 @@ from evaluation.report import (Row, format_table, gap_closed, make_row, paired_d
                                write_report)
 from evaluation.scoring import (TokenBytes, scored_tokens, split_tokens, window_count,
                                 window_rows)
+from data.chat import chat_template
 from evaluation.tasks import add_task_scores, check_tasks
 from store.source import SourceError as UsageError
 from store.source import Kind, load_model, open_source, pick_device, pick_dtype
@@ -126,6 +127,7 @@ class EvaluateConfig:
     tasks: list[str] = field(default_factory=list)  # e.g. [arc_easy,piqa,winogrande]
     tasks_dir: str = ""  # local originals of LOCAL_TASKS (<dir>/<task>/); "": the Hub
     task_limit: Optional[int] = None  # the first N items of each task; null: all
+    tasks_chat: bool = False  # render the tasks' prompts through each source's chat template
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -195,6 +197,11 @@ def check_settings(cfg: EvaluateConfig, sources: list[Source]) -> tuple[int, int
         check_passkey(cfg.passkey, passkey_lengths(cfg, sources), context,
                       {s.name: checkpoint_tokenizer(s.path) for s in sources})
     check_tasks(cfg.tasks, cfg.tasks_dir, cfg.task_limit)
+    if cfg.tasks_chat:
+        bare = [s.name for s in sources if not chat_template(s.path)]
+        if bare:
+            raise EvalError(f"tasks_chat=true renders through each source's chat template, and "
+                            f"{', '.join(bare)} ships none: drop tasks_chat or those sources")
     if cfg.tasks and not wants_scores(cfg):
         raise EvalError("tasks=... adds columns to the scored rows: drop score=false and "
                         "passkey.only=true")
@@ -430,7 +437,7 @@ def run(cfg: EvaluateConfig) -> dict:
                                          device, dtype)
         if cfg.tasks and main:
             add_task_scores(rows, [s.path for s in sources], cfg.tasks, cfg.tasks_dir,
-                            cfg.task_limit, cfg.batch_size, device, dtype)
+                            cfg.task_limit, cfg.batch_size, device, dtype, cfg.tasks_chat)
         result |= {"corpus": given(asdict(cfg.data)), "split": split, "split_reason": why,
                    "seq_len": seq_len, "stride": stride, "max_windows": cfg.max_windows,
                    "reference": cfg.reference, "rows": [asdict(r) for r in rows]}

@@ -29,6 +29,7 @@ from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                   postprocess_generated_text)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from data.chat import ChatTemplate
 from model.sampling import SamplingConfig, new_cache, prefill, stream
 
 Pair = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
@@ -42,6 +43,27 @@ class GqalabLM(TemplateLM):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
         self.max_length = model.config.max_seq_len
+
+    # ------------------------------------------------------------ chat (apply_chat_template)
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What the harness fingerprints its request cache with: the tokenizer's file."""
+        return str(self.tokenizer.path)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        template = ChatTemplate.of(self.tokenizer)
+        return template.source if chat_template and template is not None else ""
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """The source's own template renders the harness's turns, as generate.py chat=true
+        renders a prompt (data/chat.py: transformers' rendering)."""
+        template = ChatTemplate.of(self.tokenizer)
+        if template is None:
+            raise ValueError(f"{self.tokenizer.path.parent} ships no chat template: drop "
+                             f"tasks_chat=true")
+        return template.render(chat_history, add_generation_prompt)
 
     @property
     def eot_token_id(self) -> int:

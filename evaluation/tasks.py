@@ -143,7 +143,8 @@ def task_specs(names: list[str], tasks_dir: str) -> list:
             for n in names]
 
 
-def run_tasks(lm, names: list[str], tasks_dir: str = "", limit: int | None = None) -> dict:
+def run_tasks(lm, names: list[str], tasks_dir: str = "", limit: int | None = None,
+              chat: bool = False) -> dict:
     """-> {task: {acc, acc_stderr, acc_norm, acc_norm_stderr (None when not reported),
     samples}}."""
     from lm_eval import simple_evaluate
@@ -152,7 +153,7 @@ def run_tasks(lm, names: list[str], tasks_dir: str = "", limit: int | None = Non
     # indexing the harness's own task files takes seconds: only when a name needs them
     manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
     out = simple_evaluate(model=lm, tasks=specs, limit=limit, task_manager=manager,
-                          log_samples=False, bootstrap_iters=1000)
+                          log_samples=False, bootstrap_iters=1000, apply_chat_template=chat)
     return {name: task_metrics(out["results"][name], out["n-samples"][name]["effective"])
             for name in names}
 
@@ -178,7 +179,7 @@ def check_tasks(names: list[str], tasks_dir: str, limit: int | None) -> None:
 
 
 def score_tasks(path, names: list[str], tasks_dir: str, limit: int | None, batch_size: int,
-                device, dtype) -> dict:
+                device, dtype, chat: bool = False) -> dict:
     """run_tasks on the model at path (any source store.source opens)."""
     from evaluation.harness import GqalabLM
     from store.source import load_model
@@ -186,7 +187,7 @@ def score_tasks(path, names: list[str], tasks_dir: str, limit: int | None, batch
     if tokenizer is None:
         raise TaskError(f"{path} ships no tokenizer: tasks= scores text, so the model needs "
                         f"its own")
-    return run_tasks(GqalabLM(model, tokenizer, batch_size), names, tasks_dir, limit)
+    return run_tasks(GqalabLM(model, tokenizer, batch_size), names, tasks_dir, limit, chat)
 
 
 def task_average(scores: dict) -> dict:
@@ -197,8 +198,8 @@ def task_average(scores: dict) -> dict:
 
 
 def add_task_scores(rows: list, paths: list, names: list[str], tasks_dir: str,
-                    limit: int | None, batch_size: int, device, dtype) -> None:
+                    limit: int | None, batch_size: int, device, dtype, chat: bool = False) -> None:
     """Fill each report Row's tasks and task_average (rows and paths in the same order)."""
     for row, path in zip(rows, paths):
-        row.tasks = score_tasks(path, names, tasks_dir, limit, batch_size, device, dtype)
+        row.tasks = score_tasks(path, names, tasks_dir, limit, batch_size, device, dtype, chat)
         row.task_average = task_average(row.tasks)

@@ -111,3 +111,24 @@ def test_shared_prefix_equals_scoring_alone(hf_llama):
         direct = sum(logits[len(context) - 1 + i, t].item() for i, t in enumerate(choice))
         assert score == pytest.approx(alone, abs=1e-4) == pytest.approx(direct, abs=1e-4)
         assert greedy == alone_greedy and not math.isnan(score)
+
+
+def test_tasks_render_through_the_sources_chat_template(tmp_path, hf_llama):
+    """tasks_chat: the adapter renders the harness's turns as transformers'
+    apply_chat_template does on the same template; a source without one is refused."""
+    from hf_fixtures import SMOLLM2_TEMPLATE, chat_tokenizer
+    from data.tokenizer import load_tokenizer
+    hf = chat_tokenizer(tmp_path, SMOLLM2_TEMPLATE)
+    tok = load_tokenizer(tmp_path)
+    lm = GqalabLM.__new__(GqalabLM)  # the chat methods need the tokenizer alone
+    lm.tokenizer = tok
+    turns = [dict(role="user", content="Question: 2 + 2?\nAnswer:")]
+    for generation in (True, False):
+        assert lm.apply_chat_template(turns, generation) == hf.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=generation)
+    assert lm.chat_template(True) == SMOLLM2_TEMPLATE and lm.chat_template(False) == ""
+    import evaluate as ev
+    cfg = ev.EvaluateConfig(ckpt=str(hf_llama[1]), tasks=["arc_easy"], tasks_chat=True,
+                            device="cpu")
+    with pytest.raises(ev.EvalError, match="ships none"):
+        ev.run(cfg)
