@@ -35,8 +35,9 @@ import torch
 
 from model.config import ModelConfig
 from model.kv_cache import kv_bytes_per_token
-from model.sampling import (KV_CACHES, SamplingConfig, compile_decode, compiled_decode_step,
-                            generate, new_cache, stream)
+from evaluation.scoring import decoded_rows
+from evaluation.speed import compiled_step_tok_s
+from model.sampling import KV_CACHES, SamplingConfig, compile_decode, generate, stream
 from model.quantized import (CPU_CAPABILITY, describe, int8_kernel, quantize_model,
                              set_int8_kernel, weight_bytes)
 from model.transformer import Transformer
@@ -421,22 +422,6 @@ def latent_variant(path: Path, budget: int) -> Transformer:
     return latent_model(load_real(path), LatentConversion(budget=budget), None)[0].eval()
 
 
-@torch.inference_mode()
-def step_rate(model: Transformer, batch: int, context: int, steps: int) -> float:
-    """Decode tokens/s of the compiled step over a cache of `context` slots (compiled steps
-    read every slot whatever is filled: the cache never changes shape), one token per
-    sequence per step, at the cache's last positions."""
-    compile_decode(model, batch, context)
-    cache = new_cache(model, batch, context)
-    step, token = compiled_decode_step(), torch.zeros(batch, dtype=torch.long)
-    pos = torch.tensor([context - steps])
-    t = time.perf_counter()
-    for _ in range(steps):
-        token = step(model, token, pos, cache).argmax(-1)
-        pos += 1
-    return batch * steps / (time.perf_counter() - t)
-
-
 def section_l(quick: bool, path: Path) -> None:
     """SmolLM2-135M's KV layouts at a long context, b8, compiled: GQA-3 (itself), MQA and
     MLA at MQA's bytes; decode tokens/s against the bytes a step reads (weights + cache)."""
@@ -457,7 +442,7 @@ def section_l(quick: bool, path: Path) -> None:
     torch._dynamo.reset()
     for _ in range(2):  # the layouts take turns (one graph each); the best of two for each
         for name, model in models.items():
-            rates[name] = max(rates.get(name, 0.0), step_rate(model, b, context, steps))
+            rates[name] = max(rates.get(name, 0.0), compiled_step_tok_s(model, b, context, steps))
     base = models["GQA-3"]
     for name, model in models.items():
         step = decode_bytes(model, b, context)
@@ -500,22 +485,11 @@ def nll(model: Transformer, windows: torch.Tensor) -> float:
     return total / len(windows)
 
 
-@torch.inference_mode()
 def nll_decoded(model: Transformer, windows: torch.Tensor, prompt: int, kind: str) -> float:
     """Mean NLL of each window's tokens after the first `prompt`, teacher-forced one token
     at a time through a KV cache of kind (float or int8): what decoding would score."""
-    from model.sampling import new_cache, prefill
-    total, count = 0.0, 0
-    for w in windows:
-        w = w[None]
-        cache = new_cache(model, 1, w.shape[1], kind=kind)
-        logits = prefill(model, w[:, :prompt], cache)
-        for t in range(prompt, w.shape[1]):
-            total += torch.nn.functional.cross_entropy(logits.float(), w[:, t]).item()
-            count += 1
-            if t + 1 < w.shape[1]:
-                logits = model(w[:, t:t + 1], cache, torch.tensor([t]), kv_len=t + 1)[:, -1]
-    return total / count
+    rows = decoded_rows(model, windows, prompt, kind, batch_size=len(windows))
+    return (rows[:, 0].sum() / rows[:, 1].sum()).item()
 
 
 def section_p(quick: bool, path: Path, group_size: int) -> None:

@@ -197,14 +197,17 @@ def data_overrides(corpora: dict[str, Path], cache: Path, max_tokens: int) -> li
     return args + ([f"data.max_tokens={max_tokens}"] if max_tokens else [])
 
 
-def eval_windows(folder: Path, tok, n: int, seq_len: int) -> torch.Tensor:
+def eval_windows(folder: Path, tok, n: int, seq_len: int, disjoint: bool = False) -> torch.Tensor:
     """n evenly spaced (seq_len + 1)-token windows of the folder's documents, each followed
-    by EOS as the data pipeline frames them: (n, seq_len + 1)."""
+    by EOS as the data pipeline frames them: (n, seq_len + 1). disjoint: refuse a folder
+    too small for n windows that do not overlap (independent windows, for standard errors)."""
     ids: list[int] = []
-    for path in sorted(folder.iterdir()):
+    for path in sorted(p for p in folder.iterdir() if p.name != "done"):
         ids += tok.encode(path.read_text()) + [tok.eos_id]
-    if len(ids) < seq_len + 1:
-        raise ExperimentError(f"{folder} holds {len(ids)} tokens, fewer than one window")
+    if len(ids) < (n if disjoint else 1) * (seq_len + 1):
+        raise ExperimentError(f"{folder} holds {len(ids):,} tokens, fewer than "
+                              f"{n if disjoint else 1} disjoint windows of {seq_len + 1}: "
+                              f"lower windows or seq_len")
     starts = torch.linspace(0, len(ids) - seq_len - 1, n).long().tolist()
     return torch.tensor([ids[s:s + seq_len + 1] for s in starts])
 
