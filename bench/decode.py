@@ -9,6 +9,8 @@
     python -m bench.decode --section r     # the real model (SmolLM2-135M): fp32, int8, int4,
                                            # int8 KV vs transformers generate, b1 and b8
                                            # (--real-kv MHA-9,GQA-3,MQA: its KV layouts)
+    python -m bench.decode --section l     # the real model's KV layouts at a 4k context, b8:
+                                           # MHA-9, GQA-3, MQA, MLA at MQA's bytes (compiled)
     python -m bench.decode --section p     # the real model's perplexity: fp32, int8, int4, KV int8
     python -m bench.decode --quick         # shorter runs, same tables
 
@@ -33,8 +35,9 @@ import torch
 
 from model.config import ModelConfig
 from model.kv_cache import kv_bytes_per_token
-from model.sampling import (KV_CACHES, SamplingConfig, compile_decode, generate,
-                            stream)
+from evaluation.scoring import decoded_rows
+from evaluation.speed import compiled_step_tok_s
+from model.sampling import KV_CACHES, SamplingConfig, compile_decode, generate, stream
 from model.quantized import (CPU_CAPABILITY, describe, int8_kernel, quantize_model,
                              set_int8_kernel, weight_bytes)
 from model.transformer import Transformer
@@ -410,6 +413,51 @@ def real_row(name: str, b: int, model: Transformer, hf, variants: dict, new: int
     return row + (f"  {' / '.join(verdicts)}" if b == 1 else "") + same
 
 
+# ---------------------------------------------------------------- (l) layouts at long context
+
+def latent_variant(path: Path, budget: int) -> Transformer:
+    """The real model as MLA at `budget` fp32 KV bytes per token (convert/latent.py on the
+    weights alone: the shapes a step reads are the point here, not the quality)."""
+    from convert.latent import LatentConversion, latent_model
+    return latent_model(load_real(path), LatentConversion(budget=budget), None)[0].eval()
+
+
+def section_l(quick: bool, path: Path) -> None:
+    """SmolLM2-135M's KV layouts at a long context, b8, compiled: GQA-3 (itself), MQA and
+    MLA at MQA's bytes; decode tokens/s against the bytes a step reads (weights + cache)."""
+    if not (path / "config.json").is_file():
+        print(f"\n(l) skipped: no HF model at {path} (pass --real-model DIR)")
+        return
+    context, steps, b = (1024 if quick else 4096), (16 if quick else 32), 8
+    mqa = real_variant(path, "MQA")
+    models = {"MHA-9": real_variant(path, "MHA-9"), "GQA-3": real_variant(path, "GQA-3"),
+              "MQA": mqa, "MLA": latent_variant(path, kv_bytes_per_token(mqa.config))}
+    print(f"\n(l) real model KV layouts: context {context}, b={b}, {steps} steps, compiled "
+          f"decode step (the cache read in full each step); CPU {CPU_CAPABILITY}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'layout':<7}{'KV B/tok':>9}{'MiB/step':>10}{'tok/s':>9}{'/GQA-3':>8}{'bytes':>7}"
+          f"{'GB/s':>7}  targets: MQA >= 1.7x GQA-3, GQA-3 >= 2x MHA-9, MLA >= 0.8x MQA "
+          f"and >= 1.5x GQA-3")
+    rates = {}
+    torch._dynamo.reset()
+    for _ in range(2):  # the layouts take turns (one graph each); the best of two for each
+        for name, model in models.items():
+            rates[name] = max(rates.get(name, 0.0), compiled_step_tok_s(model, b, context, steps))
+    base = models["GQA-3"]
+    for name, model in models.items():
+        step = decode_bytes(model, b, context)
+        predicted = decode_bytes(base, b, context) / step
+        print(f"{name:<7}{kv_bytes_per_token(model.config):>9,}{step / 2**20:>10.1f}"
+              f"{rates[name]:>9,.1f}{rates[name] / rates['GQA-3']:>7.2f}x{predicted:>6.2f}x"
+              f"{step * rates[name] / b / 1e9:>7.1f}")
+    print(f"MLA / MQA {rates['MLA'] / rates['MQA']:.2f}x "
+          f"{verdict(rates['MLA'] >= 0.8 * rates['MQA'])}, MLA / GQA-3 "
+          f"{rates['MLA'] / rates['GQA-3']:.2f}x {verdict(rates['MLA'] >= 1.5 * rates['GQA-3'])}, "
+          f"MQA / GQA-3 {rates['MQA'] / rates['GQA-3']:.2f}x "
+          f"{verdict(rates['MQA'] >= 1.7 * rates['GQA-3'])}, GQA-3 / MHA-9 "
+          f"{rates['GQA-3'] / rates['MHA-9']:.2f}x {verdict(rates['GQA-3'] >= 2 * rates['MHA-9'])}")
+
+
 # ---------------------------------------------------------------- (p) perplexity
 
 def heldout_tokens(path: Path, n_tokens: int) -> torch.Tensor:
@@ -437,22 +485,11 @@ def nll(model: Transformer, windows: torch.Tensor) -> float:
     return total / len(windows)
 
 
-@torch.inference_mode()
 def nll_decoded(model: Transformer, windows: torch.Tensor, prompt: int, kind: str) -> float:
     """Mean NLL of each window's tokens after the first `prompt`, teacher-forced one token
     at a time through a KV cache of kind (float or int8): what decoding would score."""
-    from model.sampling import new_cache, prefill
-    total, count = 0.0, 0
-    for w in windows:
-        w = w[None]
-        cache = new_cache(model, 1, w.shape[1], kind=kind)
-        logits = prefill(model, w[:, :prompt], cache)
-        for t in range(prompt, w.shape[1]):
-            total += torch.nn.functional.cross_entropy(logits.float(), w[:, t]).item()
-            count += 1
-            if t + 1 < w.shape[1]:
-                logits = model(w[:, t:t + 1], cache, torch.tensor([t]), kv_len=t + 1)[:, -1]
-    return total / count
+    rows = decoded_rows(model, windows, prompt, kind, batch_size=len(windows))
+    return (rows[:, 0].sum() / rows[:, 1].sum()).item()
 
 
 def section_p(quick: bool, path: Path, group_size: int) -> None:
@@ -489,7 +526,7 @@ def section_p(quick: bool, path: Path, group_size: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--section", choices=["a", "b", "c", "q", "k", "r", "p", "all"],
+    ap.add_argument("--section", choices=["a", "b", "c", "q", "k", "r", "l", "p", "all"],
                     default="all")
     ap.add_argument("--quant", default="int8,int8_head,int4,int4_head",
                     help="sections q, r: comma-separated quantize modes (int8, int8_head, int4, "
@@ -531,6 +568,8 @@ def main() -> None:
         section_r(args.quick, args.real_model, args.quant.split(","), args.group_size,
                   tuple(int(b) for b in args.batches.split(",")), tuple(args.real_kv.split(",")),
                   not args.no_kv8)
+    if args.section in ("l", "all"):
+        section_l(args.quick, args.real_model)
     if args.section in ("p", "all"):
         section_p(args.quick, args.real_model, args.group_size)
 

@@ -45,7 +45,7 @@ from data.tokenizer import tokenizer_files
 from convert.align import Alignment, Grouping, LayerPlan, attention_input_grams
 from convert.heads import (Calibration, ConvertError, Conversion, Method, check_target,
                            kv_errors, plan_conversion, pooled_model)
-from convert.latent import LatentConversion, RopeChoice, latent_model
+from convert.latent import LatentConversion, LatentFit, RopeChoice, latent_model, search_split
 from model.summary import format_summary
 from model.transformer import Transformer
 from store import runs
@@ -53,6 +53,8 @@ from store.checkpoint import check_out, model_state, read_config, read_meta, sav
 from store.hf import tokenizer_writer
 from store.runs import TRAIN_CONFIG
 from store.source import FLOAT, Kind, open_source
+
+SPLIT_WINDOWS = 4  # calibration windows search_split scores each rope_dim on
 
 
 def convert_checkpoint(src: str | Path, out: str | Path, conversion: Conversion,
@@ -145,11 +147,16 @@ def convert_to_latent(src: str | Path, out: str | Path, conversion: LatentConver
         print("note: no calibration data (calib_windows=0 or no data settings): factoring the "
               "weights unweighted (C = I)", file=sys.stderr)
     grams = None if calib is None else attention_input_grams(source, calib, progress=True)
+    scored = None if calib is None else calib[::max(1, len(calib) // SPLIT_WINDOWS)]
+    conversion, split = search_split(source, conversion, grams, scored)
+    kv_rank, rope_dim = conversion.shape(src_cfg)
     model, layers = latent_model(source, conversion, grams)
     meta = {"converted_from": {
         "path": str(src), "weights_sha256": opened.weights_sha256(), "target": "mla",
         "kv_rank": kv_rank, "rope_dim": rope_dim, "rope": str(conversion.rope),
-        "budget": conversion.budget, "source_attention": src_cfg.attention_type,
+        "fit": str(conversion.fit), "balance": conversion.balance,
+        "budget": conversion.budget, "split_search": split,
+        "source_attention": src_cfg.attention_type,
         "calib_windows": 0 if calib is None else n_windows,
         "calib_seq_len": 0 if calib is None else seq_len},
         "latent_fit": layers,
@@ -246,6 +253,8 @@ class LatentOptions:
     rope_dim: int = 0  # the shared RoPE key's width; 0: one source head's rotary width
     budget: int = 0  # fp32 KV bytes per token, split into kv_rank + rope_dim (instead of kv_rank)
     rope: RopeChoice = RopeChoice.rorope  # rorope | select: which RoPE components are kept
+    fit: LatentFit = LatentFit.readers  # readers | activation: the latent's error as read, or raw
+    balance: float = 0.1  # fit=readers: a key's score error against a value's output error
 
     @property
     def wanted(self) -> bool:
@@ -315,11 +324,11 @@ def latent_command(args: ConvertConfig, calibration: Calibration, data: dict) ->
         raise ConvertError(f"n_kv_head={args.n_kv_head} with mla.*: MLA has no KV heads; drop "
                            f"n_kv_head to convert to MLA, or drop mla.* to pool heads")
     m = args.mla
-    conversion = LatentConversion(m.kv_rank, m.rope_dim, m.budget, m.rope)
+    conversion = LatentConversion(m.kv_rank, m.rope_dim, m.budget, m.rope, m.fit, m.balance)
     out = convert_to_latent(args.ckpt, args.out, conversion, calibration, data, args.overwrite)
     cfg = read_config(out)
     print(f"wrote {out} (MLA: kv_rank {cfg.kv_rank}, rope_dim {cfg.rope_dim}, rope={m.rope}, "
-          f"of {args.ckpt})")
+          f"fit={m.fit}, of {args.ckpt})")
     print(format_summary(cfg))
     for e in read_meta(out)["latent_fit"]:
         rope = f"  RoPE K left position-free {e['rope_residual']:.4f}" if "rope_residual" in e else ""

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -56,20 +57,34 @@ class RopeChoice(enum.StrEnum):
     select = "select"  # whole head planes as they are (MHA2MLA's per-frequency selection)
 
 
+class LatentFit(enum.StrEnum):
+    """What the latent's factorisation minimises (step 3)."""
+    readers = "readers"  # the error as read: K's through the query scores, V's through o_proj
+    activation = "activation"  # the [K_nope; V] activations' own error, K and V alike
+
+
 @dataclass(frozen=True)
 class LatentConversion:
     """One conversion to MLA: kv_rank and rope_dim, or a budget in fp32 KV bytes per token
     split between them. rope_dim 0: one source head's rotary width (at most half a budget's
-    per-layer width); 0 for a source with learned positions."""
+    per-layer width; with a budget and calibration windows, the split of least calibration
+    loss: search_split); 0 for a source with learned positions. balance: with
+    fit=readers, the weight of a key's score error against a value's output error."""
     kv_rank: int = 0
     rope_dim: int = 0
     budget: int = 0
     rope: RopeChoice = RopeChoice.rorope
+    fit: LatentFit = LatentFit.readers
+    balance: float = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rope", choice(RopeChoice, "mla.rope", self.rope))
+        object.__setattr__(self, "fit", choice(LatentFit, "mla.fit", self.fit))
         if min(self.kv_rank, self.rope_dim, self.budget) < 0:
             raise ConvertError("mla.kv_rank, mla.rope_dim and mla.budget must be >= 0")
+        if not self.balance > 0:
+            raise ConvertError(f"mla.balance={self.balance} must be > 0 (0.1 measured best on "
+                               f"SmolLM2; mla.fit=activation weighs K and V alike instead)")
         if (self.kv_rank > 0) == (self.budget > 0):
             raise ConvertError("pass one of mla.kv_rank=<latent width> or mla.budget=<KV bytes "
                                "per token>, not both")
@@ -191,20 +206,49 @@ def moments(gram: torch.Tensor | None, d: int, centred: bool) -> tuple[torch.Ten
     return gram[:d, :d] / n - torch.outer(mu, mu), mu
 
 
-def factor(w: torch.Tensor, gram: torch.Tensor | None, rank: int,
-           centred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def factor(w: torch.Tensor, gram: torch.Tensor | None, rank: int, centred: bool,
+           readers: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """w (n, d+1) [weight | bias] -> (W_d (rank, d), W_u (n, rank), bias (n,), the share of
-    activation energy lost), the rank-`rank` factorisation of least activation error."""
+    activation energy lost), the rank-`rank` factorisation of least error E|A (W - W_u W_d) x|^2
+    where A^T A = readers (n, n), what reads the rows (None: A = I, the activation error)."""
     d = w.shape[1] - 1
     s, mu = moments(gram, d, centred)
     evals, evecs = torch.linalg.eigh(s)
     evals = evals.clamp(min=evals.max().clamp(min=1e-30) * 1e-10)  # L stays invertible
-    u, sv, vh = torch.linalg.svd(w[:, :d] @ (evecs * evals.sqrt()), full_matrices=False)
-    down = vh[:rank] @ (evecs / evals.sqrt()).T  # V_r^T L^-1
-    up = u[:, :rank] * sv[:rank]
+    wl = w[:, :d] @ (evecs * evals.sqrt())  # W L
+    a = torch.eye(len(w), dtype=w.dtype) if readers is None else psd_sqrt(readers)
+    vh = torch.linalg.svd(a @ wl, full_matrices=False)[2][:rank]
+    down = vh @ (evecs / evals.sqrt()).T  # V_r^T L^-1: latents orthonormal under S
+    up = wl @ vh.T  # for that latent the least-squares W_u (W S W_d^T), under any A
     bias = w[:, d] + (w[:, :d] - up @ down) @ mu
-    lost = (sv[rank:] ** 2).sum() / (sv ** 2).sum().clamp(min=1e-30)
+    lost = (wl - up @ vh).square().sum() / wl.square().sum().clamp(min=1e-30)
     return down, up, bias, lost.item()
+
+
+def psd_sqrt(m: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(m)
+    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
+
+
+def reader_grams(q: torch.Tensor, v: torch.Tensor, o: torch.Tensor, gram: torch.Tensor,
+                 balance: float) -> torch.Tensor:
+    """What reads [K_nope; V]'s rows, block-diagonal (2 G hd, 2 G hd). A value row reaches the
+    output through o_proj: V head g's block is sum over its query heads of O_h^T O_h. A key
+    row's error moves scores by q . dk / sqrt(hd), which moves the output by about the spread
+    of the values it mixes: K head g's block is balance x sum_h tr(O_h^T O_h Cov v) q_h q_h^T
+    / hd, in the same units. q (H, hd, d+1), v (G, hd, d+1), o (d, H hd), gram C (d+1, d+1)."""
+    H, G, hd = q.shape[0], v.shape[0], v.shape[1]
+    c = gram / gram[-1, -1]
+    d, mu = len(c) - 1, c[:-1, -1]
+    heads = o.view(d, H, hd).permute(1, 2, 0)  # (H, hd, d): O_h^T
+    o_gram = heads @ heads.transpose(1, 2)  # (H, hd, hd)
+    vw = v[..., :d]
+    value_cov = vw @ (c[:d, :d] - torch.outer(mu, mu)) @ vw.transpose(1, 2)  # (G, hd, hd)
+    spread = torch.einsum("hij,hji->h", o_gram, value_cov[torch.arange(H) // (H // G)])
+    query = q @ c @ q.transpose(1, 2)  # (H, hd, hd): E q_h q_h^T
+    k_blocks = (balance / hd * spread[:, None, None] * query).view(G, -1, hd, hd).sum(1)
+    return torch.block_diag(*k_blocks, *o_gram.view(G, -1, hd, hd).sum(1))
 
 
 # ---- the model ----------------------------------------------------------------------------
@@ -247,8 +291,11 @@ def latent_model(model: Transformer, conversion: LatentConversion,
     cfg = latent_config(src, kv_rank, rope_dim, freqs)
     report = []
     for i, ((q, k, v), gram) in enumerate(zip(rows, grams)):
+        o = state[f"blocks.{i}.attn.o_proj.weight"].double()
+        readers = (reader_grams(q, v, o, gram, conversion.balance)
+                   if conversion.fit == LatentFit.readers else None)
         tensors, errors = latent_layer(q, k, v, mixes[i] if mixes else None, kept, gram,
-                                       cfg, rotary, src.attn_bias, calibrated)
+                                       cfg, rotary, src.attn_bias, calibrated, readers)
         dtype = state[f"blocks.{i}.attn.k_proj.weight"].dtype
         for name in [n for n in state if n.startswith(f"blocks.{i}.attn.") and "o_proj" not in n]:
             del state[name]
@@ -258,6 +305,47 @@ def latent_model(model: Transformer, conversion: LatentConversion,
     return converted, report
 
 
+def search_split(model: Transformer, conversion: LatentConversion,
+                 grams: list[torch.Tensor] | None, windows: torch.Tensor | None
+                 ) -> tuple[LatentConversion, list[dict]]:
+    """conversion with its rope_dim chosen, and what was tried: under a budget with rope_dim
+    unset and calibration windows (N, T) at hand, the split of least mean next-token loss on
+    them, from a coarse grid (a quarter to three quarters of the per-layer width) refined by
+    a sixteenth around its best. Else conversion as it is. On SmolLM2 at 128 values per layer
+    the loss is smooth in rope_dim and its minimum is the held-out perplexity's too."""
+    src = config_of(model)
+    if not conversion.budget or conversion.rope_dim or src.positions != "rope" or windows is None:
+        return conversion, []
+    width = conversion.budget // (CACHE_BYTES * src.n_layer)
+    most = min(src.n_kv_head * src.rotary_dim, width - 1) // 2 * 2
+    even = lambda x: max(2, min(most, round(x / 2) * 2))
+    tried: dict[int, float] = {}
+
+    def loss(rope_dim: int) -> float:
+        if rope_dim not in tried:
+            candidate = dataclasses.replace(conversion, rope_dim=rope_dim)
+            tried[rope_dim] = window_loss(latent_model(model, candidate, grams)[0], windows)
+            print(f"mla split: rope_dim {rope_dim} + kv_rank {width - rope_dim}: calibration "
+                  f"loss {tried[rope_dim]:.4f}", file=sys.stderr)
+        return tried[rope_dim]
+
+    best = min(sorted({even(width * k / 8) for k in range(2, 7)}), key=loss)
+    step = even(width / 16)
+    best = min(sorted({best, even(best - step), even(best + step)}), key=loss)
+    return (dataclasses.replace(conversion, rope_dim=best),
+            [{"rope_dim": r, "calib_loss": round(v, 5)} for r, v in sorted(tried.items())])
+
+
+@torch.inference_mode()
+def window_loss(model: Transformer, windows: torch.Tensor) -> float:
+    """Mean next-token cross-entropy over windows (N, T), one window at a time."""
+    total = 0.0
+    for w in windows.to(model.device):
+        logits = model(w[None, :-1])[0].float()
+        total += torch.nn.functional.cross_entropy(logits, w[1:]).item()
+    return total / len(windows)
+
+
 def layer_rows(state: dict, layer: int, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
     """(Q (H, hd, d+1), K (G, hd, d+1), V (G, hd, d+1)) rows of a layer, in float64."""
     return tuple(kv_rows(state, layer, proj, n).double() for proj, n in
@@ -265,9 +353,10 @@ def layer_rows(state: dict, layer: int, cfg: ModelConfig) -> tuple[torch.Tensor,
 
 
 def latent_layer(q, k, v, mix, kept, gram, cfg: ModelConfig, rotary: int, bias: bool,
-                 calibrated: bool) -> tuple[dict, dict]:
+                 calibrated: bool, readers: torch.Tensor | None) -> tuple[dict, dict]:
     """One layer's MLA tensors by name (without o_proj, which stays) and its errors, from
-    source rows q (H, hd, d+1), k, v (G, hd, d+1) and the RoPE plan (mix: U per plane)."""
+    source rows q (H, hd, d+1), k, v (G, hd, d+1), the RoPE plan (mix: U per plane) and
+    what reads [K_nope; V] (reader_grams, or None)."""
     H, G, hd, r = q.shape[0], k.shape[0], cfg.head_dim, cfg.kv_rank
     errors = {}
     k_nope, q_all, k_rope = k, q, None
@@ -277,7 +366,7 @@ def latent_layer(q, k, v, mix, kept, gram, cfg: ModelConfig, rotary: int, bias: 
         errors["rope_residual"] = round(residual_share(k, k_nope, gram, rotary), 6)
     q_all = q_all * math.sqrt((cfg.rope_dim + hd) / hd)  # MLA's scale is 1/sqrt(rd + hd)
     stacked = torch.cat([k_nope.reshape(G * hd, -1), v.reshape(G * hd, -1)])  # (2 G hd, d+1)
-    down, up, up_bias, lost = factor(stacked, gram if calibrated else None, r, bias)
+    down, up, up_bias, lost = factor(stacked, gram if calibrated else None, r, bias, readers)
     errors["latent_error"] = round(lost, 6)
     per_query = torch.arange(H) // (H // G)  # query head h reads KV head h // group
     expand = lambda t: t.view(2, G, hd, *t.shape[1:])[:, per_query].reshape(2, H * hd,

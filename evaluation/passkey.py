@@ -93,14 +93,15 @@ def default_lengths(context: int) -> list[int]:
 
 # ---------------------------------------------------------------- scoring
 
-def answers(model, tokenizer, prompts: list[Prompt], batch_size: int) -> list[str]:
+def answers(model, tokenizer, prompts: list[Prompt], batch_size: int,
+            kv_cache: str = "float") -> list[str]:
     """The greedy continuation of every prompt (of one length), decoded: batches of
-    batch_size prefilled and decoded over the KV cache."""
+    batch_size prefilled and decoded over a KV cache of kind kv_cache."""
     texts = []
     for start in range(0, len(prompts), batch_size):
         batch = torch.tensor([p.ids for p in prompts[start:start + batch_size]])
         out = generate(model, batch, ANSWER_TOKENS, SamplingConfig(temperature=0),
-                       eos_id=tokenizer.eos_id)
+                       eos_id=tokenizer.eos_id, kv_cache=kv_cache)
         texts += [tokenizer.decode(row) for row in out[:, batch.shape[1]:].tolist()]
     return texts
 
@@ -112,14 +113,14 @@ def retrieved(answer: str, key: int) -> bool:
 
 
 def accuracy_grid(model, tokenizer, lengths: list[int], depths: list[float], trials: int,
-                  seed: int, batch_size: int) -> list[list[float]]:
+                  seed: int, batch_size: int, kv_cache: str = "float") -> list[list[float]]:
     """Share of keys retrieved, rows: lengths, columns: depths."""
     grid = []
     for length in lengths:
         row = []
         for depth in depths:
             prompts = cell_prompts(tokenizer, length, depth, trials, seed)
-            got = answers(model, tokenizer, prompts, batch_size)
+            got = answers(model, tokenizer, prompts, batch_size, kv_cache)
             row.append(sum(retrieved(a, p.key) for a, p in zip(got, prompts)) / trials)
         grid.append(row)
     return grid

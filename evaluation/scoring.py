@@ -20,6 +20,7 @@ from data.loader import IGNORE_INDEX, eval_batches, open_tokens
 from data.prepare import PreparedData, prepare_data
 from data.tokenizer import SentencePieceTokenizer, Tokenizer
 from evaluation import EvalError
+from model.sampling import new_cache, prefill
 from store import runs
 
 
@@ -114,6 +115,35 @@ def score_rows(model, batches: Iterable, device: torch.device,
             bar.update(len(y))
     model.train(was_training)
     return torch.cat(rows)
+
+
+@torch.inference_mode()
+def decoded_rows(model, windows: torch.Tensor, prompt: int, kv_cache: str = "float",
+                 batch_size: int = 16) -> torch.Tensor:
+    """Per window of windows (N, T + 1): (NLL in nats, targets scored), shape (N, 2), of
+    its tokens after the first `prompt`, teacher-forced one token per step through a KV
+    cache of kind kv_cache (model.sampling.new_cache): what decoding over that cache would
+    score. A float cache scores what the full forward does (cached decode equals it), so
+    that is what runs for it: one forward per batch instead of a step per token."""
+    rows = []
+    for w in windows.split(batch_size):
+        w = w.to(model.device)
+        if kv_cache == "float":
+            logits = model(w[:, :-1])[:, prompt - 1:].float()  # predicts w[:, prompt:]
+            nll = F.cross_entropy(logits.transpose(1, 2), w[:, prompt:], reduction="none")
+            rows.append(torch.stack([nll.double().sum(1), torch.full_like(
+                nll[:, 0], w.shape[1] - prompt, dtype=torch.float64)], 1))
+            continue
+        cache = new_cache(model, len(w), w.shape[1] - 1, kind=kv_cache)
+        logits = prefill(model, w[:, :prompt], cache)  # predicts token `prompt`
+        nll = torch.zeros(len(w), dtype=torch.float64, device=w.device)
+        for t in range(prompt, w.shape[1]):
+            nll += F.cross_entropy(logits.float(), w[:, t], reduction="none").double()
+            if t + 1 < w.shape[1]:
+                logits = model(w[:, t:t + 1], cache, torch.tensor([t], device=w.device),
+                               kv_len=t + 1)[:, -1]
+        rows.append(torch.stack([nll, torch.full_like(nll, w.shape[1] - prompt)], 1))
+    return torch.cat(rows).cpu()
 
 
 def totals(rows: torch.Tensor) -> torch.Tensor:

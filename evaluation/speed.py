@@ -6,7 +6,8 @@ import time
 
 import torch
 
-from model.sampling import SamplingConfig, stream
+from model.sampling import (SamplingConfig, compile_decode, compiled_decode_step, new_cache,
+                            stream)
 from model.transformer import Transformer
 
 
@@ -25,3 +26,22 @@ def decode_tok_s(model: Transformer, batch_size: int, context: int, new_tokens: 
         decoded = sum(1 for _ in steps)
         best = min(best, time.perf_counter() - started)
     return batch_size * decoded / best
+
+
+@torch.inference_mode()
+def compiled_step_tok_s(model: Transformer, batch_size: int, context: int, steps: int,
+                        kv_cache: str = "float") -> float:
+    """Decode tokens/s of the compiled decode step over a cache of `context` slots, without
+    the prefill: a compiled step reads every slot whatever is filled (the cache never changes
+    shape), so its cost at a context does not depend on what the slots hold. Steps run at the
+    cache's last positions, one token per sequence each; compiling is not timed."""
+    compile_decode(model, batch_size, context, kv_cache=kv_cache)
+    cache = new_cache(model, batch_size, context, kind=kv_cache)
+    step = compiled_decode_step()
+    token = torch.zeros(batch_size, dtype=torch.long, device=model.device)
+    pos = torch.tensor([context - steps], device=model.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        token = step(model, token, pos, cache).argmax(-1)
+        pos += 1
+    return batch_size * steps / (time.perf_counter() - started)

@@ -29,6 +29,7 @@ results.csv, perplexity.png.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import math
@@ -53,7 +54,8 @@ from experiments.smollm2 import DEFAULT_CACHE, smollm2_hf_dir
 from convert.align import ALIGNMENTS
 from store.checkpoint import read_meta, save_checkpoint, write_atomic
 from convert.heads import Calibration, expand_kv_heads, permute_kv_heads
-from convert.command import convert_checkpoint
+from convert.command import convert_checkpoint, convert_to_latent
+from convert.latent import LatentConversion
 from store.hf import import_hf, tokenizer_writer
 from store.source import open_source
 from model.kv_cache import kv_bytes_per_token
@@ -121,9 +123,11 @@ class Settings:
 
 def available_methods() -> list[str]:
     """Every conversion convert offers: the paper's three, then mean pooling after
-    each grouping and alignment convert.align has."""
+    each grouping and alignment convert.align has, then MLA (convert/latent.py) at the
+    target's KV bytes per token."""
     fitted = [a for a in ALIGNMENTS if a != "none"]
-    return ["mean", "first", "random", "similar", *fitted, *[f"similar+{a}" for a in fitted]]
+    return ["mean", "first", "random", "similar", *fitted, *[f"similar+{a}" for a in fitted],
+            "mla"]
 
 
 def check_methods(names: list[str]) -> None:
@@ -193,14 +197,17 @@ def data_overrides(corpora: dict[str, Path], cache: Path, max_tokens: int) -> li
     return args + ([f"data.max_tokens={max_tokens}"] if max_tokens else [])
 
 
-def eval_windows(folder: Path, tok, n: int, seq_len: int) -> torch.Tensor:
+def eval_windows(folder: Path, tok, n: int, seq_len: int, disjoint: bool = False) -> torch.Tensor:
     """n evenly spaced (seq_len + 1)-token windows of the folder's documents, each followed
-    by EOS as the data pipeline frames them: (n, seq_len + 1)."""
+    by EOS as the data pipeline frames them: (n, seq_len + 1). disjoint: refuse a folder
+    too small for n windows that do not overlap (independent windows, for standard errors)."""
     ids: list[int] = []
-    for path in sorted(folder.iterdir()):
+    for path in sorted(p for p in folder.iterdir() if p.name != "done"):
         ids += tok.encode(path.read_text()) + [tok.eos_id]
-    if len(ids) < seq_len + 1:
-        raise ExperimentError(f"{folder} holds {len(ids)} tokens, fewer than one window")
+    if len(ids) < (n if disjoint else 1) * (seq_len + 1):
+        raise ExperimentError(f"{folder} holds {len(ids):,} tokens, fewer than "
+                              f"{n if disjoint else 1} disjoint windows of {seq_len + 1}: "
+                              f"lower windows or seq_len")
     starts = torch.linspace(0, len(ids) - seq_len - 1, n).long().tolist()
     return torch.tensor([ids[s:s + seq_len + 1] for s in starts])
 
@@ -237,12 +244,19 @@ def convert(sources: dict[str, Path], pair: str, method: str, cfg: DictConfig,
     out = cache / "converted" / f"{src}-{dst}-{method}-{content_key(*spec)}"
     if not out.is_dir() and cfg.report_only:
         return None
-    if not out.is_dir():
+    if out.is_dir():
+        return out
+    calibration = Calibration(cfg.calib_windows, cfg.calib_seq_len)
+    data = OmegaConf.to_container(OmegaConf.from_dotlist(
+        [a.removeprefix("data.") for a in data_overrides(corpora, cache, cfg.train_max_tokens)]))
+    if method == "mla":  # a latent cache of the target's bytes: MLA against fewer KV heads
+        config = open_source(sources[src]).config
+        heads = dataclasses.replace(config, n_kv_head=TARGETS[dst])
+        convert_to_latent(sources[src], out, LatentConversion(budget=kv_bytes_per_token(heads)),
+                          calibration, data)
+    else:
         convert_checkpoint(sources[src], out, named_conversion(method, TARGETS[dst], cfg.seed),
-                           Calibration(cfg.calib_windows, cfg.calib_seq_len),
-                           data=OmegaConf.to_container(OmegaConf.from_dotlist(
-                               [a.removeprefix("data.") for a in
-                                data_overrides(corpora, cache, cfg.train_max_tokens)])))
+                           calibration, data)
     return out
 
 
@@ -298,7 +312,8 @@ def evaluate(name: str, path: Path, model_key: str, windows: dict[str, torch.Ten
         return None
     model = load_model(path).to("cuda" if torch.cuda.is_available() else "cpu")
     result = {c: round(nll(model, w, cfg.eval.batch_size), 5) for c, w in windows.items()}
-    result["n_kv_head"] = model.config.n_kv_head
+    c = model.config
+    result["n_kv_head"] = f"latent {c.kv_rank} + RoPE {c.rope_dim}" if c.kv_rank else c.n_kv_head
     result["kv_bytes_per_token"] = kv_bytes_per_token(model.config)
     record.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(record, json.dumps(result))

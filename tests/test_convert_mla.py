@@ -10,7 +10,7 @@ from convert import command
 from convert.align import attention_input_grams
 from convert.command import convert_to_latent, main
 from convert.heads import Calibration, ConvertError
-from convert.latent import LatentConversion, latent_model
+from convert.latent import LatentConversion, factor, latent_model, reader_grams, search_split
 from model.config import ModelConfig
 from model.kv_cache import LatentCache, kv_bytes_per_token
 from model.sampling import SamplingConfig, generate
@@ -166,6 +166,8 @@ def test_default_budget_split_keeps_one_head_of_rope():
     (["mla.kv_rank=8", "mla.budget=160"], "not both"),
     (["mla.kv_rank=8", "n_kv_head=2"], "MLA has no KV heads"),
     (["mla.kv_rank=8", "mla.rope=best"], "best"),
+    (["mla.kv_rank=8", "mla.fit=best"], "best"),
+    (["mla.kv_rank=8", "mla.balance=0"], "mla.balance=0.0 must be > 0"),
 ])
 def test_bad_shapes_are_refused_in_one_line_before_loading_or_calibrating(
         llama_mha, tmp_path, capsys, monkeypatch, args, message):
@@ -192,5 +194,83 @@ def test_cli_writes_the_shape_and_fit_into_meta(llama_mha, tmp_path, capsys):
     meta = json.loads((tmp_path / "mla" / "meta.json").read_text())
     made = meta["converted_from"]
     assert (made["kv_rank"], made["rope_dim"], made["calib_windows"]) == (32, 16, 0)
+    assert (made["fit"], made["balance"], made["split_search"]) == ("readers", 0.1, [])
     assert [e["layer"] for e in meta["latent_fit"]] == [0, 1]
     assert "wrote" in capsys.readouterr().out
+
+
+# ---- the latent's fit and the budget's split ----------------------------------------------
+
+def samples(n: int = 400, d: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (n, d) correlated, with a mean; C = [x, 1]^T [x, 1])."""
+    torch.manual_seed(seed)
+    x = torch.randn(n, d, dtype=torch.float64) @ torch.randn(d, d, dtype=torch.float64) + 0.5
+    xb = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+    return x, xb.T @ xb
+
+
+def test_reader_weighted_factor_reaches_the_weighted_optimum():
+    """factor(readers=A^T A) attains Eckart-Young's bound for E|A (W x + b - W_u W_d x - b')|^2,
+    the discarded singular values of A W L (S = L L^T, x centred: the bias takes the mean);
+    the unweighted fit does worse on that objective, and readers=None is readers=I."""
+    x, gram = samples()
+    n, d, r = 12, x.shape[1], 4
+    w = torch.randn(n, d + 1, dtype=torch.float64)
+    a = torch.randn(n, n, dtype=torch.float64)
+    cov = torch.cov(x.T, correction=0)
+    bound = torch.linalg.svdvals(a @ w[:, :d] @ torch.linalg.cholesky(cov))[r:].square().sum()
+
+    def weighted_error(down, up, bias):
+        err = x @ w[:, :d].T + w[:, d] - (x @ down.T @ up.T + bias)  # (N, n)
+        return (err @ a.T).square().mean(0).sum()
+
+    weighted = factor(w, gram, r, True, a.T @ a)
+    assert weighted_error(*weighted[:3]) == pytest.approx(bound.item(), rel=1e-8)
+    assert weighted_error(*factor(w, gram, r, True)[:3]) > 1.05 * bound
+    for got, want in zip(factor(w, gram, r, True), factor(w, gram, r, True, torch.eye(n, dtype=torch.float64))):
+        torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(want))
+
+
+def test_reader_grams_weigh_errors_as_the_output_sees_them():
+    """Against samples: a value error e on KV head g costs sum_h |O_h e|^2 over its query
+    heads; a key error costs balance / hd x sum_h E|O_h (v - mean v)|^2 E[(q_h . e)^2]."""
+    x, gram = samples(d=8)
+    H, G, hd, d = 4, 2, 3, 8
+    q = torch.randn(H, hd, d + 1, dtype=torch.float64)
+    v = torch.randn(G, hd, d + 1, dtype=torch.float64)
+    o = torch.randn(d, H * hd, dtype=torch.float64)
+    readers = reader_grams(q, v, o, gram, balance=0.3)
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    e = torch.randn(hd, dtype=torch.float64)
+    for g in range(G):
+        heads = range(g * 2, g * 2 + 2)
+        o_h = [o[:, h * hd:(h + 1) * hd] for h in heads]
+        values = xb @ v[g].T  # (N, hd)
+        spread = [(values - values.mean(0)) @ oh.T for oh in o_h]
+        key_cost = sum(s.square().sum(1).mean() * (xb @ q[h].T @ e).square().mean()
+                       for s, h in zip(spread, heads)) * 0.3 / hd
+        k_rows = slice(g * hd, (g + 1) * hd)
+        v_rows = slice((G + g) * hd, (G + g + 1) * hd)
+        assert e @ readers[k_rows, k_rows] @ e == pytest.approx(key_cost.item(), rel=1e-9)
+        assert e @ readers[v_rows, v_rows] @ e == pytest.approx(
+            sum((oh @ e).square().sum() for oh in o_h).item(), rel=1e-9)
+    assert readers[:G * hd, G * hd:].abs().max() == 0  # K and V blocks apart
+
+
+def test_split_search_keeps_the_rope_dim_of_least_calibration_loss():
+    model = planted_model()  # 2 layers, 2 KV heads x 8 rotary dims
+    tokens = torch.randint(0, 64, (3, 40))
+    grams = attention_input_grams(model, tokens)
+    budget = LatentConversion(budget=4 * 2 * 16)  # 16 values per layer
+    chosen, tried = search_split(model, budget, grams, tokens)
+    losses = {t["rope_dim"]: t["calib_loss"] for t in tried}
+    assert {4, 6, 8, 10, 12} <= set(losses)  # the coarse grid: 2/8 .. 6/8 of the width
+    assert chosen.rope_dim == min(losses, key=losses.get)
+    assert chosen.shape(model.config) == (16 - chosen.rope_dim, chosen.rope_dim)
+    with torch.no_grad():
+        logits = latent_model(model, chosen, grams)[0](tokens[:, :-1])
+    direct = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert losses[chosen.rope_dim] == pytest.approx(direct.item(), abs=1e-4)
+    for given, windows in ((budget, None), (LatentConversion(budget=128, rope_dim=4), tokens),
+                           (LatentConversion(8, 4), tokens)):
+        assert search_split(model, given, grams, windows) == (given, [])

@@ -89,3 +89,32 @@ def test_token_bytes_spell_every_document_exactly(hf_llama, hf_family):
             x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
             assert counter.count(x, y).item() == len(doc.encode()), (hf_dir, doc)
 
+
+
+# ---- decoded_rows: the targets after a prompt, through a cache ----------------------------
+
+def teacher_forced(model, window: torch.Tensor, prompt: int) -> float:
+    """A hand loop: each target after the prompt scored by a full forward over its prefix."""
+    total = 0.0
+    with torch.no_grad():
+        for t in range(prompt, len(window)):
+            logits = model(window[None, :t])[0, -1].float()
+            total += torch.nn.functional.cross_entropy(logits, window[t]).item()
+    return total
+
+
+@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+def test_decoded_rows_score_each_target_after_the_prompt(kv_cache):
+    """float (one forward) and int8 (a decode step per token through QuantizedKVCache) both
+    score the tokens after `prompt`, per window; float is the prefix-forward hand loop
+    exactly, int8 within what quantizing the cache moves (its window of 32 full-precision
+    tokens holds the first 32 positions)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2,
+                                    d_model=32, max_seq_len=96)).eval()
+    windows = torch.randint(0, 40, (3, 81))
+    rows = scoring.decoded_rows(model, windows, prompt=5, kv_cache=kv_cache, batch_size=2)
+    assert rows.shape == (3, 2) and rows[:, 1].tolist() == [76, 76, 76]
+    expected = torch.tensor([teacher_forced(model, w, 5) for w in windows], dtype=torch.float64)
+    tol = 1e-4 if kv_cache == "float" else 2e-2
+    torch.testing.assert_close(rows[:, 0], expected, rtol=tol, atol=tol)

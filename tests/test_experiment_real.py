@@ -14,6 +14,7 @@ from convert.heads import (Calibration, ConvertError, Conversion, Method, conver
                            expand_kv_heads, permute_kv_heads)
 from convert.command import convert_checkpoint
 from store.checkpoint import read_meta
+from model.kv_cache import kv_bytes_per_token
 from store.hf import import_hf
 
 
@@ -121,6 +122,27 @@ def test_conversion_calibrates_on_short_windows_and_reports_its_cost(tmp_path, c
     assert read_meta(fit)["calibration"]["fit_tokens"] == 128
 
 
+def test_mla_method_converts_at_the_targets_kv_bytes(tmp_path):
+    """method mla of pair gqa3>mqa: an MLA model with MQA's KV bytes per token, fitted on the
+    calibration corpus (its rope/latent split searched: meta.json lists the tries)."""
+    from hf_fixtures import CORPUS, tiny_hf_llama
+    from store.checkpoint import read_config
+    tiny_hf_llama(tmp_path / "hf", "spm")  # 2 layers, 4 heads of 16, d 64
+    (tmp_path / "train").mkdir()
+    for d in range(30):
+        (tmp_path / "train" / f"doc{d}.py").write_text("".join(CORPUS[d % 5:d % 5 + 3]))
+    cfg = rm.load_settings(["preset=quick", "calib_windows=4", "calib_seq_len=32",
+                            "train_max_tokens=0"])
+    out = rm.convert({"gqa3": tmp_path / "hf"}, "gqa3>mqa", "mla", cfg,
+                     {"train": tmp_path / "train"}, tmp_path / "cache")
+    config, meta = read_config(out), read_meta(out)
+    mqa_bytes = 2 * 1 * 16 * 4 * 2  # K and V of one head of 16 dims, fp32, 2 layers
+    assert kv_bytes_per_token(config) == mqa_bytes == meta["converted_from"]["budget"]
+    assert config.kv_rank + config.rope_dim == 32 and config.kv_rank > 0
+    tried = meta["converted_from"]["split_search"]
+    assert config.rope_dim == min(tried, key=lambda t: t["calib_loss"])["rope_dim"]
+
+
 def test_corpora_are_disjoint_and_prose_is_docstrings(tmp_path):
     root = tmp_path / "lib"
     root.mkdir()
@@ -147,13 +169,13 @@ def test_methods_follow_what_model_align_offers():
     groupings = [str(g) for g in Grouping if g is not Grouping.contiguous]
     fitted = [str(a) for a in Alignment if a is not Alignment.none]
     assert methods == [*map(str, Method), *groupings, *fitted,
-                       *[f"{g}+{a}" for g in groupings for a in fitted]]
+                       *[f"{g}+{a}" for g in groupings for a in fitted], "mla"]
     assert {"similar", "procrustes", "linear", "similar+linear", "linear_readers"} <= set(methods)
     # every conversion convert offers (a paper method, or mean after any grouping and
     # alignment) has exactly one name
     offered = {(str(m), "contiguous", "none") for m in Method} | {
         ("mean", str(g), str(a)) for g in Grouping for a in Alignment}
-    named = [rm.named_conversion(m, 1) for m in methods]
+    named = [rm.named_conversion(m, 1) for m in methods if m != "mla"]
     assert sorted((str(c.method), str(c.group), str(c.align)) for c in named) == sorted(offered)
 
 

@@ -1,0 +1,45 @@
+"""experiments/frontier.py: its settings, corpus and byte counts (the measurements are
+evaluation's, tested there; the experiment itself runs on the real model)."""
+from __future__ import annotations
+
+from experiments import frontier as fr
+from model.config import ModelConfig
+from model.kv_cache import QuantizedKVCache, kv_bytes_per_token
+
+
+def test_presets_load_and_bad_settings_are_refused(capsys):
+    for preset in ("smoke", "quick", "full"):
+        cfg = fr.load_settings([f"preset={preset}"])
+        assert 15360 in cfg.mla_budgets and cfg.windows >= 32 and cfg.seq_len == 512
+    for bad, message in ((["mla_budgets=[100]"], "multiples of 8"),
+                         (["decode_prompt=600"], "decode_prompt=600"),
+                         (["heads=[bogus]"], "bogus"), (["distill=2"], "distill=2.0")):
+        assert fr.main(["preset=smoke", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_docstring_corpus_holds_every_long_docstring_of_the_prose_files(tmp_path):
+    root = tmp_path / "lib"
+    root.mkdir()
+    long = "A sentence about what the code does, long enough to count. " * 5
+    for i in range(40):
+        (root / f"m{i}.py").write_text(
+            f'"""{long}module {i}"""\n\nclass C:\n    """{long}class {i}"""\n\n'
+            f'    def f(self):\n        """short"""\n')
+    folder = fr.docstring_corpus(tmp_path / "cache", root)
+    files = [p for p in folder.iterdir() if p.name != "done"]
+    prose_bucket = {p.name for p in root.iterdir() if fr.rm.bucket(p, root) == 1}
+    assert {f.name.removesuffix(".txt") for f in files} == prose_bucket
+    text = files[0].read_text()
+    assert "module" in text and "class" in text and "short" not in text
+
+
+def test_int8_cache_bytes_count_values_scales_and_the_window():
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                      max_seq_len=256)
+    assert fr.cache_bytes(cfg, "float", 256) == kv_bytes_per_token(cfg)
+    int8 = fr.cache_bytes(cfg, "int8", 256)
+    whole = QuantizedKVCache.for_model(cfg, 1, 256, device="meta").nbytes
+    assert int8 == whole / 256
+    assert kv_bytes_per_token(cfg) / 4 < int8 < kv_bytes_per_token(cfg) / 2  # scales cost
