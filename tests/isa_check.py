@@ -1,19 +1,27 @@
 """What tests/test_isa.py checks, as a process of its own: torch reads ATEN_CPU_CAPABILITY
 once, at startup, so imitating an AVX2-only CPU takes a fresh process. Prints one JSON
-object of what it saw (greedy ids, logits); the test asserts on it.
+object of what it saw (greedy ids, logits, generate.py's output); the test asserts on it.
 
     ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m tests.isa_check
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import tempfile
+from unittest import mock
 
 import torch
 
+from generate import GenerateConfig, run
 from model.config import ModelConfig
-from model.quantized import CPU_CAPABILITY, quantize_model
+import model.quantized
+from model.kv_cache import QuantizedKVCache
+from model.quantized import CPU_CAPABILITY, Int4Linear, quantize_model
 from model.sampling import KV_CACHES, SamplingConfig, decode_step, generate, prefill
 from model.transformer import Transformer
+from store.checkpoint import save_checkpoint
 from tests.helpers import compile_works
 
 GREEDY = SamplingConfig(temperature=0)
@@ -62,6 +70,48 @@ def decode_paths(mode: str | None, kv_cache: str) -> dict:
             "full_logits": full.tolist()}
 
 
+def generate_py(ckpt: str, **options) -> dict:
+    """generate.py's run(): the ids it prints, its stderr report, and which quantized path
+    really ran (calls of the int4 matmul, int8 caches made): the paths' ids may agree."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.object(model.quantized, "int4_matmul",
+                              wraps=model.quantized.int4_matmul) as int4, \
+            mock.patch.object(QuantizedKVCache, "for_model",
+                              wraps=QuantizedKVCache.for_model) as int8_cache:
+        run(GenerateConfig(ckpt=ckpt, prompt_ids=prompt()[0].tolist(), max_new_tokens=NEW,
+                           temperature=0, device="cpu", **options))
+    return {"ids": [int(t) for t in out.getvalue().split()], "stderr": err.getvalue(),
+            "int4_matmul_calls": int4.call_count, "int8_caches": int8_cache.call_count}
+
+
+def int4_without_kernel() -> Transformer:
+    """The int4 model computing its own dequantized function (int4_matmul's other path)."""
+    model = tiny_model("int4_head")
+    for layer in model.modules():
+        if isinstance(layer, Int4Linear):
+            layer.cpu_weight = layer.cpu_scales_zeros = None
+    return model
+
+
+def cli_choices() -> dict:
+    """generate.py on a float checkpoint: int4 and kv_cache=int8 as chosen for this CPU and
+    forced, with the greedy ids of each candidate path to compare with."""
+    ref = {"int4_kernel": tiny_model("int4_head"), "int4_dequantized": int4_without_kernel(),
+           "float": tiny_model()}
+    ids = {name: generate(m, prompt()[0], NEW, GREEDY)[0].tolist() for name, m in ref.items()}
+    ids["int8_cache"] = generate(tiny_model(), prompt()[0], NEW, GREEDY,
+                                 kv_cache="int8")[0].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(save_checkpoint(f"{tmp}/ckpt", tiny_model()))
+        runs = {"int4": generate_py(ckpt, quantize="int4_head", group_size=32),
+                "int4_force": generate_py(ckpt, quantize="int4_head", group_size=32,
+                                          quant_kernels="force"),
+                "kv_int8": generate_py(ckpt, kv_cache="int8"),
+                "kv_int8_force": generate_py(ckpt, kv_cache="int8", quant_kernels="force")}
+    return {"ref": ids, "runs": runs}
+
+
 def main() -> None:
     torch.set_num_threads(1)  # tiny models: a second thread only spins on a busy CPU
     why = compile_works()
@@ -69,7 +119,7 @@ def main() -> None:
         print(json.dumps({"no_compile": why}))
         return
     out = {"capability": torch.backends.cpu.get_cpu_capability(),
-           "model_capability": CPU_CAPABILITY}
+           "model_capability": CPU_CAPABILITY, "cli": cli_choices()}
     out.update({name: decode_paths(*how) for name, how in PATHS.items()})
     print(json.dumps(out))
 
