@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 import cli
 from data.chat import ChatTemplate
 from model.kv_cache import kv_bytes_per_token
-from model.quantized import MODES, describe, kernel_report, quantize_model, weight_bytes
+from model.quantized import (MODES, cpu_choice, dequantize_int4_layers, describe, int8_kernel,
+                             layer_bits, quantize_model, quantized_layers, weight_bytes)
 from model.sampling import KV_CACHES, SamplingConfig, compile_decode, stream
 from model.transformer import Transformer
 from store.source import open_source, pick_device, pick_dtype
@@ -35,6 +36,7 @@ SEPARATOR = "\n" + "-" * 40 + "\n"
 # the schema's choices, from the tables that define them: a bad value fails at composition
 Quantize = enum.StrEnum("Quantize", ["none", *MODES])  # none: float weights
 KvCache = enum.StrEnum("KvCache", list(KV_CACHES))
+QuantKernels = enum.StrEnum("QuantKernels", ["auto", "force"])
 
 
 @dataclass
@@ -45,7 +47,7 @@ class GenerateConfig:
     prompt_ids: list[int] = field(default_factory=list)  # token ids instead of text
     bos: Optional[bool] = None  # prepend BOS to a text prompt; null: as the tokenizer does
     # (Llama's add_bos_token), like transformers' tokenizer(prompt); with chat: as the template
-    chat: bool = False  # the prompt is a user turn in the source's chat template; stop at its end of turn
+    chat: bool = False  # the prompt: a user turn in the source's chat template; stop at its end
     system: str = ""  # chat: a system turn before the prompt ("": the template's default)
     num_samples: int = 1
     max_new_tokens: int = 256
@@ -58,9 +60,15 @@ class GenerateConfig:
     dtype: str = "auto"  # auto = bfloat16 on cuda, float32 elsewhere; or float32/bfloat16/float16
     compile: bool = False  # torch.compile the decode step: ~1 min once, then 2-3x faster on CPU
     stream: bool = True  # print tokens as they come (num_samples == 1 only)
-    quantize: Quantize = Quantize.none  # none | int8 | int4 (blocks' linear layers) | int8_head | int4_head | int4_int8head
+    # none | int8 | int4 (blocks' linear layers) | int8_head | int4_head | int4_int8head
+    quantize: Quantize = Quantize.none
     group_size: int = 64  # int4: inputs per scale and zero (32, 64 or 128)
-    kv_cache: KvCache = KvCache.float  # float (in dtype) | int8 (KIVI: int8 + a full-precision window)
+    # float (in dtype) | int8 (KIVI: int8 + a full-precision window)
+    kv_cache: KvCache = KvCache.float
+    # auto: int4 and kv_cache=int8 run their kernels only on a CPU where they measured not
+    # slower than fp32 compiled, else fp32 compute (int4 dequantized at load, the float
+    # cache), said on stderr; force: their kernels everywhere
+    quant_kernels: QuantKernels = QuantKernels.auto
 
 
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
@@ -189,6 +197,42 @@ def mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
+def choose_kernels(cfg: GenerateConfig, model: Transformer,
+                   device: torch.device) -> tuple[str, list[str]]:
+    """Apply the per-ISA choice (model.quantized.cpu_choice) on CPU: int4 layers whose
+    kernel is slower than fp32 here are dequantized to float at load (their values stay
+    int4's), an int8 cache slower than the float cache gives way to it; quant_kernels=force
+    keeps both. -> (the kv_cache to run, one stderr line per quantized path and why)"""
+    if device.type != "cpu":
+        return cfg.kv_cache, []
+    force, kv, lines = cfg.quant_kernels == "force", cfg.kv_cache, []
+    kinds = {layer_bits(m) for m in quantized_layers(model).values()}
+    if 8 in kinds:  # its kernel is picked inside the graph (int8_kernel), by the same table
+        kernel = int8_kernel()
+        lines.append(f"int8: kernel {kernel} ({cpu_choice('int8')[1]})" + (
+            ": fp32's speed compiled, int8 saves memory, not time" if kernel == "dequant" else ""))
+    if 4 in kinds:
+        wins, why = cpu_choice("int4")
+        if wins or force:
+            lines.append(f"int4: kernel _weight_int4pack_mm_for_cpu, bf16 activations "
+                         f"({why}{'' if wins else '; forced'})")
+        else:
+            dtype = str(model.embed.weight.dtype).removeprefix("torch.")
+            dequantize_int4_layers(model)
+            lines.append(f"int4: no int4 kernel faster than fp32 here ({why}): "
+                         f"weights dequantized to {dtype} at load (int4's values at "
+                         f"fp32's speed); quant_kernels=force runs the kernel")
+    if kv == "int8":
+        wins, why = cpu_choice("kv_int8")
+        if wins or force:
+            lines.append(f"kv_cache=int8: int8 cache ({why}{'' if wins else '; forced'})")
+        else:
+            kv = "float"
+            lines.append(f"kv_cache=int8: the float cache runs instead, the int8 cache is slower "
+                         f"here ({why}); quant_kernels=force keeps it")
+    return kv, lines
+
+
 # ---------------------------------------------------------------- main
 
 def run(cfg: GenerateConfig) -> None:
@@ -199,6 +243,8 @@ def run(cfg: GenerateConfig) -> None:
     model, tokenizer = source.load(device, dtype), source.tokenizer()
     if cfg.quantize != "none":
         quantize_model(model, cfg.quantize, cfg.group_size)
+    stored = describe(model)  # before choose_kernels may dequantize int4 layers
+    kv_kind, kernel_lines = choose_kernels(cfg, model, device)
     chat = chat_template(cfg, tokenizer)
     ids = prompt_tokens(cfg, tokenizer, model, chat)
     stops = stop_ids(cfg, tokenizer, chat)
@@ -211,7 +257,7 @@ def run(cfg: GenerateConfig) -> None:
     started = time.perf_counter()
     if cfg.compile:  # before the clock starts, so decode tok/s is the steady rate
         compile_decode(model, cfg.num_samples, len(ids) + cfg.max_new_tokens,
-                       kv_cache=cfg.kv_cache)
+                       kv_cache=kv_kind)
     compile_s = time.perf_counter() - started
     if live:
         print(texts[0], end="", flush=True)
@@ -220,7 +266,7 @@ def run(cfg: GenerateConfig) -> None:
     t_first = None
     steps = 0
     for token in stream(model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, stops,
-                        generator, compile=cfg.compile, kv_cache=cfg.kv_cache):
+                        generator, compile=cfg.compile, kv_cache=kv_kind):
         token = token.tolist()  # the one host sync per step
         if t_first is None:
             t_first = time.perf_counter()
@@ -246,20 +292,22 @@ def run(cfg: GenerateConfig) -> None:
     kv_float = kv_bytes_per_token(cfg_m, dtype) * cfg.num_samples * (len(ids) + steps)
     kv_mha = kv_bytes_per_token(cfg_m.with_kv_heads(cfg_m.n_head), dtype) * cfg.num_samples * (
         len(ids) + steps)
-    kv = KV_CACHES[cfg.kv_cache].for_model(cfg_m, cfg.num_samples, len(ids) + steps, dtype,
-                                           device="meta").nbytes  # sized, not allocated
-    kv_note = "" if cfg.kv_cache == "float" else f", int8 (float: {mib(kv_float)})"
+    kv = KV_CACHES[kv_kind].for_model(cfg_m, cfg.num_samples, len(ids) + steps, dtype,
+                                      device="meta").nbytes  # sized, not allocated
+    kv_note = "" if kv_kind == "float" else f", int8 (float: {mib(kv_float)})"
     prefill_s = t_first - t0
     decode_s = t_end - t_first
     decode_tps = cfg.num_samples * (steps - 1) / decode_s if steps > 1 and decode_s > 0 else 0.0
-    print(f"[{source.path}] {cfg_m.attention_type}, {device.type} {str(dtype).removeprefix('torch.')}"
+    kernels = "".join(f"{line}\n" for line in kernel_lines)
+    print(f"[{source.path}] {cfg_m.attention_type}, {device.type} "
+          f"{str(dtype).removeprefix('torch.')}"
           f"{f', decode step compiled in {compile_s:.1f} s' if cfg.compile else ''}\n"
           f"prefill: {len(ids)} tokens x {cfg.num_samples} in {prefill_s:.3f} s "
           f"({cfg.num_samples * len(ids) / prefill_s:,.1f} tok/s)\n"
           f"decode: {steps} steps x {cfg.num_samples} in {decode_s:.3f} s "
           f"({decode_tps:,.1f} tok/s)\n"
-          f"weights: {mib(weight_bytes(model))}, quantization {describe(model)}"
-          f"{kernel_report(model, device)}\n"
+          f"weights: {mib(weight_bytes(model))}, quantization {stored}\n"
+          f"{kernels}"
           f"KV cache: {mib(kv)} ({cfg_m.attention_type}{kv_note}; MHA equivalent "
           f"{mib(kv_mha)}, {kv_mha / kv:.0f}x more) | {memory_report(device)}", file=sys.stderr)
 

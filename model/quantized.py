@@ -14,7 +14,9 @@ int4 (int4_matmul): on CPU, torch's _weight_int4pack_mm_for_cpu with bfloat16 ac
 kernel, or on AMX CPUs autotunes it against its own int4 template). Its weight layout
 depends on the CPU's ISA (AVX2 and AVX-512 tile differently), so checkpoints store plain
 nibbles (pack_nibbles) and each process repacks them once (Int4Linear.pack_for_cpu);
-out_features must be a multiple of 16 for it. Elsewhere: dequantize + matmul.
+out_features must be a multiple of 16 for it. Elsewhere: dequantize + matmul. Where the
+kernel is slower than fp32 compiled (AVX2: cpu_choice), generate.py replaces the layers by
+their dequantized float weights at load (dequantize_int4_layers).
 
 The matmul (int8_matmul) takes the fastest correct path measured on torch 2.13's CPU:
 - bfloat16 activations on CPU: torch._weight_int8pack_mm (AVX512/AVX2 kernel), eager and
@@ -150,6 +152,24 @@ _int8_kernel_override: str | None = None
 # read once: ATEN_CPU_CAPABILITY is fixed per process, and torch.compile cannot trace the call
 CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 
+# Decode speed of each quantized path over fp32 compiled (float weights, float cache), per
+# CPU capability: generate.py compile=true, 6 layers d512 8 heads, b1 (kv_int8: a 2k prompt
+# x 8 samples), one AVX-512 machine with and without ATEN_CPU_CAPABILITY=avx2, 2026-12.
+# AVX2 has no native bf16: the int4 kernel converts every weight in software.
+SPEEDUP = {"AVX512": {"int8": 1.25, "int4": 2.06, "kv_int8": 2.05},
+           "AVX2": {"int8": 1.36, "int4": 0.80, "kv_int8": 0.49}}
+
+
+def cpu_choice(path: str) -> tuple[bool, str]:
+    """(path's quantized kernel wins on this CPU, why) for path int8, int4 or kv_int8: it
+    wins where it measured not slower than fp32 compiled (SPEEDUP). Where it does not, or
+    was not measured, the caller runs fp32 compute over the smaller storage (int8: dequant;
+    int4: weights dequantized at load; kv_int8: the float cache)."""
+    ratio = SPEEDUP.get(CPU_CAPABILITY, {}).get(path)
+    why = (f"not measured on {CPU_CAPABILITY}" if ratio is None else
+           f"{ratio:.2f}x fp32 compiled, measured on {CPU_CAPABILITY}")
+    return ratio is not None and ratio >= 1, why
+
 
 def int8_kernel() -> str:
     """How int8 layers multiply float32 activations on this CPU:
@@ -159,11 +179,11 @@ def int8_kernel() -> str:
       (eager: dequant);
     - dequant: F.linear(x, w.float()) * scales; compiled, freezing folds the float copy
       into a constant, so this is fp32 speed: the fallback where no int8 path wins.
-    Picked by the CPU's capability from the measurements in docs/generate.md;
+    Picked by the CPU's capability (cpu_choice: bf16 where it measured faster than fp32);
     set_int8_kernel overrides it (bench/decode.py --int8-kernel)."""
     if _int8_kernel_override is not None:
         return _int8_kernel_override
-    return "bf16" if CPU_CAPABILITY in ("AVX2", "AVX512") else "dequant"
+    return "bf16" if cpu_choice("int8")[0] else "dequant"
 
 
 def set_int8_kernel(name: str | None) -> None:
@@ -316,6 +336,26 @@ class Int4Linear(nn.Module):
                 f"bias={self.bias is not None}, int4 group_size={self.group_size}")
 
 
+@torch.no_grad()
+def dequantize_int4_layers(model: nn.Module) -> list[str]:
+    """Replace each Int4Linear by an nn.Linear holding its dequantized weight in the scales'
+    dtype, in place; their names. The fp32 path over int4's values, where no int4 kernel is
+    faster (cpu_choice): the same function as Int4Linear's own dequantize path."""
+    names = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Int4Linear):
+                w = dequantize_int4(child.weight, child.scales, child.zeros)
+                linear = nn.Linear(child.in_features, child.out_features, child.bias is not None,
+                                   device="meta")
+                linear.weight = nn.Parameter(w.to(child.scales.dtype), requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = nn.Parameter(child.bias.clone(), requires_grad=False)
+                setattr(parent, name, linear)
+                names.append(f"{parent_name}.{name}" if parent_name else name)
+    return names
+
+
 # ---------------------------------------------------------------- the model
 
 def as_spec(mode: "str | QuantSpec", group_size: int = 64) -> QuantSpec:
@@ -412,24 +452,6 @@ def describe(model: nn.Module) -> str:
     """The quantization for a report: 'int4 (group 64)', 'int8_head', 'none'."""
     mode, group = quantization_of(model), group_size_of(model)
     return mode if group is None else f"{mode} (group {group})"
-
-
-def kernel_report(model: nn.Module, device: torch.device | str = "cpu") -> str:
-    """Which matmul the quantized layers run on device, for the stderr report."""
-    kinds = {type(m) for m in quantized_layers(model).values()}
-    if not kinds or torch.device(device).type != "cpu":
-        return ""
-    cap, notes = CPU_CAPABILITY, []
-    if Int8Linear in kinds:
-        notes.append(f"int8 kernel {int8_kernel()} on {cap}" + (
-            " (no int8 path beats fp32 here: int8 saves memory, not time)"
-            if int8_kernel() == "dequant" else ""))
-    if Int4Linear in kinds:
-        notes.append(f"int4 kernel _weight_int4pack_mm_for_cpu (bf16 activations) on {cap}")
-    if cap == "AVX2":  # no native bf16: both kernels convert in software
-        notes.append("on AVX2 they decode at about fp32-compiled speed (0.86-1.37x measured at "
-                     "batch 1, docs/generate.md): here quantization saves memory more than time")
-    return "; " + "; ".join(notes)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -33,3 +33,14 @@ def planted_mha(base, mha, plans, logits):
     mha.load_state_dict(state, strict=False)  # lm_head is tied to the embedding
     torch.testing.assert_close(logits(mha), logits(base), atol=1e-5, rtol=1e-5)
     return mha
+
+
+def compile_works() -> str | None:
+    """None when torch.compile can build a CPU kernel here, else why not."""
+    try:
+        f = torch.compile(lambda x: torch.sin(x) * 2)
+        x = torch.randn(4)
+        torch.testing.assert_close(f(x), torch.sin(x) * 2)
+    except Exception as e:  # no compiler, an unsupported Python, ...
+        return f"torch.compile unavailable here: {type(e).__name__}: {e}"[:300]
+    return None

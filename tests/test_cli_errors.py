@@ -94,6 +94,8 @@ CASES = [
      "quantize=int3: Invalid value 'int3', expected one of [none, int8, int8_head,"),
     ("generate.py", [f"ckpt={CKPT}", "prompt=def", "kv_cache=fp8"],
      "kv_cache=fp8: Invalid value 'fp8', expected one of [float, int8]"),
+    ("generate.py", [f"ckpt={CKPT}", "prompt=def", "quant_kernels=always"],
+     "quant_kernels=always: Invalid value 'always', expected one of [auto, force]"),
     ("generate.py", [f"ckpt={CKPT}", "prompt=def", "max_new_tokens=1000"], "exceeds the model's "
                                                                           "context of 64"),
     ("generate.py", ["ckpt={trunc}/checkpoints/step_4", "prompt=def"], "truncated or corrupt"),

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from helpers import compile_works
 from test_train import records, run
 from test_train import base  # noqa: F401  (a fixture)
 from store.runs import ACCEL_STATE
@@ -95,17 +96,6 @@ def test_grad_clip_bounds_the_global_norm_the_optimizer_sees(base, tmp_path):
     before = records(result.run_dir, "grad_norm")
     assert free.norms == pytest.approx([before[s] for s in (1, 2, 3)], rel=1e-5)
     assert all(v > 2 * clip for v in free.norms)
-
-
-def compile_works() -> str | None:
-    """None when torch.compile can build a CPU kernel here, else why not."""
-    try:
-        f = torch.compile(lambda x: torch.sin(x) * 2)
-        x = torch.randn(4)
-        torch.testing.assert_close(f(x), torch.sin(x) * 2)
-    except Exception as e:  # no compiler, an unsupported Python, ...
-        return f"torch.compile unavailable here: {type(e).__name__}: {e}"[:300]
-    return None
 
 
 def test_compiled_training_matches_eager(base, tmp_path):

@@ -1,0 +1,133 @@
+"""Quantized decode under both CPU capabilities CI machines have (AVX-512 and AVX2 only):
+compiled == eager and cached == full forward for fp32, int8, int4 and the int8 KV cache in a
+process imitating AVX2 (tests/isa_check.py), and generate.py's per-ISA choice of each
+quantized path (model.quantized.cpu_choice) there and on this machine's own capability."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model.quantized as mq
+from helpers import one_thread  # noqa: F401  (autouse: one thread)
+from tests import isa_check
+
+ROOT = Path(__file__).resolve().parents[1]
+PATHS = list(isa_check.PATHS)
+
+
+@pytest.fixture(scope="module")
+def avx2(tmp_path_factory) -> dict:
+    """tests/isa_check.py's observations under ATEN_CPU_CAPABILITY=avx2 (read by ATen and
+    inductor once per process, so a fresh one). It needs a FRESH inductor cache too: kernels
+    and precompiled headers cached by an AVX-512 run are reused under avx2 and gave bogus C++
+    compile errors and garbage int8 outputs."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"ATEN_CPU_CAPABILITY=avx2 imitates an x86 CPU; this is {platform.machine()}")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor_avx2"))}
+    proc = subprocess.run([sys.executable, "-m", "tests.isa_check"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "no_compile" in seen:
+        pytest.skip(seen["no_compile"])
+    return seen
+
+
+def test_the_process_really_dispatches_avx2(avx2):
+    assert avx2["capability"] == avx2["model_capability"] == "AVX2"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_avx2_compiled_greedy_ids_equal_eager_and_uncached(avx2, path):
+    """kv_int8's uncached reference is the float model's full forward."""
+    seen = avx2[path]
+    assert seen["compiled"] == seen["eager"]
+    assert seen["uncached"] == seen["eager"]
+    assert len(set(seen["eager"][0][7:])) > 5  # varied picks, or equality would prove little
+
+
+# cached decode vs the full forward, as the existing tests allow: fp32 as
+# test_model_transformer; the int8 and int4 kernels take bf16 activations, as
+# test_model_sampling's bf16; the int8 cache's own error (test_model_kv_cache allows 1% at
+# default init; these weights, 10x larger for varied greedy picks, sharpen attention: ~2.5%)
+TOLERANCE = {"fp32": 1e-5, "int8_head": 2e-2, "int4_head": 2e-2}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_avx2_cached_decode_equals_full_forward(avx2, path):
+    cached, full = (torch.tensor(avx2[path][k]) for k in ("cached_logits", "full_logits"))
+    if path == "kv_int8":
+        rel = (cached - full).norm(dim=-1) / full.norm(dim=-1)  # per step
+        assert rel.max() < 0.05, rel.max()
+    else:
+        tol = TOLERANCE[path]
+        torch.testing.assert_close(cached, full, atol=tol, rtol=tol)
+
+
+def check_choices(seen: dict, int4_kernel: bool, int8_cache: bool) -> None:
+    """generate.py's runs (isa_check.cli_choices): the path each really took (the int4
+    matmul called, an int8 cache made), its greedy ids, and its stderr line, whose reason is
+    cpu_choice's for the capability mq.CPU_CAPABILITY says."""
+    ref, runs = seen["ref"], seen["runs"]
+    int4, kv = runs["int4"], runs["kv_int8"]
+    int4_why, kv_why = mq.cpu_choice("int4")[1], mq.cpu_choice("kv_int8")[1]
+    assert (int4["int4_matmul_calls"] > 0) == int4_kernel
+    assert (kv["int8_caches"] > 0) == int8_cache
+    assert "quantization int4_head (group 32)" in int4["stderr"]  # what is stored
+    if int4_kernel:
+        assert int4["ids"] == ref["int4_kernel"]
+        assert (f"int4: kernel _weight_int4pack_mm_for_cpu, bf16 activations ({int4_why})"
+                in int4["stderr"])
+    else:  # exact: the fp32 path over the dequantized weights is int4's own dequantize path
+        assert int4["ids"] == ref["int4_dequantized"]
+        assert (f"int4: no int4 kernel faster than fp32 here ({int4_why}): weights dequantized "
+                f"to float32 at load") in int4["stderr"]
+    if int8_cache:
+        assert kv["ids"] == ref["int8_cache"]
+        assert f"kv_cache=int8: int8 cache ({kv_why})" in kv["stderr"]
+    else:
+        assert kv["ids"] == ref["float"]
+        assert (f"kv_cache=int8: the float cache runs instead, the int8 cache is slower here "
+                f"({kv_why}); quant_kernels=force keeps it") in kv["stderr"]
+    forced_int4, forced_kv = runs["int4_force"], runs["kv_int8_force"]
+    assert forced_int4["int4_matmul_calls"] > 0 and forced_int4["ids"] == ref["int4_kernel"]
+    assert forced_kv["int8_caches"] > 0 and forced_kv["ids"] == ref["int8_cache"]
+    assert ("; forced)" in forced_int4["stderr"]) == (not int4_kernel)
+    assert ("; forced)" in forced_kv["stderr"]) == (not int8_cache)
+
+
+def test_avx2_generate_falls_back_to_fp32_compute_and_says_why(avx2, monkeypatch):
+    """On AVX2 no int4 kernel and no int8 cache is faster than fp32 (0.80x, 0.49x)."""
+    monkeypatch.setattr(mq, "CPU_CAPABILITY", "AVX2")  # the reasons the process gave
+    assert "0.80x fp32 compiled, measured on AVX2" in mq.cpu_choice("int4")[1]
+    check_choices(avx2["cli"], int4_kernel=False, int8_cache=False)
+
+
+def test_generate_on_this_cpu_takes_the_measured_choice():
+    """This machine's own capability, in this process: on AVX-512 the int4 kernel and the
+    int8 cache run, as before the per-ISA choice."""
+    int4, kv = mq.cpu_choice("int4")[0], mq.cpu_choice("kv_int8")[0]
+    assert (int4 and kv) == (mq.CPU_CAPABILITY == "AVX512")
+    check_choices(isa_check.cli_choices(), int4_kernel=int4, int8_cache=kv)
+
+
+@pytest.mark.parametrize("capability, int8, int4, kv_int8", [
+    ("AVX512", "bf16", True, True), ("AVX2", "bf16", False, False),
+    ("DEFAULT", "dequant", False, False)])
+def test_each_path_runs_its_kernel_only_where_it_measured_faster(monkeypatch, capability,
+                                                                  int8, int4, kv_int8):
+    monkeypatch.setattr(mq, "CPU_CAPABILITY", capability)
+    assert mq.int8_kernel() == int8
+    assert (mq.cpu_choice("int4")[0], mq.cpu_choice("kv_int8")[0]) == (int4, kv_int8)
+    why = mq.cpu_choice("int4")[1]
+    assert why == ("not measured on DEFAULT" if capability == "DEFAULT" else
+                   f"{mq.SPEEDUP[capability]['int4']:.2f}x fp32 compiled, measured on "
+                   f"{capability}")
