@@ -70,9 +70,12 @@ def test_gqa_equals_mha_with_kv_heads_repeated_per_group(n_kv_head):
         "v_proj.weight": gqa.v_proj.weight.view(n_kv_head, hd, -1)
                              .repeat_interleave(group, 0).reshape(8 * hd, -1),
     })
-    x = torch.randn(3, 10, cfg.d_model)
-    torch.testing.assert_close(gqa(x, cos[:10], sin[:10]), mha(x, cos[:10], sin[:10]),
-                               atol=1e-5, rtol=1e-5)
+    # in float64: the two sum in different orders (grouped vs per head), and in fp32 a random
+    # draw can land one element past 1e-5; the claim is equality, so check it where it is exact
+    x = torch.randn(3, 10, cfg.d_model, dtype=torch.float64)
+    cos, sin = cos[:10].double(), sin[:10].double()
+    torch.testing.assert_close(gqa.double()(x, cos, sin), mha.double()(x, cos, sin),
+                               atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 1], ids=["GQA-4", "MQA"])
