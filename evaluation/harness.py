@@ -21,6 +21,7 @@ the window, whose tokens then differ per choice, is scored alone.
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import torch
@@ -179,11 +180,12 @@ def group_by_context(pairs: list[Pair], max_length: int) -> tuple[list[list[int]
 
 
 def repeat_rows(cache, rows: int):
-    """A float KV cache of `rows` rows, each a copy of cache's single row."""
-    k = cache.k[0]
-    out = type(cache)(len(cache.k), rows, cache.max_len, k.shape[1], k.shape[3], k.dtype, k.device)
-    for dst, src in zip(out.k + out.v, cache.k + cache.v):
-        dst.copy_(src.expand_as(dst))
+    """A copy of a one-row cache with `rows` rows, each that row: every per-layer buffer list
+    the cache holds (KVCache's k and v, MLA's LatentCache's latent), batch first."""
+    out = copy.copy(cache)
+    for name, value in vars(cache).items():
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            setattr(out, name, [t.expand(rows, *t.shape[1:]).clone() for t in value])
     return out
 
 

@@ -97,10 +97,15 @@ def test_gpt2_neox_match_hflm(hf_family, tasks_dir):
     assert ours.generate_until(gen) == hf.generate_until(gen)
 
 
-def test_shared_prefix_equals_scoring_alone(hf_llama):
+@pytest.mark.parametrize("latent", [False, True], ids=["gqa", "mla"])
+def test_shared_prefix_equals_scoring_alone(hf_llama, latent):
     """One context's K/V reused across choices of different lengths (one token included)
-    gives each choice's log-likelihood as a forward of context + choice alone."""
+    gives each choice's log-likelihood as a forward of context + choice alone; also over
+    MLA's latent cache (the source converted at a reduced rank)."""
     model, tokenizer = load_model(hf_llama[1], torch.device("cpu"), torch.float32)
+    if latent:
+        from convert.latent import LatentConversion, latent_model
+        model = latent_model(model, LatentConversion(kv_rank=24, rope_dim=16), None)[0].eval()
     lm = GqalabLM(model, tokenizer)
     context = lm.tok_encode("Question: which is a mammal?\nAnswer:")
     choices = [tokenizer.encode(" whale"), tokenizer.encode(" a very large shark"), [5]]
