@@ -321,12 +321,7 @@ def _dig(row: dict, keys: tuple):
 
 
 def ppl_cell(ppl: float, se: float | None) -> str:
-    text = f"{ppl:,.1f}" if ppl < 1e4 else f"{ppl:.3g}"
-    return text + (f" ×/÷ {math.exp(se):.3f}" if se is not None else "")
-
-
-def fmt(x, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
+    return rm.ppl_text(ppl) + (f" ×/÷ {math.exp(se):.3f}" if se is not None else "")
 
 
 def markdown(rows: list[dict], notes: list[str]) -> str:
@@ -338,14 +333,8 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
         lines.append(f"| {r['format']} | {r['kv']} | {r['tokens']:,} | {r['kv_bytes']:,} | "
                      f"{ppl_cell(r['prose_ppl'], r['prose_nll_se'])} | "
                      f"{ppl_cell(r['code_ppl'], r['code_nll_se'])} | {acc or '—'} | "
-                     f"{fmt(r['passkey'], '.2f')} | {fmt(r['tok_s'], ',.1f')} |")
+                     f"{rm.fmt(r['passkey'], '.2f')} | {rm.fmt(r['tok_s'], ',.1f')} |")
     return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    lines = [",".join(COLUMNS)] + [",".join("" if r[k] is None else str(r[k]) for k in COLUMNS)
-                                   for r in rows]
-    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -432,7 +421,7 @@ def run(cfg: DictConfig) -> Path:
     if missing:
         notes.append(f"\nNot computed yet (report_only): {'; '.join(missing)}.")
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "results.csv")
+    rm.write_csv(rows, out / "results.csv", COLUMNS)
     plot(rows, out / "frontier.png")
     write_atomic(out / "results.md", markdown(rows, notes))
     return out

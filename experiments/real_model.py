@@ -405,9 +405,9 @@ def gap_closed(rows: list[dict]) -> None:
                                     if gap and abs(gap) > 1e-6 else None)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    lines = [",".join(COLUMNS)]
-    lines += [",".join("" if r.get(k) is None else str(r[k]) for k in COLUMNS) for r in rows]
+def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
+    lines = [",".join(columns)]
+    lines += [",".join("" if r.get(k) is None else str(r[k]) for k in columns) for r in rows]
     write_atomic(path, "\n".join(lines) + "\n")
 
 
@@ -415,9 +415,12 @@ def fmt(x, spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def ppl_cell(nll_value: float) -> str:
-    ppl = math.exp(nll_value)
+def ppl_text(ppl: float) -> str:
     return f"{ppl:,.1f}" if ppl < 1e4 else f"{ppl:.3g}"
+
+
+def ppl_cell(nll_value: float) -> str:
+    return ppl_text(math.exp(nll_value))
 
 
 def markdown(rows: list[dict], notes: list[str], proof_lines: list[str]) -> str:
