@@ -188,10 +188,13 @@ class LatentSelfAttention(nn.Module):
         if cos is not None:
             q = apply_rope(q, cos[:, None], sin[:, None])  # rotates each head's first rd
         q = q.transpose(1, 2)  # (B, H, T, rd + nope)
-        if cache is not None:
-            latent = cache.update(self.layer, input_pos, latent)[:, :kv_len]  # (B, S, rd + r)
-        if cache is not None and T == 1:
-            y = self.absorbed(q, latent, mask)
+        if cache is not None and cache.quantized and T == 1:  # int8: the cache reads its layout
+            ctx = cache.attend(self.layer, self.absorb(q), latent, input_pos, kv_len, self.scale)
+            y = self.unabsorb(ctx, T)
+        elif cache is not None and T == 1:
+            y = self.absorbed(q, cache.update(self.layer, input_pos, latent)[:, :kv_len], mask)
+        elif cache is not None:
+            y = self.expanded(q, cache.update(self.layer, input_pos, latent)[:, :kv_len], mask)
         else:
             y = self.expanded(q, latent, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
@@ -237,18 +240,29 @@ class LatentSelfAttention(nn.Module):
         ignores; W_uv's bias passes through the average (the probabilities sum to 1).
         q (B, H, T, rd + nope), latent (B, S, rd + r), mask cache_mask(.., S, group=H)
         (for one token group=1's (1, 1, 1, S) broadcasts the same) -> (B, H, T, v_dim)."""
-        B, H, T, _ = q.shape
-        q_rope, q_nope = q.split([self.rope_dim, self.nope_dim], dim=-1)
-        w_uk = self.k_up.weight.view(H, self.nope_dim, self.kv_rank)
-        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
-        q_abs = torch.cat([q_rope, q_latent], dim=-1).reshape(B, 1, H * T, -1)  # rows (h, t)
         kv = latent[:, None]  # (B, 1, S, rd + r)
         # the whole [k_r | c] as value, c's part of the result kept: SDPA's fused CPU kernel
         # wants K and V of one width; with the value a narrower view of the same buffer,
         # inductor lowers attention to its own loops instead, 1.7x slower per step
         # (SmolLM2 as MLA, 4k slots x 8, compiled: 57 vs 98 tok/s)
-        ctx = F.scaled_dot_product_attention(q_abs, kv, kv, attn_mask=mask, scale=self.scale)
-        ctx = ctx[..., self.rope_dim:]  # (B, 1, H*T, r)
+        ctx = F.scaled_dot_product_attention(self.absorb(q), kv, kv, attn_mask=mask,
+                                             scale=self.scale)
+        return self.unabsorb(ctx, q.shape[2])
+
+    def absorb(self, q: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, rd + nope) -> [q_rope | q_nope W_uk_h] (B, 1, H*T, rd + r), rows (h, t):
+        the queries of one shared KV head [k_r | c]."""
+        B, H, T, _ = q.shape
+        q_rope, q_nope = q.split([self.rope_dim, self.nope_dim], dim=-1)
+        w_uk = self.k_up.weight.view(H, self.nope_dim, self.kv_rank)
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        return torch.cat([q_rope, q_latent], dim=-1).reshape(B, 1, H * T, -1)
+
+    def unabsorb(self, ctx: torch.Tensor, T: int) -> torch.Tensor:
+        """The probability-weighted [k_r | c] (B, 1, H*T, rd + r) -> heads' values through
+        W_uv_h (B, H, T, v_dim); W_uv's bias passes through the average unchanged."""
+        B, H = ctx.shape[0], self.n_head
+        ctx = ctx[..., self.rope_dim:].reshape(B, H, T, self.kv_rank)
         w_uv = self.v_up.weight.view(H, self.v_dim, self.kv_rank)
-        y = torch.einsum("bhtr,hvr->bhtv", ctx.reshape(B, H, T, self.kv_rank), w_uv)
+        y = torch.einsum("bhtr,hvr->bhtv", ctx, w_uv)
         return y if self.v_up.bias is None else y + self.v_up.bias.view(H, 1, self.v_dim)

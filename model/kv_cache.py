@@ -1,6 +1,6 @@
 """A preallocated per-layer KV cache that holds only the n_kv_head K/V heads, in full
 precision (KVCache) or int8 (QuantizedKVCache); for MLA models, only each token's latent and
-shared RoPE key (LatentCache)."""
+shared RoPE key (LatentCache, or QuantizedLatentCache in int8)."""
 from __future__ import annotations
 
 import torch
@@ -141,9 +141,7 @@ class QuantizedKVCache(KVCache):
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                   window: int = 32) -> "QuantizedKVCache":
         if cfg.kv_rank:
-            raise ValueError("kv_cache=int8 has no MLA form yet: MLA's cache already holds only "
-                             f"{cfg.kv_rank + cfg.rope_dim} values per token and layer; use "
-                             "kv_cache=float")
+            return QuantizedLatentCache.for_model(cfg, batch_size, max_len, dtype, device)
         cache = super().for_model(cfg, batch_size, max_len, dtype, device)  # checks max_len
         if window < 1:
             raise ValueError(f"the full-precision window must be >= 1 token, got {window}")
@@ -238,3 +236,81 @@ def int8_weighted_sum(p: torch.Tensor, vq: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return (p[..., None] * vq[:, :, None]).sum(-2)
     return p @ vq.float()
+
+
+class QuantizedLatentCache(LatentCache):
+    """MLA's cache in int8: each token's [k_r | c] in groups of `group` channels, each group
+    int8 with its own fp32 scale (symmetric, absmax / 127). Per token, not per channel as
+    QuantizedKVCache's keys: the latent is key and value at once, and a token's groups never
+    change once written, so no full-precision window is kept and nothing is re-quantized.
+    Per group, because the latent's channels come out of a factorization whose leading
+    channels carry most of the scale, and the RoPE key has a scale of its own.
+
+    The prompt (one chunk from position 0) attends to its own full-precision latents; each
+    decoded token reads the int8 store with the scales folded into the query and the
+    probabilities, so the values are never dequantized into a buffer (compiled)."""
+
+    quantized = True
+
+    def __init__(self, n_layer: int, batch_size: int, max_len: int, width: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 group: int = 32) -> None:
+        self.width, self.group, self.max_len = width, group, max_len
+        n_groups = -(-width // group)  # the last group zero-padded
+        self.q = [torch.zeros(batch_size, max_len, n_groups, group, dtype=torch.int8,
+                              device=device) for _ in range(n_layer)]
+        self.scale = [torch.zeros(batch_size, max_len, n_groups, device=device)
+                      for _ in range(n_layer)]
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """x (.., width) -> float32 (.., n_groups, group), zero-padded."""
+        n_groups, group = self.q[0].shape[-2:]
+        return F.pad(x.float(), (0, n_groups * group - self.width)).unflatten(-1, (n_groups, group))
+
+    def update(self, layer: int, input_pos: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """Quantize latent (B, T, width) into the store at input_pos (T,); return latent
+        itself, which the prompt's own attention reads."""
+        if latent.shape[1] > 1 and int(input_pos[0]) != 0:
+            raise ValueError("kv_cache=int8 takes the prompt in one chunk from position 0, "
+                             "then one token per step: prefill without chunk_size")
+        x = self.grouped(latent)  # (B, T, n_groups, group)
+        scale = x.abs().amax(-1).clamp(min=1e-30) / 127  # (B, T, n_groups)
+        self.q[layer].index_copy_(1, input_pos, torch.round(x / scale[..., None]).to(torch.int8))
+        self.scale[layer].index_copy_(1, input_pos, scale)
+        return latent
+
+    def attend(self, layer: int, q: torch.Tensor, latent: torch.Tensor, input_pos: torch.Tensor,
+               kv_len: int | None, scale: float) -> torch.Tensor:
+        """Decode attention of one new token over the store: q the absorbed queries
+        (B, 1, H, width), latent the token's own (B, 1, width) at input_pos (1,) ->
+        the probability-weighted latents (B, 1, H, width). kv_len (eager): read only the
+        slots filled so far."""
+        self.update(layer, input_pos, latent)
+        n = kv_len or self.max_len
+        cq, cs = self.q[layer][:, :n], self.scale[layer][:, :n]  # (B, n, ng, gs), (B, n, ng)
+        qg = self.grouped(q[:, 0] * scale)  # (B, H, ng, gs)
+        s = grouped_int8_dot(qg, cq, cs)  # (B, H, n)
+        s = s.masked_fill(torch.arange(n, device=q.device) > input_pos[-1], float("-inf"))
+        ctx = grouped_int8_weighted_sum(s.softmax(-1), cq, cs)  # (B, H, ng, gs)
+        return ctx.flatten(-2)[:, None, :, :self.width].to(q.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.q + self.scale)
+
+
+def grouped_int8_dot(q: torch.Tensor, cq: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """q (B, H, ng, gs) float . (cq (B, n, ng, gs) int8 x its scales cs (B, n, ng)) over
+    (ng, gs) -> (B, H, n). Compiled: one broadcast product and sum, which inductor fuses
+    into a loop reading the int8 values; eager: dequantized, then a matmul."""
+    if torch.compiler.is_compiling():
+        return (q[:, :, None] * cq[:, None] * cs[:, None, :, :, None]).sum((-1, -2))
+    return q.flatten(-2) @ (cq.float() * cs[..., None]).flatten(-2).transpose(-1, -2)
+
+
+def grouped_int8_weighted_sum(p: torch.Tensor, cq: torch.Tensor,
+                              cs: torch.Tensor) -> torch.Tensor:
+    """p (B, H, n) . (cq (B, n, ng, gs) x cs (B, n, ng)) over n -> (B, H, ng, gs)."""
+    if torch.compiler.is_compiling():
+        return (p[..., None, None] * (cq * cs[..., None])[:, None]).sum(2)
+    return (p @ (cq.float() * cs[..., None]).flatten(-2)).unflatten(-1, cq.shape[-2:])

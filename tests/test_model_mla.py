@@ -1,6 +1,7 @@
 """Multi-head latent attention: the module against a per-head reference written from its
 weights, the absorbed decode against the expanded form, cached decode against the full
 forward, the cache's bytes, and the configs it refuses."""
+import itertools
 import math
 import os
 
@@ -9,7 +10,8 @@ import torch
 
 from model.attention import LatentSelfAttention, LatentUp, apply_rope, cache_mask, rope_tables
 from model.config import ConfigError, ModelConfig
-from model.kv_cache import KVCache, LatentCache, QuantizedKVCache, kv_bytes_per_token
+from model.kv_cache import (KVCache, LatentCache, QuantizedKVCache, QuantizedLatentCache,
+                            kv_bytes_per_token)
 from model.quantized import quantize_model
 from model.sampling import (SamplingConfig, compiled_decode_step, decode_step, generate,
                             new_cache, prefill)
@@ -125,6 +127,8 @@ def test_greedy_ids_equal_eager_and_compiled():
     model, prompt, greedy = greedy_case()
     eager = generate(model, prompt, 12, greedy)
     assert torch.equal(generate(model, prompt, 12, greedy, compile=True), eager)
+    eager8 = generate(model, prompt, 12, greedy, kv_cache="int8")
+    assert torch.equal(generate(model, prompt, 12, greedy, compile=True, kv_cache="int8"), eager8)
     with torch.inference_mode():
         cache = new_cache(model, 2, 17)
         token, pos = prefill(model, prompt, cache).argmax(-1), torch.tensor([5])
@@ -177,9 +181,63 @@ def test_bad_mla_configs_are_refused_naming_the_fix(bad, match):
         mla_config(**bad)
 
 
-def test_int8_kv_cache_is_refused_for_mla():
-    with pytest.raises(ValueError, match="use kv_cache=float"):
-        QuantizedKVCache.for_model(mla_config(**ROPE), batch_size=1)
+# ---------------------------------------------------------------- int8 (QuantizedLatentCache)
+
+def rounded_per_token_group(latent: torch.Tensor, group: int) -> torch.Tensor:
+    """latent (B, S, w) as the int8 cache holds it, in float64: each token's channels in
+    slices of `group`, each slice rounded to its own absmax / 127 grid."""
+    out = latent.double().clone()
+    for b, t, start in itertools.product(*map(range, out.shape[:2]), range(0, out.shape[-1], group)):
+        piece = out[b, t, start:start + group]
+        step = piece.abs().max() / 127
+        out[b, t, start:start + group] = torch.round(piece / step) * step
+    return out
+
+
+@SHAPES
+def test_int8_latent_decode_is_attention_over_the_rounded_latents(mla):
+    """One decode step of the attention after a prompt through a QuantizedLatentCache equals
+    the float64 absorbed form over every latent (the step's own included) rounded per token
+    and group; group 8 over widths 16, 20, 22 also covers a zero-padded last group."""
+    torch.manual_seed(4)
+    cfg = mla_config(**mla)
+    attn = with_random_biases(Transformer(cfg)).blocks[1].attn
+    B, T, w = 2, 13, cfg.rope_dim + cfg.kv_rank
+    x = torch.randn(B, T, cfg.d_model)
+    cos, sin = rope_tables(cfg.rope_dim, T, cfg.rope_theta) if cfg.rope_dim else (None, None)
+    part = (lambda a, b: (cos[a:b], sin[a:b])) if cfg.rope_dim else (lambda a, b: (None, None))
+    cache = QuantizedLatentCache(2, B, T, w, group=8)
+    with torch.inference_mode():
+        attn(x[:, :-1], *part(0, T - 1), cache, torch.arange(T - 1), kv_len=T - 1)
+        y = attn(x[:, -1:], *part(T - 1, T), cache, torch.tensor([T - 1]), kv_len=T)
+        latent = rounded_per_token_group(attn.latent(x, cos, sin), group=8)
+        q = attn.q_proj(x[:, -1:]).view(B, 1, cfg.n_head, -1)
+        if cos is not None:
+            q = apply_rope(q, cos[-1:, None], sin[-1:, None])
+        ref = attn.double().absorbed(q.transpose(1, 2).double(), latent)
+        ref = attn.o_proj(ref.transpose(1, 2).reshape(B, 1, -1))
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_latent_cache_decodes_within_a_percent_of_the_float_cache():
+    """Teacher-forced decode steps of a random MLA model: logits through the int8 latent
+    cache within 2% (norm) of the float LatentCache's, the prompt's exactly equal; bytes
+    are the int8 values (the width padded to groups) plus one fp32 scale per group."""
+    model, prompt, greedy = greedy_case()
+    ids = generate(model, prompt, 12, greedy, kv_cache="int8")
+    cfg = model.config
+    with torch.inference_mode():
+        caches = [LatentCache.for_model(cfg, 2, 17), QuantizedKVCache.for_model(cfg, 2, 17)]
+        assert isinstance(caches[1], QuantizedLatentCache)
+        outs = [prefill(model, prompt, c) for c in caches]
+        torch.testing.assert_close(outs[1], outs[0])
+        for t in range(5, 16):
+            ref, q8 = (model(ids[:, t:t + 1], c, torch.tensor([t]), kv_len=t + 1) for c in caches)
+            assert ((q8 - ref).norm() / ref.norm()).item() < 0.02
+    w = cfg.rope_dim + cfg.kv_rank
+    assert caches[1].nbytes == cfg.n_layer * 2 * 17 * (-(-w // 32) * (32 + 4))
+    with pytest.raises(ValueError, match="one chunk from position 0"):
+        prefill(model, prompt, QuantizedKVCache.for_model(cfg, 2, 17), chunk_size=2)
 
 
 def compose_train(overrides: list[str]):
