@@ -8,8 +8,9 @@ per byte of KV cache, at alpha = 0 and after a small uptraining budget with dist
 Points, all of the same model (experiments/real_model.py's source, corpora and cache):
 the original GQA-3 cache, MQA by mean pooling and by `align=linear`, MLA (convert/latent.py)
 at each of `mla_budgets` fp32 bytes per token, and each head layout again with
-`kv_cache=int8` (KIVI-style; its bytes count the int8 values, every scale and the
-full-precision window, amortised over `speed_context` tokens). MLA has no int8 cache yet.
+`kv_cache=int8` (KIVI-style for K/V, per token and group of 32 channels for MLA's latent;
+its bytes count the int8 values, every scale and any full-precision window, amortised over
+`speed_context` tokens).
 Every point is measured the same way:
 - perplexity on held-out prose (every docstring of the held-out files) and code, `windows`
   windows of `seq_len` tokens each, the tokens after the first `decode_prompt` of a window
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -97,6 +99,7 @@ class Settings:
     speed_steps: int = 16
     budgets: list[int] = field(default_factory=lambda: [50000, 200000])  # uptraining tokens
     uptrain_best: int = 2
+    uptrain_bytes: list[int] = field(default_factory=list)  # fp32 budgets to uptrain; []: all
     distill: float = 0.5
     train: rm.TrainSettings = field(default_factory=rm.TrainSettings)
     report_only: bool = False
@@ -277,11 +280,7 @@ def uptrained(points: dict, paths: dict, cfg: DictConfig, corpora: dict, cache: 
     """The best cfg.uptrain_best structural formats of each byte budget, uptrained for each
     of cfg.budgets tokens with distillation, and the control: Point -> its checkpoint."""
     out = {}
-    by_bytes: dict[int, list] = {}
-    for point, row in points.items():
-        if point.kv == "float" and point.structure != "original" and paths[point.structure]:
-            by_bytes.setdefault(round(row["kv_bytes"]), []).append((row["prose"]["nll"], point))
-    chosen = [p for group in by_bytes.values() for _, p in sorted(group)[:cfg.uptrain_best]]
+    chosen = [p for _, p in uptrain_candidates(points, paths, cfg)]
     distill = [f"uptrain.distill={cfg.distill}"] if cfg.distill else []
     for tokens in cfg.budgets:
         run = rm.uptrain(f"control-{tokens}", paths["original"], tokens, cfg, corpora, cache)
@@ -292,6 +291,20 @@ def uptrained(points: dict, paths: dict, cfg: DictConfig, corpora: dict, cache: 
                              paths[point.structure], tokens, cfg, corpora, cache, distill)
             out[Point(point.structure, tokens=tokens)] = run[0]
     return out
+
+
+def uptrain_candidates(points: dict, paths: dict, cfg: DictConfig) -> list[tuple[float, Point]]:
+    """(prose NLL, point) of the best cfg.uptrain_best float formats of each byte budget
+    (those in cfg.uptrain_bytes; none there: every budget), leaving out the original's
+    budget: a conversion there is exact (MLA at full rank), so uptraining it is the control."""
+    full = points[Point("original")]["kv_bytes"]
+    by_bytes: dict[int, list] = {}
+    for point, row in points.items():
+        budget = round(row["kv_bytes"])
+        if (point.kv == "float" and point.structure != "original" and paths[point.structure]
+                and budget != full and budget in (cfg.uptrain_bytes or [budget])):
+            by_bytes.setdefault(budget, []).append((row["prose"]["nll"], point))
+    return [c for group in by_bytes.values() for c in sorted(group)[:cfg.uptrain_best]]
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -387,8 +400,7 @@ def run(cfg: DictConfig) -> Path:
     windows = {c: rm.eval_windows(corpora[f], tok, cfg.windows, cfg.seq_len, disjoint=True)
                for c, f in (("prose", "docs"), ("code", "code"))}
     paths = structures(hf, cfg, corpora, cache)
-    points = [Point(s) for s in paths] + [Point(s, "int8") for s in paths
-                                          if cfg.int8 and not s.startswith("MLA")]
+    points = [Point(s) for s in paths] + [Point(s, "int8") for s in paths if cfg.int8]
     results, missing = {}, []
     for point in tqdm(points, desc="frontier", unit="point"):
         if paths[point.structure] is None:
@@ -396,8 +408,11 @@ def run(cfg: DictConfig) -> Path:
             continue
         results[point] = measure(point, paths[point.structure], windows, tok, cfg, cache)
     if cfg.budgets and not cfg.report_only:
-        for point, path in tqdm(uptrained(results, paths, cfg, corpora, cache).items(),
-                                desc="uptrained", unit="point"):
+        runs = uptrained(results, paths, cfg, corpora, cache)
+        kinds = ["float", "int8"] if cfg.int8 else ["float"]
+        for (point, path), kv in tqdm(list(itertools.product(runs.items(), kinds)),
+                                      desc="uptrained", unit="point"):
+            point = Point(point.structure, kv, point.tokens)
             results[point] = measure(point, path, windows, tok, cfg, cache)
     rows = sorted((flat(p, r) for p, r in results.items()),
                   key=lambda r: (-r["kv_bytes"], r["tokens"], r["prose_ppl"]))
@@ -413,8 +428,9 @@ def run(cfg: DictConfig) -> Path:
              f"none). Passkey: {cfg.passkey_length or '—'} tokens, depths 0/0.5/1 × "
              f"{cfg.passkey_trials} trials. Decode: compiled step, {cfg.speed_context} slots, "
              f"batch {cfg.speed_batch}.  ",
-             "MLA has no int8 cache yet (kv_cache=int8 refuses it).  ",
-             f"Uptraining: the best {cfg.uptrain_best} formats per byte budget, "
+             f"Uptraining: the best {cfg.uptrain_best} formats per byte budget "
+             f"({', '.join(format(b, ',') for b in cfg.uptrain_bytes) or 'every one'} fp32 "
+             "bytes, below the original's), "
              f"{', '.join(format(b, ',') for b in cfg.budgets) or 'none'} tokens, uptrain.distill="
              f"{cfg.distill}, batch {cfg.train.batch_size} × {cfg.train.seq_len}, lr "
              f"{cfg.train.lr:g}; the control (original) trained on as long."]

@@ -43,3 +43,26 @@ def test_int8_cache_bytes_count_values_scales_and_the_window():
     whole = QuantizedKVCache.for_model(cfg, 1, 256, device="meta").nbytes
     assert int8 == whole / 256
     assert kv_bytes_per_token(cfg) / 4 < int8 < kv_bytes_per_token(cfg) / 2  # scales cost
+
+
+def test_int8_latent_cache_bytes_are_int8_values_and_a_scale_per_32():
+    cfg = ModelConfig(vocab_size=50, n_layer=3, n_head=4, d_model=32, max_seq_len=256,
+                      kv_rank=58, rope_dim=6)  # width 64: two groups of 32
+    assert fr.cache_bytes(cfg, "int8", 256) == 3 * (64 + 2 * 4)
+
+
+def test_uptraining_picks_the_best_per_budget_below_the_original():
+    """Per byte budget the lowest prose NLL first; the original's budget (where MLA is exact)
+    and budgets outside uptrain_bytes are left out; int8 rows are never structures."""
+    row = lambda kv_bytes, nll: {"kv_bytes": kv_bytes, "prose": {"nll": nll}}  # noqa: E731
+    P = fr.Point
+    points = {P("original"): row(46080, 2.7), P("MLA 46,080"): row(46080, 2.7),
+              P("MLA 15,360"): row(15360, 4.2), P("MQA linear"): row(15360, 4.9),
+              P("MQA mean"): row(15360, 9.6), P("MLA 7,680"): row(7680, 5.6),
+              P("original", "int8"): row(12960, 2.7)}
+    paths = {p.structure: "ckpt" for p in points}
+    cfg = fr.load_settings(["preset=smoke", "uptrain_best=2"])
+    chosen = [p.structure for _, p in fr.uptrain_candidates(points, paths, cfg)]
+    assert chosen == ["MLA 15,360", "MQA linear", "MLA 7,680"]
+    cfg = fr.load_settings(["preset=smoke", "uptrain_best=1", "uptrain_bytes=[15360]"])
+    assert [p.structure for _, p in fr.uptrain_candidates(points, paths, cfg)] == ["MLA 15,360"]
