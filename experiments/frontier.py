@@ -118,6 +118,15 @@ class Point:
             f" + {self.tokens:,} tok distill" if self.tokens else "")
 
 
+ANCHORS = (
+    "\nPublished anchors, other base models and task sets (not comparable point for point): "
+    "MHA2MLA (Ji et al. 2025) on SmolLM-135M (an MHA model), six-task average 44.50 → 43.06 "
+    "at −68.75% KV, after 2.25B tokens of fine-tuning (11,000× the 200k here); TransMLA "
+    "(Meng et al. 2025) on Llama-2-7B at −68.75% KV without training, 58.20 vs 59.85. "
+    "−68.75% of the original's 46,080 B/token is 14,400 B/token here: between MLA 15,360 "
+    "and the original with the int8 cache.")
+
+
 def load_settings(argv: list[str]) -> DictConfig:
     cfg = load_preset(Settings, PRESETS, argv, FrontierError)
     rm.check_methods(list(cfg.heads))
@@ -434,6 +443,7 @@ def run(cfg: DictConfig) -> Path:
              f"{', '.join(format(b, ',') for b in cfg.budgets) or 'none'} tokens, uptrain.distill="
              f"{cfg.distill}, batch {cfg.train.batch_size} × {cfg.train.seq_len}, lr "
              f"{cfg.train.lr:g}; the control (original) trained on as long."]
+    notes.append(ANCHORS)
     if missing:
         notes.append(f"\nNot computed yet (report_only): {'; '.join(missing)}.")
     out.mkdir(parents=True, exist_ok=True)
