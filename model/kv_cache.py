@@ -289,28 +289,24 @@ class QuantizedLatentCache(LatentCache):
         n = kv_len or self.max_len
         cq, cs = self.q[layer][:, :n], self.scale[layer][:, :n]  # (B, n, ng, gs), (B, n, ng)
         qg = self.grouped(q[:, 0] * scale)  # (B, H, ng, gs)
-        s = grouped_int8_dot(qg, cq, cs)  # (B, H, n)
-        s = s.masked_fill(torch.arange(n, device=q.device) > input_pos[-1], float("-inf"))
-        ctx = grouped_int8_weighted_sum(s.softmax(-1), cq, cs)  # (B, H, ng, gs)
-        return ctx.flatten(-2)[:, None, :, :self.width].to(q.dtype)
+        ctx = int8_latent_attention(qg, cq, cs, torch.arange(n, device=q.device) <= input_pos[-1])
+        return ctx.flatten(-2)[:, None, :, :self.width].to(q.dtype)  # (B, 1, H, width)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.q + self.scale)
 
 
-def grouped_int8_dot(q: torch.Tensor, cq: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
-    """q (B, H, ng, gs) float . (cq (B, n, ng, gs) int8 x its scales cs (B, n, ng)) over
-    (ng, gs) -> (B, H, n). Compiled: one broadcast product and sum, which inductor fuses
-    into a loop reading the int8 values; eager: dequantized, then a matmul."""
+def int8_latent_attention(q: torch.Tensor, cq: torch.Tensor, cs: torch.Tensor,
+                          visible: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q (B, H, ng, gs) over the int8 latents cq (B, n, ng, gs) with
+    scales cs (B, n, ng), keys and values alike, slots where visible (n,) -> (B, H, ng, gs).
+    Compiled: broadcast products and sums, which inductor fuses into loops reading the int8
+    values; eager: the latents dequantized once, then two matmuls."""
     if torch.compiler.is_compiling():
-        return (q[:, :, None] * cq[:, None] * cs[:, None, :, :, None]).sum((-1, -2))
-    return q.flatten(-2) @ (cq.float() * cs[..., None]).flatten(-2).transpose(-1, -2)
-
-
-def grouped_int8_weighted_sum(p: torch.Tensor, cq: torch.Tensor,
-                              cs: torch.Tensor) -> torch.Tensor:
-    """p (B, H, n) . (cq (B, n, ng, gs) x cs (B, n, ng)) over n -> (B, H, ng, gs)."""
-    if torch.compiler.is_compiling():
+        s = (q[:, :, None] * cq[:, None] * cs[:, None, :, :, None]).sum((-1, -2))  # (B, H, n)
+        p = s.masked_fill(~visible, float("-inf")).softmax(-1)
         return (p[..., None, None] * (cq * cs[..., None])[:, None]).sum(2)
-    return (p @ (cq.float() * cs[..., None]).flatten(-2)).unflatten(-1, cq.shape[-2:])
+    kv = (cq.float() * cs[..., None]).flatten(-2)  # (B, n, ng * gs)
+    p = (q.flatten(-2) @ kv.transpose(-1, -2)).masked_fill(~visible, float("-inf")).softmax(-1)
+    return (p @ kv).unflatten(-1, cq.shape[-2:])
