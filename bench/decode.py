@@ -10,7 +10,8 @@
                                            # int8 KV vs transformers generate, b1 and b8
                                            # (--real-kv MHA-9,GQA-3,MQA: its KV layouts)
     python -m bench.decode --section l     # the real model's KV layouts at a 4k context, b8:
-                                           # MHA-9, GQA-3, MQA, MLA at MQA's bytes (compiled)
+                                           # MHA-9, GQA-3, MQA, MLA at MQA's bytes, and
+                                           # GQA-3 / MLA with kv_cache=int8 (compiled)
     python -m bench.decode --section p     # the real model's perplexity: fp32, int8, int4, KV int8
     python -m bench.decode --quick         # shorter runs, same tables
 
@@ -179,14 +180,18 @@ def row_b(name: str, b: int, n_tokens: int, times: dict, t_compile: float) -> st
 
 # ---------------------------------------------------------------- (c)
 
-def decode_bytes(model: Transformer, batch: int, context: int) -> int:
+def decode_bytes(model: Transformer, batch: int, context: int, kv_cache: str = "float") -> int:
     """Bytes one decode step must read: every weight once in its stored dtype (int8
     layers: weights + scales), the embedding table only when it is also the output head
-    (a lookup reads one row), plus the filled K/V cache of every sequence."""
+    (a lookup reads one row), plus the filled cache of every sequence (an int8 cache: its
+    whole allocation, scales and window included)."""
     weights = weight_bytes(model)
     if model.lm_head.weight is not model.embed.weight:
         weights -= model.embed.weight.numel() * model.embed.weight.element_size()
-    return weights + kv_bytes_per_token(model.config) * batch * context
+    if kv_cache == "float":
+        return weights + kv_bytes_per_token(model.config) * batch * context
+    return weights + KV_CACHES[kv_cache].for_model(model.config, batch, context,
+                                                   device="meta").nbytes
 
 
 def decode_rate(model: Transformer, prompt: torch.Tensor, new: int,
@@ -429,33 +434,34 @@ def section_l(quick: bool, path: Path) -> None:
         print(f"\n(l) skipped: no HF model at {path} (pass --real-model DIR)")
         return
     context, steps, b = (1024 if quick else 4096), (16 if quick else 32), 8
-    mqa = real_variant(path, "MQA")
-    models = {"MHA-9": real_variant(path, "MHA-9"), "GQA-3": real_variant(path, "GQA-3"),
-              "MQA": mqa, "MLA": latent_variant(path, kv_bytes_per_token(mqa.config))}
+    mqa, gqa = real_variant(path, "MQA"), real_variant(path, "GQA-3")
+    mla = latent_variant(path, kv_bytes_per_token(mqa.config))
+    layouts = {"MHA-9": (real_variant(path, "MHA-9"), "float"), "GQA-3": (gqa, "float"),
+               "MQA": (mqa, "float"), "MLA": (mla, "float"), "GQA-3 i8": (gqa, "int8"),
+               "MLA i8": (mla, "int8")}
     print(f"\n(l) real model KV layouts: context {context}, b={b}, {steps} steps, compiled "
-          f"decode step (the cache read in full each step); CPU {CPU_CAPABILITY}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'layout':<7}{'KV B/tok':>9}{'MiB/step':>10}{'tok/s':>9}{'/GQA-3':>8}{'bytes':>7}"
+          f"decode step (the cache read in full each step); i8: kv_cache=int8; CPU "
+          f"{CPU_CAPABILITY}, {torch.get_num_threads()} threads")
+    print(f"{'layout':<9}{'KV B/tok':>9}{'MiB/step':>10}{'tok/s':>9}{'/GQA-3':>8}{'bytes':>7}"
           f"{'GB/s':>7}  targets: MQA >= 1.7x GQA-3, GQA-3 >= 2x MHA-9, MLA >= 0.8x MQA "
-          f"and >= 1.5x GQA-3")
+          f"and >= 1.5x GQA-3, GQA-3 i8 >= 1.5x GQA-3")
     rates = {}
     torch._dynamo.reset()
     for _ in range(2):  # the layouts take turns (one graph each); the best of two for each
-        for name, model in models.items():
-            rates[name] = max(rates.get(name, 0.0), compiled_step_tok_s(model, b, context, steps))
-    base = models["GQA-3"]
-    for name, model in models.items():
-        step = decode_bytes(model, b, context)
-        predicted = decode_bytes(base, b, context) / step
-        print(f"{name:<7}{kv_bytes_per_token(model.config):>9,}{step / 2**20:>10.1f}"
-              f"{rates[name]:>9,.1f}{rates[name] / rates['GQA-3']:>7.2f}x{predicted:>6.2f}x"
-              f"{step * rates[name] / b / 1e9:>7.1f}")
-    print(f"MLA / MQA {rates['MLA'] / rates['MQA']:.2f}x "
-          f"{verdict(rates['MLA'] >= 0.8 * rates['MQA'])}, MLA / GQA-3 "
-          f"{rates['MLA'] / rates['GQA-3']:.2f}x {verdict(rates['MLA'] >= 1.5 * rates['GQA-3'])}, "
-          f"MQA / GQA-3 {rates['MQA'] / rates['GQA-3']:.2f}x "
-          f"{verdict(rates['MQA'] >= 1.7 * rates['GQA-3'])}, GQA-3 / MHA-9 "
-          f"{rates['GQA-3'] / rates['MHA-9']:.2f}x {verdict(rates['GQA-3'] >= 2 * rates['MHA-9'])}")
+        for name, (model, kind) in layouts.items():
+            rates[name] = max(rates.get(name, 0.0),
+                              compiled_step_tok_s(model, b, context, steps, kind))
+    base = decode_bytes(gqa, b, context)
+    for name, (model, kind) in layouts.items():
+        step = decode_bytes(model, b, context, kind)
+        print(f"{name:<9}{(step - decode_bytes(model, 0, 0)) / b / context:>9,.0f}"
+              f"{step / 2**20:>10.1f}{rates[name]:>9,.1f}{rates[name] / rates['GQA-3']:>7.2f}x"
+              f"{base / step:>6.2f}x{step * rates[name] / b / 1e9:>7.1f}")
+    ratio = lambda a, c, target: f"{a} / {c} {rates[a] / rates[c]:.2f}x " + verdict(
+        rates[a] >= target * rates[c])  # noqa: E731
+    print(", ".join([ratio("MLA", "MQA", 0.8), ratio("MLA", "GQA-3", 1.5),
+                     ratio("MQA", "GQA-3", 1.7), ratio("GQA-3", "MHA-9", 2),
+                     ratio("GQA-3 i8", "GQA-3", 1.5), ratio("MLA i8", "MLA", 1.0)]))
 
 
 # ---------------------------------------------------------------- (p) perplexity
