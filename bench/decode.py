@@ -156,15 +156,37 @@ def section_b(quick: bool, compiled: bool) -> None:
                          else "  (tokens differ from HF!)"))
 
 
-def interleaved(runs: dict, repeats: int) -> tuple[dict, dict]:
+def interleaved(runs: dict, repeats: int, clock=timed) -> tuple[dict, dict]:
     """Best time and last output of each run, the runs taking turns (after one warm-up
-    each), so a slow spell of the shared CPU hits every side alike."""
+    each), so a slow spell of the shared CPU hits every side alike. clock(run) -> (seconds,
+    output): the call's wall time, or `called` for runs that time themselves."""
     times, outs = dict.fromkeys(runs, float("inf")), {}
     for r in range(repeats + 1):
         for key, fn in runs.items():
-            t, outs[key] = timed(fn)
+            t, outs[key] = clock(fn)
             times[key] = times[key] if r == 0 else min(times[key], t)
     return times, outs
+
+
+def called(fn):
+    """interleaved's clock for a run that returns its own (seconds, output)."""
+    return fn()
+
+
+def stream_seconds(steps) -> tuple[float, torch.Tensor]:
+    """Seconds from a token stream's first token to its last, and the tokens (B, n): the
+    decode alone (the prefill yields the first token)."""
+    tokens = [next(steps)]
+    t = time.perf_counter()
+    tokens += list(steps)
+    return time.perf_counter() - t, torch.stack(tokens, dim=1)
+
+
+def agreement(ids: torch.Tensor, ref: torch.Tensor, n: int) -> str:
+    """How many leading ids of each row equal ref's, of the first n, over the rows:
+    'equal/compared' (after a first difference the two continue different texts)."""
+    same = (ids[:, :n] == ref[:, :n]).int().cumprod(dim=1)
+    return f"{int(same.sum())}/{same.numel()}"
 
 
 def row_b(name: str, b: int, n_tokens: int, times: dict, t_compile: float) -> str:
@@ -319,14 +341,9 @@ def section_k(quick: bool) -> None:
 
 def kv_decode_rate(model: Transformer, prompt: torch.Tensor, new: int, kind: str) -> float:
     """Decode tok/s (prefill and first token excluded), best of 2."""
-    best = 0.0
-    for _ in range(2):
-        steps = stream(model, prompt, new, GREEDY, compile=True, kv_cache=kind)
-        next(steps)
-        t = time.perf_counter()
-        n = sum(1 for _ in steps)
-        best = max(best, prompt.shape[0] * n / (time.perf_counter() - t))
-    return best
+    t = min(stream_seconds(stream(model, prompt, new, GREEDY, compile=True, kv_cache=kind))[0]
+            for _ in range(2))
+    return prompt.shape[0] * (new - 1) / t
 
 
 # ---------------------------------------------------------------- (r) the real model
