@@ -12,10 +12,14 @@
     python -m bench.decode --section l     # the real model's KV layouts at a 4k context, b8:
                                            # MHA-9, GQA-3, MQA, MLA at MQA's bytes (compiled)
     python -m bench.decode --section p     # the real model's perplexity: fp32, int8, int4, KV int8
+    python -m bench.decode --section i     # ISA matrix: native and ATEN_CPU_CAPABILITY=avx2
+                                           # (a process each), b1/b8, context 32/2k/4k:
+                                           # int8, int4, int4_int8head, int8 KV, forced and
+                                           # as quant_kernels=auto picks, vs fp32 compiled
     python -m bench.decode --quick         # shorter runs, same tables
 
 Shapes (fp32, random weights, vocab 4096, SwiGLU ffn 1408 / 704):
-  bench model   6 layers, d_model 512, 8 query heads, head_dim 64   (sections b, c)
+  bench model   6 layers, d_model 512, 8 query heads, head_dim 64   (sections b, c, q, k, i)
   small model   4 layers, d_model 256, 8 query heads, head_dim 32   (section a: the
                 uncached baseline is quadratic, so a smaller model keeps it to minutes)
 Attention types: MHA (8 KV heads), GQA-2 (2 KV heads), MQA (1 KV head).
@@ -25,8 +29,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -541,10 +548,146 @@ def section_p(quick: bool, path: Path, group_size: int) -> None:
           f"({math.exp(q - f) - 1:+.3%})  {verdict(math.exp(q - f) - 1 <= 0.005)} (<= 0.5%)")
 
 
+# ---------------------------------------------------------------- (i) ISA matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+ISAS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2"}}
+ISA_WEIGHTS = ["int8", "int4:32", "int4_int8head:32"]  # and kv8: the int8 KV cache
+LONG = 2048  # the int8 cache is timed from this context on (below it, its window is most of it)
+
+
+def section_i(quick: bool, threads: int) -> None:
+    """Each ISA in a process of its own (section i-child), one table."""
+    print(f"\n(i) ISA matrix: each quantized path vs fp32 compiled (bench model: "
+          f"{BENCH['n_layer']} layers, d={BENCH['d_model']}, MHA), compiled decode step over a "
+          f"cache of `ctx` slots, 32 steps, no prefill, taking turns; forced = its kernel, auto = "
+          f"as generate.py's quant_kernels=auto picks; ids = how many leading greedy ids (of 8, "
+          f"eager, 4 prompts of 40 tokens) equal fp32's", flush=True)
+    print_isa_table([isa_child(isa, env, quick, threads) for isa, env in ISAS.items()])
+
+
+def print_isa_table(results: list[dict]) -> None:
+    for seen in results:
+        print(f"{seen['isa']} ({seen['capability']}, {seen['threads']} threads), auto picks:\n  "
+              + "\n  ".join(seen["choices"]))
+    cols = [*ISA_WEIGHTS, "kv8"]
+    print(f"{'isa':<7}{'b':>3}{'ctx':>6}{'fp32 tok/s':>12}"
+          + "".join(f"{c + ' tok/s':>{isa_width(c)}}{'forced':>8}{'auto':>7}{'ids':>7}"
+                    for c in cols))
+    for seen in results:
+        for cell in seen["cells"]:
+            print(isa_row(seen, cell, cols))
+
+
+def isa_child(isa: str, env: dict, quick: bool, threads: int) -> dict:
+    """section i-child's JSON from a fresh process: torch reads ATEN_CPU_CAPABILITY once, at
+    start-up, and each ISA needs a fresh inductor cache (kernels cached under AVX-512 gave
+    garbage under avx2: tests/test_isa.py)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**{k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}, **env,
+               "TORCHINDUCTOR_CACHE_DIR": cache}
+        cmd = [sys.executable, "-m", "bench.decode", "--section", "i-child",
+               *(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+                              check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"section i-child ({isa}) failed, exit status {proc.returncode}")
+    return {"isa": isa, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def isa_width(col: str) -> int:
+    return len(col) + 8  # room for " tok/s" and a gap
+
+
+def isa_row(seen: dict, cell: dict, cols: list[str]) -> str:
+    tps = cell["tok_s"]
+    row = f"{seen['isa']:<7}{cell['b']:>3}{cell['ctx']:>6}{tps['fp32']:>12,.1f}"
+    for c in cols:
+        if c not in tps:  # kv8 below LONG
+            row += f"{'-':>{isa_width(c)}}{'':>22}"
+            continue
+        auto = tps[seen["auto"][c]]
+        row += (f"{tps[c]:>{isa_width(c)},.1f}{tps[c] / tps['fp32']:>7.2f}x"
+                f"{auto / tps['fp32']:>6.2f}x{seen['agree'][c]:>7}")
+    return row.rstrip()
+
+
+def section_i_child(quick: bool) -> None:
+    """One ISA's cells, printed as one JSON line (progress on stderr)."""
+    contexts, steps = ((32, LONG) if quick else (32, LONG, 4096)), 32
+    shape = {**BENCH, "max_seq_len": max(contexts)}
+    runs, auto, choices = isa_runs(shape)
+    cells = []
+    for b in (1, 8):
+        for ctx in contexts:
+            cells.append(isa_cell(runs, b, ctx, steps, repeats=2 if quick else 3))
+            print(f"i-child {CPU_CAPABILITY}: {cells[-1]}", file=sys.stderr, flush=True)
+    print(json.dumps({"capability": CPU_CAPABILITY, "threads": torch.get_num_threads(),
+                      "choices": choices, "auto": auto, "agree": isa_agreement(runs),
+                      "cells": cells}))
+
+
+def isa_runs(shape: dict) -> tuple[dict, dict, list[str]]:
+    """-> (runs: key -> (model, kv_cache): fp32, each path forced and, where it differs, as
+    quant_kernels=auto runs it; auto: path -> its auto run's key; the choices' reasons)."""
+    fp32 = build(shape, BENCH["n_head"])
+    runs = {"fp32": (fp32, "float"), "kv8": (fp32, "int8"),
+            **{m: (quantize(build(shape, BENCH["n_head"]), m, 32), "float") for m in ISA_WEIGHTS}}
+    auto, choices = {}, []
+    for path in [*ISA_WEIGHTS, "kv8"]:
+        model, kv, dequantized, lines = auto_choice(shape, path)
+        choices += lines
+        if kv != runs[path][1]:  # kv8 -> the float cache: fp32's run
+            auto[path] = "fp32"
+        elif dequantized:  # int4 layers as float weights: a run of its own
+            auto[path] = f"{path} auto"
+            runs[auto[path]] = (model, kv)
+        else:
+            auto[path] = path
+    return runs, auto, list(dict.fromkeys(choices))
+
+
+def auto_choice(shape: dict, path: str) -> tuple[Transformer, str, bool, list[str]]:
+    """The path as generate.py quant_kernels=auto runs it on this CPU (choose_kernels):
+    (model, kv_cache, whether int4 layers were dequantized, its stderr lines)."""
+    from generate import GenerateConfig, choose_kernels
+    from model.quantized import quantized_layers
+    model = build(shape, BENCH["n_head"])
+    if path != "kv8":
+        quantize(model, path, 32)
+    before = len(quantized_layers(model))
+    kv, lines = choose_kernels(GenerateConfig(kv_cache="int8" if path == "kv8" else "float"),
+                               model, torch.device("cpu"))
+    return model, kv, len(quantized_layers(model)) < before, lines
+
+
+def step_seconds(model: Transformer, b: int, ctx: int, steps: int, kv: str) -> tuple[float, None]:
+    """Seconds of `steps` compiled decode steps over a ctx-slot cache (interleaved's clock
+    `called`; compiling is not timed)."""
+    return b * steps / compiled_step_tok_s(model, b, ctx, steps, kv), None
+
+
+def isa_cell(runs: dict, b: int, ctx: int, steps: int, repeats: int) -> dict:
+    torch._dynamo.reset()  # this cell's graphs only (dynamo's recompile limit)
+    timed_runs = {k: functools.partial(step_seconds, model, b, ctx, steps, kv)
+                  for k, (model, kv) in runs.items() if kv == "float" or ctx >= LONG}
+    times, _ = interleaved(timed_runs, repeats, clock=called)
+    return {"b": b, "ctx": ctx, "tok_s": {k: b * steps / t for k, t in times.items()}}
+
+
+def isa_agreement(runs: dict, new: int = 8) -> dict:
+    """How many of each run's first `new` greedy ids (eager) equal fp32's, leading ones, from
+    4 prompts of 40 tokens (past the int8 cache's first block of 32)."""
+    prompt = prompt_batch(4, 40, BENCH["vocab_size"])
+    ids = {k: generate(m, prompt, new, GREEDY, kv_cache=kv)[:, 40:] for k, (m, kv) in runs.items()}
+    return {k: agreement(v, ids["fp32"], new) for k, v in ids.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--section", choices=["a", "b", "c", "q", "k", "r", "l", "p", "all"],
-                    default="all")
+    ap.add_argument("--section", default="all",
+                    choices=["a", "b", "c", "q", "k", "r", "l", "p", "i", "all", "i-child"],
+                    help="i-child: one ISA's half of section i (section i runs it)")
     ap.add_argument("--quant", default="int8,int8_head,int4,int4_head",
                     help="sections q, r: comma-separated quantize modes (int8, int8_head, int4, "
                          "int4_head, int4_int8head; int4:32 sets that mode's group size)")
@@ -589,6 +732,10 @@ def main() -> None:
         section_l(args.quick, args.real_model)
     if args.section in ("p", "all"):
         section_p(args.quick, args.real_model, args.group_size)
+    if args.section in ("i", "all"):
+        section_i(args.quick, args.threads)
+    if args.section == "i-child":
+        section_i_child(args.quick)
 
 
 if __name__ == "__main__":
