@@ -223,7 +223,7 @@ def choose_kernels(cfg: GenerateConfig, model: Transformer,
                          f"weights dequantized to {dtype} at load (int4's values at "
                          f"fp32's speed); quant_kernels=force runs the kernel")
     if kv == "int8":
-        wins, why = cpu_choice("kv_int8")
+        wins, why = cpu_choice("latent_int8" if model.config.kv_rank else "kv_int8")
         if wins or force:
             lines.append(f"kv_cache=int8: int8 cache ({why}{'' if wins else '; forced'})")
         else:

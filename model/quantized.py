@@ -156,15 +156,19 @@ CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 # CPU capability: generate.py compile=true, 6 layers d512 8 heads, b1 (kv_int8: a 2k prompt
 # x 8 samples), one AVX-512 machine with and without ATEN_CPU_CAPABILITY=avx2, 2026-12.
 # AVX2 has no native bf16: the int4 kernel converts every weight in software.
-SPEEDUP = {"AVX512": {"int8": 1.25, "int4": 2.06, "kv_int8": 2.05},
+# latent_int8: MLA's int8 cache (QuantizedLatentCache) against its float LatentCache,
+# SmolLM2-135M as MLA at 23,040 B/token, 4k slots x 8, compiled step
+# (evaluation.speed.compiled_step_tok_s), 2026-12-07: a tie, so auto keeps the float cache.
+SPEEDUP = {"AVX512": {"int8": 1.25, "int4": 2.06, "kv_int8": 2.05, "latent_int8": 0.96},
            "AVX2": {"int8": 1.36, "int4": 0.80, "kv_int8": 0.49}}
 
 
 def cpu_choice(path: str) -> tuple[bool, str]:
-    """(path's quantized kernel wins on this CPU, why) for path int8, int4 or kv_int8: it
-    wins where it measured not slower than fp32 compiled (SPEEDUP). Where it does not, or
-    was not measured, the caller runs fp32 compute over the smaller storage (int8: dequant;
-    int4: weights dequantized at load; kv_int8: the float cache)."""
+    """(path's quantized kernel wins on this CPU, why) for path int8, int4, kv_int8 or
+    latent_int8: it wins where it measured not slower than fp32 compiled (SPEEDUP). Where
+    it does not, or was not measured, the caller runs fp32 compute over the smaller storage
+    (int8: dequant; int4: weights dequantized at load; kv_int8, latent_int8: the float
+    cache)."""
     ratio = SPEEDUP.get(CPU_CAPABILITY, {}).get(path)
     why = (f"not measured on {CPU_CAPABILITY}" if ratio is None else
            f"{ratio:.2f}x fp32 compiled, measured on {CPU_CAPABILITY}")

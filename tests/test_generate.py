@@ -309,3 +309,23 @@ def test_smollm2_chat_answer_equals_transformers(capsys):
     answer, _ = run_cli(capsys, ckpt=str(SMOLLM2), chat=True, prompt=question, temperature=0,
                         max_new_tokens=16)
     assert answer == tok.decode(ref, skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize("latent_int8, wins", [(0.96, False), (None, False), (1.5, True)])
+def test_mla_int8_cache_choice_reads_its_own_measurement(monkeypatch, latent_int8, wins):
+    """kv_cache=int8 on an MLA model is judged by latent_int8's figure, never the K/V
+    cache's (2.0 here): the float latent cache runs where the int8 one measured slower or
+    was not measured, and the line says why; force keeps the int8 cache."""
+    import generate as gen
+    import model.quantized as mq
+    measured = {"kv_int8": 2.0} | ({} if latent_int8 is None else {"latent_int8": latent_int8})
+    monkeypatch.setattr(mq, "SPEEDUP", {"TESTCPU": measured})
+    monkeypatch.setattr(mq, "CPU_CAPABILITY", "TESTCPU")
+    model = Transformer(ModelConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16,
+                                    max_seq_len=32, kv_rank=8, rope_dim=4))
+    cfg = OmegaConf.structured(GenerateConfig(kv_cache="int8"))
+    kv, lines = gen.choose_kernels(cfg, model, torch.device("cpu"))
+    assert kv == ("int8" if wins else "float")
+    assert mq.cpu_choice("latent_int8")[1] in lines[-1]
+    cfg.quant_kernels = "force"
+    assert gen.choose_kernels(cfg, model, torch.device("cpu"))[0] == "int8"
