@@ -39,10 +39,14 @@ Pair = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 class GqalabLM(TemplateLM):
     """model (a gqalab Transformer) + its data.tokenizer Tokenizer as an lm-eval LM."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_gen_toks: int = 256):
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_gen_toks: int = 256,
+                 kv_cache: str = "float"):
         super().__init__()
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
+        # "int8": continuations are decoded one token at a time through the int8 cache after
+        # the context's prefill, as generation would read it; "float": one chunk per choice
+        self.kv_cache = kv_cache
         self.max_length = model.config.max_seq_len
 
     # ------------------------------------------------------------ chat (apply_chat_template)
@@ -94,6 +98,9 @@ class GqalabLM(TemplateLM):
         pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
         results = [None] * len(pairs)
         shared, alone = group_by_context(pairs, self.max_length)
+        if self.kv_cache != "float":  # every pair through the cache, alone or not
+            fits = [i for i in alone if sum(map(len, pairs[i])) <= self.max_length + 1]
+            shared, alone = shared + [[i] for i in fits], [i for i in alone if i not in fits]
         for indices in shared:
             scores = self.score_shared(pairs[indices[0]][0], [pairs[i][1] for i in indices])
             for i, score in zip(indices, scores):
@@ -119,17 +126,25 @@ class GqalabLM(TemplateLM):
     def score_shared(self, context: list[int], choices: list[list[int]]):
         """Every continuation after one context: the context's K/V computed once."""
         longest = max(map(len, choices))
-        one = new_cache(self.model, 1, len(context) + longest - 1)
+        one = new_cache(self.model, 1, len(context) + longest - 1, kind=self.kv_cache)
         first = prefill(self.model, torch.tensor([context], device=self.device), one)
         cache = repeat_rows(one, len(choices))
-        rest = [cont[:-1] for cont in choices]
+        rest = pad_right([cont[:-1] for cont in choices], self.device)
         logits = first.float().log_softmax(-1).expand(len(choices), 1, -1)
         if longest > 1:
-            pos = torch.arange(len(context), len(context) + longest - 1, device=self.device)
-            after = self.model(pad_right(rest, self.device), cache, pos,
-                               kv_len=len(context) + longest - 1)
-            logits = torch.cat([logits, after.float().log_softmax(-1)], dim=1)
+            logits = torch.cat([logits, self.after_context(rest, cache, len(context))], dim=1)
         return [continuation_score(row[:len(cont)], cont) for row, cont in zip(logits, choices)]
+
+    def after_context(self, rest: torch.Tensor, cache, start: int) -> torch.Tensor:
+        """Log-probabilities (B, T, V) after each token of rest (B, T), which sits at
+        positions start.. over the cache: one chunk, or (a quantized cache) one step each."""
+        pos = torch.arange(start, start + rest.shape[1], device=self.device)
+        if not cache.quantized:
+            logits = self.model(rest, cache, pos, kv_len=start + rest.shape[1])
+        else:
+            logits = torch.cat([self.model(rest[:, t:t + 1], cache, pos[t:t + 1],
+                                           kv_len=start + t + 1) for t in range(rest.shape[1])], 1)
+        return logits.float().log_softmax(-1)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """A document's total log-likelihood over disjoint windows of max_length tokens,

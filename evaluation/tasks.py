@@ -179,15 +179,17 @@ def check_tasks(names: list[str], tasks_dir: str, limit: int | None) -> None:
 
 
 def score_tasks(path, names: list[str], tasks_dir: str, limit: int | None, batch_size: int,
-                device, dtype, chat: bool = False) -> dict:
-    """run_tasks on the model at path (any source store.source opens)."""
+                device, dtype, chat: bool = False, kv_cache: str = "float") -> dict:
+    """run_tasks on the model at path (any source store.source opens); kv_cache="int8"
+    scores every continuation through the int8 cache (GqalabLM)."""
     from evaluation.harness import GqalabLM
     from store.source import load_model
     model, tokenizer = load_model(path, device, dtype)
     if tokenizer is None:
         raise TaskError(f"{path} ships no tokenizer: tasks= scores text, so the model needs "
                         f"its own")
-    return run_tasks(GqalabLM(model, tokenizer, batch_size), names, tasks_dir, limit, chat)
+    return run_tasks(GqalabLM(model, tokenizer, batch_size, kv_cache=kv_cache), names, tasks_dir,
+                     limit, chat)
 
 
 def task_average(scores: dict) -> dict:

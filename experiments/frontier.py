@@ -16,8 +16,8 @@ Every point is measured the same way:
   windows of `seq_len` tokens each, the tokens after the first `decode_prompt` of a window
   teacher-forced through the point's cache (evaluation.scoring.decoded_rows), mean NLL with
   its standard error over windows;
-- the average accuracy of `tasks` through lm-evaluation-harness (loglikelihood scoring runs
-  full forwards, so an int8 cache scores as its float layout: reported once, for float);
+- the average accuracy of `tasks` through lm-evaluation-harness (with the int8 cache, each
+  continuation decoded one token at a time through it after the context's prefill);
 - passkey retrieval at `passkey_length` tokens, decoded through the point's cache;
 - compiled decode tokens/s at `speed_context` slots, batch `speed_batch`.
 The best `uptrain_best` structural formats of each byte budget (by prose perplexity at
@@ -222,9 +222,9 @@ def perplexity(model, windows: torch.Tensor, point: Point, cfg: DictConfig) -> d
     return {"nll": float(nll.sum() / count.sum()), "se": ratio_se(nll, count)}
 
 
-def tasks(path: Path, cfg: DictConfig) -> dict:
+def tasks(path: Path, point: Point, cfg: DictConfig) -> dict:
     scores = score_tasks(path, list(cfg.tasks), cfg.tasks_dir, cfg.task_limit or None,
-                         4, DEVICE, torch.float32)
+                         4, DEVICE, torch.float32, kv_cache=point.kv)
     ses = [t["acc_stderr"] for t in scores.values() if t.get("acc_stderr") is not None]
     above = [(t["acc"] - CHANCE.get(name, 0)) for name, t in scores.items()]
     return {"acc": task_average(scores)["acc"],
@@ -257,9 +257,9 @@ def measure(point: Point, path: Path, windows: dict, tok, cfg: DictConfig, cache
     row = {c: cached(cache, f"ppl-{c}", path, point, ev,
                      lambda c=c: perplexity(loaded(), windows[c], point, cfg))
            for c in ("prose", "code")}
-    if cfg.tasks and point.kv == "float":
+    if cfg.tasks:
         spec = {"tasks": list(cfg.tasks), "limit": cfg.task_limit}
-        row["tasks"] = cached(cache, "tasks", path, point, spec, lambda: tasks(path, cfg))
+        row["tasks"] = cached(cache, "tasks", path, point, spec, lambda: tasks(path, point, cfg))
     if cfg.passkey_length:
         spec = {"length": cfg.passkey_length, "trials": cfg.passkey_trials, "seed": cfg.seed}
         row["passkey"] = cached(cache, "passkey", path, point, spec,
@@ -433,9 +433,10 @@ def run(cfg: DictConfig) -> Path:
              f"tokens after each window's first {cfg.decode_prompt} decoded through the point's "
              f"cache; ×/÷ is exp(SE of the mean NLL over windows).  ",
              f"Tasks: {', '.join(cfg.tasks) or 'none'} (lm-evaluation-harness, first "
-             f"{cfg.task_limit or 'all'} items each; full-forward scoring, so int8 rows have "
-             f"none). Passkey: {cfg.passkey_length or '—'} tokens, depths 0/0.5/1 × "
-             f"{cfg.passkey_trials} trials. Decode: compiled step, {cfg.speed_context} slots, "
+             f"{cfg.task_limit or 'all'} items each; int8 rows decode each continuation "
+             f"through the int8 cache after the context's prefill). Passkey: "
+             f"{cfg.passkey_length or '—'} tokens, depths 0/0.5/1 × {cfg.passkey_trials} "
+             f"trials. Decode: compiled step, {cfg.speed_context} slots, "
              f"batch {cfg.speed_batch}.  ",
              f"Uptraining: the best {cfg.uptrain_best} formats per byte budget "
              f"({', '.join(format(b, ',') for b in cfg.uptrain_bytes) or 'every one'} fp32 "

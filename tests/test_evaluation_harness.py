@@ -118,6 +118,35 @@ def test_shared_prefix_equals_scoring_alone(hf_llama, latent):
         assert greedy == alone_greedy and not math.isnan(score)
 
 
+@pytest.mark.parametrize("latent", [False, True], ids=["gqa", "mla"])
+def test_int8_cache_scores_equal_decoding_each_choice_through_it(hf_llama, latent):
+    """kv_cache="int8": each choice's log-likelihood (shared prefix, rows of one batch, a
+    single-choice pair included) equals prefilling its context into a fresh int8 cache and
+    decoding the choice one token at a time (model.sampling), and stays near the float
+    cache's (the int8 rounding is small on these logits)."""
+    from model.sampling import decode_step, new_cache, prefill
+    model, tokenizer = load_model(hf_llama[1], torch.device("cpu"), torch.float32)
+    if latent:
+        from convert.latent import LatentConversion, latent_model
+        model = latent_model(model, LatentConversion(kv_rank=24, rope_dim=16), None)[0].eval()
+    lm = GqalabLM(model, tokenizer, kv_cache="int8")
+    context = lm.tok_encode("Question: which is a mammal?\nAnswer:")
+    choices = [tokenizer.encode(" whale"), tokenizer.encode(" a very large shark"), [5]]
+    requests = [(None, context, c) for c in choices] + [(None, context[:-2], choices[1])]
+    scores = lm._loglikelihood_tokens(requests)
+    floats = GqalabLM(model, tokenizer)._loglikelihood_tokens(requests)
+    with torch.inference_mode():
+        for (_, ctx, choice), (score, _), (float_score, _) in zip(requests, scores, floats):
+            cache = new_cache(model, 1, len(ctx) + len(choice), kind="int8")
+            logits = [prefill(model, torch.tensor([ctx]), cache)]
+            for i, t in enumerate(choice[:-1]):
+                logits.append(decode_step(model, torch.tensor([t]),
+                                          torch.tensor([len(ctx) + i]), cache, len(ctx) + i + 1))
+            direct = sum(lp.log_softmax(-1)[0, t].item() for lp, t in zip(logits, choice))
+            assert score == pytest.approx(direct, abs=1e-4)
+            assert score == pytest.approx(float_score, abs=0.05 * len(choice))
+
+
 def test_tasks_render_through_the_sources_chat_template(tmp_path, hf_llama):
     """tasks_chat: the adapter renders the harness's turns as transformers'
     apply_chat_template does on the same template; a source without one is refused."""
