@@ -97,10 +97,9 @@ class GqalabLM(TemplateLM):
         -> (log-likelihood, is greedy) each, in order."""
         pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
         results = [None] * len(pairs)
-        shared, alone = group_by_context(pairs, self.max_length)
-        if self.kv_cache != "float":  # every pair through the cache, alone or not
-            fits = [i for i in alone if sum(map(len, pairs[i])) <= self.max_length + 1]
-            shared, alone = shared + [[i] for i in fits], [i for i in alone if i not in fits]
+        # a quantized cache scores every pair through it, a context of its own included
+        shared, alone = group_by_context(pairs, self.max_length,
+                                         min_shared=1 if self.kv_cache != "float" else 2)
         for indices in shared:
             scores = self.score_shared(pairs[indices[0]][0], [pairs[i][1] for i in indices])
             for i, score in zip(indices, scores):
@@ -183,15 +182,18 @@ class GqalabLM(TemplateLM):
         return postprocess_generated_text(self.tokenizer.decode(new), until, None)
 
 
-def group_by_context(pairs: list[Pair], max_length: int) -> tuple[list[list[int]], list[int]]:
-    """-> (index lists of 2+ pairs with one context that fit the window whole, the other
-    indices)."""
+def group_by_context(pairs: list[Pair], max_length: int,
+                     min_shared: int = 2) -> tuple[list[list[int]], list[int]]:
+    """-> (index lists of min_shared+ pairs with one context that fit the window whole, the
+    other indices)."""
     groups = defaultdict(list)
     for i, (ctx, cont) in enumerate(pairs):
         fits = len(ctx) + len(cont) <= max_length + 1
         groups[tuple(ctx) if fits else i].append(i)
-    shared = [g for g in groups.values() if len(g) > 1]
-    return shared, [g[0] for g in groups.values() if len(g) == 1]
+    split = defaultdict(list)  # True: shared groups, False: their members alone
+    for key, g in groups.items():
+        split[isinstance(key, tuple) and len(g) >= min_shared].append(g)
+    return split[True], [i for g in split[False] for i in g]
 
 
 def repeat_rows(cache, rows: int):

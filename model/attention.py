@@ -191,12 +191,11 @@ class LatentSelfAttention(nn.Module):
         if cache is not None and cache.quantized and T == 1:  # int8: the cache reads its layout
             ctx = cache.attend(self.layer, self.absorb(q), latent, input_pos, kv_len, self.scale)
             y = self.unabsorb(ctx, T)
-        elif cache is not None and T == 1:
-            y = self.absorbed(q, cache.update(self.layer, input_pos, latent)[:, :kv_len], mask)
-        elif cache is not None:
-            y = self.expanded(q, cache.update(self.layer, input_pos, latent)[:, :kv_len], mask)
         else:
-            y = self.expanded(q, latent, mask)
+            if cache is not None:
+                latent = cache.update(self.layer, input_pos, latent)[:, :kv_len]  # (B, S, rd + r)
+            attend = self.absorbed if cache is not None and T == 1 else self.expanded
+            y = attend(q, latent, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor | None,

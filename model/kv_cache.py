@@ -255,7 +255,7 @@ class QuantizedLatentCache(LatentCache):
     def __init__(self, n_layer: int, batch_size: int, max_len: int, width: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  group: int = 32) -> None:
-        self.width, self.group, self.max_len = width, group, max_len
+        self.width, self.max_len = width, max_len
         n_groups = -(-width // group)  # the last group zero-padded
         self.q = [torch.zeros(batch_size, max_len, n_groups, group, dtype=torch.int8,
                               device=device) for _ in range(n_layer)]
