@@ -4,6 +4,8 @@ per byte of KV cache, at alpha = 0 and after a small uptraining budget with dist
     python -m experiments.frontier preset=smoke   # perplexity of every point, alpha = 0 (~30 min)
     python -m experiments.frontier preset=quick   # + tasks, passkey, speed, uptraining (~3 h)
     python -m experiments.frontier preset=full    # a GPU: every task item, 200k tokens
+    python -m experiments.frontier preset=quick windows=0 tasks=[] budgets=[]  # only the
+        # long-context columns (passkey, decode speed) of every point, alpha = 0
 
 Points, all of the same model (experiments/real_model.py's source, corpora and cache):
 the original GQA-3 cache, MQA by mean pooling and by `align=linear`, MLA (convert/latent.py)
@@ -85,7 +87,7 @@ class Settings:
     calib_windows: int = 8
     calib_seq_len: int = 256
     train_max_tokens: int = 200000
-    windows: int = 32  # per held-out corpus
+    windows: int = 32  # per held-out corpus; 0: no perplexity (no uptraining either)
     seq_len: int = 512
     decode_prompt: int = 32  # tokens of each window prefilled; the rest decoded and scored
     batch_size: int = 16
@@ -136,6 +138,9 @@ def load_settings(argv: list[str]) -> DictConfig:
         raise FrontierError(f"decode_prompt={cfg.decode_prompt} must lie in 1..seq_len - 1")
     if not 0 <= cfg.distill <= 1:
         raise FrontierError(f"distill={cfg.distill} must lie in [0, 1]")
+    if cfg.budgets and not cfg.windows:
+        raise FrontierError("uptraining picks its formats by perplexity: set windows > 0, "
+                            "or budgets=[] to measure without perplexity")
     return cfg
 
 
@@ -256,7 +261,7 @@ def measure(point: Point, path: Path, windows: dict, tok, cfg: DictConfig, cache
     ev = {k: cfg[k] for k in ("windows", "seq_len", "decode_prompt")}
     row = {c: cached(cache, f"ppl-{c}", path, point, ev,
                      lambda c=c: perplexity(loaded(), windows[c], point, cfg))
-           for c in ("prose", "code")}
+           for c in windows}
     if cfg.tasks:
         spec = {"tasks": list(cfg.tasks), "limit": cfg.task_limit}
         row["tasks"] = cached(cache, "tasks", path, point, spec, lambda: tasks(path, point, cfg))
@@ -325,11 +330,14 @@ COLUMNS = ("format", "kv", "tokens", "kv_bytes", "prose_ppl", "prose_nll_se", "c
 def flat(point: Point, row: dict) -> dict:
     def get(*keys):
         return _dig(row, keys)
+
+    def ppl(corpus):
+        nll = get(corpus, "nll")
+        return None if nll is None else round(math.exp(nll), 3)
     return {"format": point.structure, "kv": point.kv, "tokens": point.tokens,
             "kv_bytes": round(row["kv_bytes"]),
-            "prose_ppl": round(math.exp(row["prose"]["nll"]), 3),
-            "prose_nll_se": row["prose"]["se"],
-            "code_ppl": round(math.exp(row["code"]["nll"]), 3), "code_nll_se": row["code"]["se"],
+            "prose_ppl": ppl("prose"), "prose_nll_se": get("prose", "se"),
+            "code_ppl": ppl("code"), "code_nll_se": get("code", "se"),
             "task_acc": get("tasks", "acc"), "task_se": get("tasks", "se"),
             "passkey": get("passkey", "accuracy"), "tok_s": get("speed", "tok_s")}
 
@@ -342,7 +350,9 @@ def _dig(row: dict, keys: tuple):
     return row
 
 
-def ppl_cell(ppl: float, se: float | None) -> str:
+def ppl_cell(ppl: float | None, se: float | None) -> str:
+    if ppl is None:
+        return "—"
     return rm.ppl_text(ppl) + (f" ×/÷ {math.exp(se):.3f}" if se is not None else "")
 
 
@@ -359,14 +369,19 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PANELS = (("prose_ppl", "held-out prose perplexity", True),
+          ("task_acc", "five-task average accuracy", False),
+          ("passkey", "passkey accuracy", False),
+          ("tok_s", "decode tokens/s (compiled step)", True))
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [("prose_ppl", "held-out prose perplexity", True)]
-    if any(r["task_acc"] is not None for r in rows):
-        metrics.append(("task_acc", "five-task average accuracy", False))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    metrics = [(key, label, log) for key, label, log in PANELS
+               if any(r[key] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.5), squeeze=False)
     families = sorted({r["format"].split(" ")[0] + (" int8" if r["kv"] == "int8" else "")
                        for r in rows})
     markers = dict(zip(families, "osD^v<>p"))
@@ -407,7 +422,7 @@ def run(cfg: DictConfig) -> Path:
     tok = load_tokenizer(hf)
     corpora = {**rm.write_corpora(cache), "docs": docstring_corpus(cache)}
     windows = {c: rm.eval_windows(corpora[f], tok, cfg.windows, cfg.seq_len, disjoint=True)
-               for c, f in (("prose", "docs"), ("code", "code"))}
+               for c, f in (("prose", "docs"), ("code", "code")) if cfg.windows}
     paths = structures(hf, cfg, corpora, cache)
     points = [Point(s) for s in paths] + [Point(s, "int8") for s in paths if cfg.int8]
     results, missing = {}, []
@@ -424,14 +439,15 @@ def run(cfg: DictConfig) -> Path:
             point = Point(point.structure, kv, point.tokens)
             results[point] = measure(point, path, windows, tok, cfg, cache)
     rows = sorted((flat(p, r) for p, r in results.items()),
-                  key=lambda r: (-r["kv_bytes"], r["tokens"], r["prose_ppl"]))
+                  key=lambda r: (-r["kv_bytes"], r["tokens"], r["prose_ppl"] or 0, r["format"]))
     notes = [f"Command: `python -m experiments.frontier {' '.join(cfg.command)}` "
              f"(preset {cfg.preset}); {(time.perf_counter() - started) / 60:.1f} min, cached "
              f"steps count as 0; CPU {cpu_name()}.  ",
-             f"Perplexity: {cfg.windows} disjoint windows of {cfg.seq_len} tokens per held-out "
-             f"corpus (every docstring of the held-out prose files; held-out .py files), the "
-             f"tokens after each window's first {cfg.decode_prompt} decoded through the point's "
-             f"cache; ×/÷ is exp(SE of the mean NLL over windows).  ",
+             (f"Perplexity: {cfg.windows} disjoint windows of {cfg.seq_len} tokens per "
+              f"held-out corpus (every docstring of the held-out prose files; held-out .py "
+              f"files), the tokens after each window's first {cfg.decode_prompt} decoded "
+              f"through the point's cache; ×/÷ is exp(SE of the mean NLL over windows).  "
+              if cfg.windows else "Perplexity: not measured here (windows=0).  "),
              f"Tasks: {', '.join(cfg.tasks) or 'none'} (lm-evaluation-harness, first "
              f"{cfg.task_limit or 'all'} items each; int8 rows decode each continuation "
              f"through the int8 cache after the context's prefill). Passkey: "

@@ -66,3 +66,28 @@ def test_uptraining_picks_the_best_per_budget_below_the_original():
     assert chosen == ["MLA 15,360", "MQA linear", "MLA 7,680"]
     cfg = fr.load_settings(["preset=smoke", "uptrain_best=1", "uptrain_bytes=[15360]"])
     assert [p.structure for _, p in fr.uptrain_candidates(points, paths, cfg)] == ["MLA 15,360"]
+
+
+def test_without_perplexity_uptraining_is_refused_and_the_report_leaves_it_blank(tmp_path,
+                                                                                  capsys):
+    """windows=0 measures the long-context columns alone: uptraining (which picks formats by
+    perplexity) is refused, and the report's rows, table and plot carry what was measured."""
+    assert fr.main(["preset=quick", "windows=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "budgets=[]" in err and "\n" not in err
+    cfg = fr.load_settings(["preset=quick", "windows=0", "tasks=[]", "budgets=[]"])
+    assert cfg.windows == 0
+    P = fr.Point
+    rows = [fr.flat(P("MQA linear"), {"kv_bytes": 15360.0, "passkey": {"accuracy": 0.25},
+                                      "speed": {"tok_s": 61.5}}),
+            fr.flat(P("MLA 15,360"), {"kv_bytes": 15360.0, "passkey": {"accuracy": 1.0}})]
+    assert rows[0]["prose_ppl"] is None and rows[0]["code_nll_se"] is None
+    assert (rows[0]["passkey"], rows[0]["tok_s"], rows[1]["tok_s"]) == (0.25, 61.5, None)
+    table = fr.markdown(rows, ["notes"]).splitlines()
+    assert table[-2] == "| MQA linear | float | 0 | 15,360 | — | — | — | 0.25 | 61.5 |"
+    assert table[-1] == "| MLA 15,360 | float | 0 | 15,360 | — | — | — | 1.00 | — |"
+    fr.plot(rows, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    with_ppl = fr.flat(P("original"), {"kv_bytes": 46080.0, "prose": {"nll": 0.0, "se": 0.1},
+                                       "code": {"nll": 1.0, "se": None}})
+    assert (with_ppl["prose_ppl"], with_ppl["code_ppl"]) == (1.0, round(2.718281828, 3))
