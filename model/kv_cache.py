@@ -124,11 +124,12 @@ class QuantizedKVCache(KVCache):
                  head_dim: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", window: int = 32) -> None:
         self.window, self.max_len = window, max_len
+        self.head_dim = head_dim
         blocks = -(-max_len // window)
-        store = (batch_size, n_kv_head, blocks * window, head_dim)
+        store = (batch_size, n_kv_head, blocks * window, -(-head_dim // 4))  # packed: 4 a word
         ring = (batch_size, n_kv_head, window, head_dim)
-        self.kq = [torch.zeros(store, dtype=torch.int8, device=device) for _ in range(n_layer)]
-        self.vq = [torch.zeros(store, dtype=torch.int8, device=device) for _ in range(n_layer)]
+        self.kq = [torch.zeros(store, dtype=torch.int32, device=device) for _ in range(n_layer)]
+        self.vq = [torch.zeros(store, dtype=torch.int32, device=device) for _ in range(n_layer)]
         self.k_scale = [torch.zeros(batch_size, n_kv_head, blocks, head_dim, device=device)
                         for _ in range(n_layer)]  # per channel and block
         self.v_scale = [torch.zeros(batch_size, n_kv_head, blocks * window, device=device)
@@ -155,9 +156,9 @@ class QuantizedKVCache(KVCache):
         R = self.window
         kb = k.float().view(B, G, T // R, R, hd)
         k_scale = kb.abs().amax(3).clamp(min=1e-30) / 127  # (B, G, n, hd): per channel
-        kq = torch.round(kb / k_scale[:, :, :, None]).to(torch.int8).view(B, G, T, hd)
+        kq = pack_int8(torch.round(kb / k_scale[:, :, :, None]).view(B, G, T, hd))
         v_scale = v.float().abs().amax(-1).clamp(min=1e-30) / 127  # (B, G, T): per token
-        vq = torch.round(v.float() / v_scale[..., None]).to(torch.int8)
+        vq = pack_int8(torch.round(v.float() / v_scale[..., None]))
         blocks = first_block + torch.arange(T // R, device=k.device)
         slots = (first_block * R + torch.arange(T, device=k.device))
         self.kq[layer].index_copy_(2, slots, kq)
@@ -197,7 +198,7 @@ class QuantizedKVCache(KVCache):
         G, R = self.kq[layer].shape[1], self.window
         ring_k, ring_v = self.update(layer, input_pos, k, v)
         n = self.kq[layer].shape[2] if kv_len is None else (kv_len - 1) // R * R
-        kq, vq = self.kq[layer][:, :, :n], self.vq[layer][:, :, :n]  # (B, G, n, hd)
+        kq, vq = self.kq[layer][:, :, :n], self.vq[layer][:, :, :n]  # (B, G, n, hd / 4)
         k_scale = self.k_scale[layer][:, :, :n // R]  # (B, G, n / R, hd)
         v_scale = self.v_scale[layer][:, :, :n]  # (B, G, n)
         qg = q.view(B, G, H // G, hd).float() * hd ** -0.5  # (B, G, g, hd): contiguous groups
@@ -205,14 +206,14 @@ class QuantizedKVCache(KVCache):
         block_start = pos // R * R
         # complete blocks (slot < block_start) from the store; the ring's slots up to pos
         q_blocks = qg[:, :, :, None, :] * k_scale[:, :, None]  # (B, G, g, n / R, hd)
-        s_store = int8_dot(q_blocks, kq.view(B, G, n // R, R, hd)).flatten(-2)  # (B, G, g, n)
+        s_store = int8_dot(q_blocks, kq.unflatten(2, (n // R, R))).flatten(-2)  # (B, G, g, n)
         s_store = s_store.masked_fill(torch.arange(n, device=q.device) >= block_start,
                                       float("-inf"))
         s_ring = qg @ ring_k.float().transpose(-1, -2)  # (B, G, g, R)
         s_ring = s_ring.masked_fill(torch.arange(R, device=q.device) > pos - block_start,
                                     float("-inf"))
         p = torch.cat([s_store, s_ring], dim=-1).softmax(-1)  # (B, G, g, n + R)
-        y = int8_weighted_sum(p[..., :n] * v_scale[:, :, None], vq)  # (B, G, g, hd)
+        y = int8_weighted_sum(p[..., :n] * v_scale[:, :, None], vq, hd)  # (B, G, g, hd)
         y = y + p[..., n:] @ ring_v.float()
         return y.to(q.dtype).view(B, H, 1, hd)
 
@@ -222,20 +223,55 @@ class QuantizedKVCache(KVCache):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# The int8 stores hold four values in each int32 word: byte b of word j is channel
+# b * words + j, so each byte plane is a contiguous run of channels. Inductor loads int8 a
+# float vector's width at a time, and ATen's AVX2 int8 vector loads that many bytes through
+# a memcpy: on AVX2 the int8 loops ran ~15x slower than these whole-word loads (two shifts
+# and a convert per plane), which AVX-512 decodes at about the same speed as int8 loads.
+# QuantizedLatentCache keeps plain int8: packed, a group's scale changes mid-vector on
+# AVX-512 (8 words a group) and its step ran at half speed there; on AVX2 its int8 loops
+# stay slow, and quant_kernels=auto keeps the float latent cache.
+
+def pack_int8(x: torch.Tensor) -> torch.Tensor:
+    """Integer-valued x (.., d) in [-127, 127] -> int32 words (.., ceil(d / 4)), zero-padded."""
+    x = F.pad(x.to(torch.int32), (0, -x.shape[-1] % 4)).unflatten(-1, (4, -1))
+    # the top byte keeps its sign; the sum never overflows: 127 * 2**24 + 0xFFFFFF < 2**31
+    return ((x[..., 0, :] & 255) + (x[..., 1, :] & 255) * 256 + (x[..., 2, :] & 255) * 65536
+            + x[..., 3, :] * 16777216)
+
+
+def byte_plane(words: torch.Tensor, b: int) -> torch.Tensor:
+    """The signed byte b of every word, as floats: channels b * words + j."""
+    return ((words << (24 - 8 * b)) >> 24).float()
+
+
+def unpack_int8(words: torch.Tensor, d: int) -> torch.Tensor:
+    """pack_int8's inverse, as floats (.., d)."""
+    return torch.cat([byte_plane(words, b) for b in range(4)], -1)[..., :d]
+
+
+def byte_split(x: torch.Tensor) -> torch.Tensor:
+    """Float x (.., d) laid out as the packed planes: (.., 4, ceil(d / 4)), zero-padded."""
+    return F.pad(x, (0, -x.shape[-1] % 4)).unflatten(-1, (4, -1))
+
+
 def int8_dot(q: torch.Tensor, kq: torch.Tensor) -> torch.Tensor:
-    """q (B, G, g, nb, hd) float . kq (B, G, nb, R, hd) int8 over hd -> (B, G, g, nb, R).
-    Compiled: a broadcast product summed over hd, which inductor fuses into one loop that
-    reads the int8 values (a matmul would first write them out as floats, 4x the bytes)."""
+    """q (B, G, g, nb, hd) float . kq (B, G, nb, R, hd / 4) packed over hd -> (B, G, g, nb, R).
+    Compiled: broadcast products summed over the words, which inductor fuses into one loop
+    reading the packed values (a matmul would first write them out as floats, 4x the bytes)."""
     if torch.compiler.is_compiling():
-        return (q[:, :, :, :, None, :] * kq[:, :, None]).sum(-1)
-    return torch.einsum("bgqnd,bgnrd->bgqnr", q, kq.float())
+        qp = byte_split(q)  # (B, G, g, nb, 4, hd / 4)
+        return sum(qp[:, :, :, :, None, b] * byte_plane(kq, b)[:, :, None]
+                   for b in range(4)).sum(-1)
+    return torch.einsum("bgqnd,bgnrd->bgqnr", q, unpack_int8(kq, q.shape[-1]))
 
 
-def int8_weighted_sum(p: torch.Tensor, vq: torch.Tensor) -> torch.Tensor:
-    """p (B, G, g, n) float, vq (B, G, n, hd) int8 -> sum over n of p * vq: (B, G, g, hd)."""
+def int8_weighted_sum(p: torch.Tensor, vq: torch.Tensor, hd: int) -> torch.Tensor:
+    """p (B, G, g, n) float, vq (B, G, n, hd / 4) packed -> sum over n of p * v: (B, G, g, hd)."""
     if torch.compiler.is_compiling():
-        return (p[..., None] * vq[:, :, None]).sum(-2)
-    return p @ vq.float()
+        planes = [(p[..., None] * byte_plane(vq, b)[:, :, None]).sum(-2) for b in range(4)]
+        return torch.cat(planes, -1)[..., :hd]
+    return p @ unpack_int8(vq, hd)
 
 
 class QuantizedLatentCache(LatentCache):

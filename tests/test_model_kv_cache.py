@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from model import KVCache, ModelConfig, Transformer
 from model.kv_cache import QuantizedKVCache, kv_bytes_per_token
 from model.sampling import prefill
+from tests.helpers import compile_works
 
 
 def config(n_kv_head, **kw):
@@ -123,6 +124,39 @@ def test_int8_attention_output_on_random_inputs(n_kv_head):
     y = int8_attention(q, k, v, window=32).double()
     torch.testing.assert_close(y, sdpa_last(q, *kivi_reference(k, v, 32)), atol=1e-5, rtol=1e-5)
     assert attention_error(q, k, v, window=32) < 0.02
+
+
+@pytest.mark.parametrize("d", [4, 7, 64])
+def test_packed_words_round_trip_and_planes_line_up_with_byte_split(d):
+    """Every int8 value, in every byte of a word (the top byte's sign included), comes back;
+    byte plane b holds channels b * words + j, the layout byte_split gives the queries."""
+    from model.kv_cache import byte_plane, byte_split, pack_int8, unpack_int8
+    x = torch.randint(-127, 128, (300, d))
+    x[:255, 0], x[:255, -1] = torch.arange(-127, 128), torch.arange(127, -128, -1)
+    words = pack_int8(x)
+    assert words.dtype == torch.int32 and words.shape == (300, -(-d // 4))
+    assert torch.equal(unpack_int8(words, d), x.float())
+    q = torch.randn(d, dtype=torch.float64)
+    planes = torch.stack([byte_plane(words, b) for b in range(4)], -2).double()
+    torch.testing.assert_close((byte_split(q) * planes).sum((-1, -2)), x.double() @ q)
+
+
+@pytest.mark.skipif(compile_works() is not None, reason="torch.compile unavailable")
+def test_int8_attention_compiled_equals_eager_at_an_odd_head_dim():
+    """head_dim 30 (words zero-padded): the compiled decode attention (byte planes read in
+    fused loops) gives eager's output (the store unpacked once), which is KIVI's."""
+    g = torch.Generator().manual_seed(1)
+    B, H, G, T, hd = 2, 6, 2, 70, 30
+    q, k, v = (torch.randn(B, h, T, hd, generator=g) for h in (H, G, G))
+    eager = int8_attention(q, k, v, window=16)
+    torch.testing.assert_close(eager.double(), sdpa_last(q, *kivi_reference(k, v, 16)),
+                               atol=1e-5, rtol=1e-5)
+    cache = QuantizedKVCache(1, B, T, G, hd, window=16)
+    step = torch.compile(cache.attend, fullgraph=True)
+    with torch.inference_mode():
+        cache.update(0, torch.arange(T - 1), k[:, :, :-1], v[:, :, :-1])
+        y = step(0, q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], torch.tensor([T - 1]))
+    torch.testing.assert_close(y, eager, atol=1e-5, rtol=1e-5)
 
 
 def test_int8_cache_bytes_and_refusals():
