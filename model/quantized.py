@@ -153,14 +153,16 @@ _int8_kernel_override: str | None = None
 CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 
 # Decode speed of each quantized path over fp32 compiled (float weights, float cache), per
-# CPU capability: generate.py compile=true, 6 layers d512 8 heads, b1 (kv_int8: a 2k prompt
-# x 8 samples), one AVX-512 machine with and without ATEN_CPU_CAPABILITY=avx2, 2026-12.
-# AVX2 has no native bf16: the int4 kernel converts every weight in software.
-# latent_int8: MLA's int8 cache (QuantizedLatentCache) against its float LatentCache,
-# SmolLM2-135M as MLA at 23,040 B/token, 4k slots x 8, compiled step
+# CPU capability, one AVX-512 machine with and without ATEN_CPU_CAPABILITY=avx2. int8:
+# generate.py compile=true, 6 layers d512 8 heads, b1, 2026-12. int4 (AVX-512: the same) and
+# kv_int8: `python -m bench.decode --section i --quick` (the same shape, compiled step, two
+# threads, quiet machine, 2026-12-07): int4 group 32 at b1, context 32 (AVX2: 1.07-1.45x
+# over b1/b8 x 32/2k slots); kv_int8 at 2k slots x 8, its words packed (kv_cache.pack_int8:
+# 0.49x on AVX2 as int8 bytes). latent_int8: MLA's int8 cache (QuantizedLatentCache) against
+# its float LatentCache, SmolLM2-135M as MLA at 23,040 B/token, 4k slots x 8, compiled step
 # (evaluation.speed.compiled_step_tok_s), 2026-12-07: a tie, so auto keeps the float cache.
-SPEEDUP = {"AVX512": {"int8": 1.25, "int4": 2.06, "kv_int8": 2.05, "latent_int8": 0.96},
-           "AVX2": {"int8": 1.36, "int4": 0.80, "kv_int8": 0.49}}
+SPEEDUP = {"AVX512": {"int8": 1.25, "int4": 2.06, "kv_int8": 1.71, "latent_int8": 0.96},
+           "AVX2": {"int8": 1.36, "int4": 1.45, "kv_int8": 2.08}}
 
 
 def cpu_choice(path: str) -> tuple[bool, str]:

@@ -109,6 +109,10 @@ def cli_choices() -> dict:
                                           quant_kernels="force"),
                 "kv_int8": generate_py(ckpt, kv_cache="int8"),
                 "kv_int8_force": generate_py(ckpt, kv_cache="int8", quant_kernels="force")}
+        # a CPU where neither was measured faster: fp32 compute over the smaller storage
+        with mock.patch.dict(model.quantized.SPEEDUP, {CPU_CAPABILITY: {}}):
+            runs["int4_unmeasured"] = generate_py(ckpt, quantize="int4_head", group_size=32)
+            runs["kv_int8_unmeasured"] = generate_py(ckpt, kv_cache="int8")
     return {"ref": ids, "runs": runs}
 
 

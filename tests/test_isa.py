@@ -104,23 +104,40 @@ def check_choices(seen: dict, int4_kernel: bool, int8_cache: bool) -> None:
     assert ("; forced)" in forced_kv["stderr"]) == (not int8_cache)
 
 
-def test_avx2_generate_falls_back_to_fp32_compute_and_says_why(avx2, monkeypatch):
-    """On AVX2 no int4 kernel and no int8 cache is faster than fp32 (0.80x, 0.49x)."""
+def test_avx2_generate_takes_the_measured_choice_and_says_why(avx2, monkeypatch):
+    """On AVX2 each path runs where SPEEDUP measured it not slower than fp32, and falls back
+    to fp32 compute where it did not, saying which and why."""
     monkeypatch.setattr(mq, "CPU_CAPABILITY", "AVX2")  # the reasons the process gave
-    assert "0.80x fp32 compiled, measured on AVX2" in mq.cpu_choice("int4")[1]
-    check_choices(avx2["cli"], int4_kernel=False, int8_cache=False)
+    measured = mq.SPEEDUP["AVX2"]
+    assert f"{measured['int4']:.2f}x fp32 compiled, measured on AVX2" in mq.cpu_choice("int4")[1]
+    check_choices(avx2["cli"], int4_kernel=measured["int4"] >= 1,
+                  int8_cache=measured["kv_int8"] >= 1)
+
+
+def test_avx2_unmeasured_paths_fall_back_to_fp32_compute_and_say_why(avx2):
+    """Where a path was not measured faster (SPEEDUP emptied for the capability), generate.py
+    runs fp32 compute over the smaller storage: int4's weights dequantized at load (the
+    dequantized model's ids), the float cache (the float model's ids), and says why."""
+    ref, runs = avx2["cli"]["ref"], avx2["cli"]["runs"]
+    int4, kv = runs["int4_unmeasured"], runs["kv_int8_unmeasured"]
+    assert int4["int4_matmul_calls"] == 0 and int4["ids"] == ref["int4_dequantized"]
+    assert ("int4: no int4 kernel faster than fp32 here (not measured on AVX2): weights "
+            "dequantized to float32 at load") in int4["stderr"]
+    assert kv["int8_caches"] == 0 and kv["ids"] == ref["float"]
+    assert ("kv_cache=int8: the float cache runs instead, the int8 cache is slower here (not "
+            "measured on AVX2); quant_kernels=force keeps it") in kv["stderr"]
 
 
 def test_generate_on_this_cpu_takes_the_measured_choice():
-    """This machine's own capability, in this process: on AVX-512 the int4 kernel and the
-    int8 cache run, as before the per-ISA choice."""
+    """This machine's own capability, in this process: on AVX-512 and AVX2 the int4 kernel
+    and the int8 cache run (both measured faster than fp32 there)."""
     int4, kv = mq.cpu_choice("int4")[0], mq.cpu_choice("kv_int8")[0]
-    assert (int4 and kv) == (mq.CPU_CAPABILITY == "AVX512")
+    assert (int4 and kv) == (mq.CPU_CAPABILITY in ("AVX512", "AVX2"))
     check_choices(isa_check.cli_choices(), int4_kernel=int4, int8_cache=kv)
 
 
 @pytest.mark.parametrize("capability, int8, int4, kv_int8", [
-    ("AVX512", "bf16", True, True), ("AVX2", "bf16", False, False),
+    ("AVX512", "bf16", True, True), ("AVX2", "bf16", True, True),
     ("DEFAULT", "dequant", False, False)])
 def test_each_path_runs_its_kernel_only_where_it_measured_faster(monkeypatch, capability,
                                                                   int8, int4, kv_int8):
