@@ -37,7 +37,7 @@ def compiled_step_tok_s(model: Transformer, batch_size: int, context: int, steps
     cache's last positions, one token per sequence each; compiling is not timed."""
     compile_decode(model, batch_size, context, kv_cache=kv_cache)
     cache = new_cache(model, batch_size, context, kind=kv_cache)
-    step = compiled_decode_step()
+    step = compiled_decode_step(model)
     token = torch.zeros(batch_size, dtype=torch.long, device=model.device)
     pos = torch.tensor([context - steps], device=model.device)
     started = time.perf_counter()

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import functools
+import types
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -83,19 +85,41 @@ def _decode(model: Transformer, token: torch.Tensor, input_pos: torch.Tensor,
 decode_step = torch.inference_mode()(_decode)
 
 
-@functools.cache
-def compiled_decode_step():
-    """_decode for torch.compile: one static graph per model, batch and cache length
-    (positions are a tensor, the cache never changes shape). The weights are frozen into
-    the graph, so inductor prepacks them for its GEMMs and autotunes those against
-    ATen's: on CPU that is 2-3x faster per step than eager ATen, whose fp32 GEMV reads
-    weights at well under the memory bandwidth. Costs tens of seconds of compiling per
-    new shape, and being frozen, is for weights that no longer change."""
-    compiled = torch.compile(_decode, fullgraph=True, dynamic=False,
-                             options={"max_autotune": True})
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its step
+
+
+def compiled_decode_step(model: Transformer):
+    """_decode compiled for this model alone: called as step(model, token, input_pos, cache),
+    one static graph per batch and cache length (positions are a tensor, the cache never
+    changes shape). The weights are frozen into the graph, so inductor prepacks them for
+    its GEMMs and autotunes those against ATen's: on CPU that is 2-3x faster per step than
+    eager ATen, whose fp32 GEMV reads weights at well under the memory bandwidth. Costs
+    tens of seconds of compiling per new shape, and being frozen, is for weights that no
+    longer change.
+
+    A step of its own per model, because dynamo's guards on the model's modules (every
+    submodule's attributes, each call) cost 1.4 ms of a 10 ms step at batch 1 (SmolLM2-135M
+    int4, two threads): they are skipped, which is safe only while no other model reaches
+    the graph. So each model gets its own copy of _decode's code object (dynamo keeps its
+    graphs per code object) and a step refuses any other model."""
+    step = _compiled_steps.get(model)
+    if step is None:
+        step = _compiled_steps[model] = _compile_step(weakref.ref(model))
+    return step
+
+
+def _compile_step(owner: weakref.ref):
+    own_decode = types.FunctionType(_decode.__code__.replace(), _decode.__globals__, "_decode",
+                                    _decode.__defaults__)
+    compiled = torch.compile(own_decode, fullgraph=True, dynamic=False, options={
+        "max_autotune": True,
+        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
     @functools.wraps(_decode)
-    def step(*args):
+    def step(model, *args):
+        if model is not owner():
+            raise ValueError("this compiled decode step belongs to another model: "
+                             "use compiled_decode_step(model)")
         # freezing is read outside torch.compile's options, so it is patched here, around
         # every call: a recompile (new shape) must freeze too. The autotuner's tables
         # would otherwise land in the middle of a streamed sample.
@@ -105,7 +129,7 @@ def compiled_decode_step():
             # the autotuner's benchmark of torch's int4 kernel calls the deprecated
             # TypedStorage API; the warning would land in a streamed sample
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            return compiled(*args)
+            return compiled(model, *args)
     return step
 
 
@@ -140,7 +164,7 @@ def compile_decode(model: Transformer, batch_size: int, max_len: int,
     compiling."""
     cache = new_cache(model, batch_size, max_len, cache_dtype, kv_cache)
     token = torch.zeros(batch_size, dtype=torch.long, device=model.device)
-    compiled_decode_step()(model, token, torch.tensor([0], device=model.device), cache)
+    compiled_decode_step(model)(model, token, torch.tensor([0], device=model.device), cache)
 
 
 def check_length(model: Transformer, prompt_len: int, max_new_tokens: int) -> None:
@@ -196,7 +220,7 @@ def stream(model: Transformer, prompt: torch.Tensor | list[int], max_new_tokens:
     cache = new_cache(model, tokens.shape[0], tokens.shape[1] + max_new_tokens, cache_dtype,
                       kv_cache)
     logits = prefill(model, tokens, cache)
-    compiled = compiled_decode_step() if compile else None
+    compiled = compiled_decode_step(model) if compile else None
     pos = tokens.shape[1]
     input_pos = torch.tensor([pos], device=model.device)  # advanced in place
     done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=model.device)

@@ -132,7 +132,7 @@ def test_greedy_ids_equal_eager_and_compiled():
     with torch.inference_mode():
         cache = new_cache(model, 2, 17)
         token, pos = prefill(model, prompt, cache).argmax(-1), torch.tensor([5])
-        torch.testing.assert_close(compiled_decode_step()(model, token, pos, cache),
+        torch.testing.assert_close(compiled_decode_step(model)(model, token, pos, cache),
                                    decode_step(model, token, pos, cache), atol=1e-4, rtol=1e-4)
 
 

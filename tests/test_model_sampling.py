@@ -138,9 +138,28 @@ def test_compiled_decode_equals_eager(n_kv_head, family):
         cache = KVCache.for_model(model.config, batch_size=3, max_len=25)
         token = prefill(model, prompt, cache).argmax(-1)
         pos = torch.tensor([5])
-        compiled = compiled_decode_step()(model, token, pos, cache)
+        compiled = compiled_decode_step(model)(model, token, pos, cache)
         torch.testing.assert_close(compiled, decode_step(model, token, pos, cache),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_each_model_decodes_through_its_own_compiled_step():
+    """Steps skip dynamo's guards on the model's modules, so two models of one architecture
+    must never share a graph (the second would decode with the first's frozen weights):
+    each gets its own step, equal to its own eager logits, and refuses the other model."""
+    cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                      max_seq_len=32, init_std=0.1)
+    models = [Transformer(cfg).eval() for _ in range(2)]
+    token, pos = torch.tensor([3, 5]), torch.tensor([0])
+    with torch.inference_mode():
+        for model in models:
+            cache, eager_cache = (KVCache.for_model(cfg, batch_size=2, max_len=8) for _ in "ab")
+            torch.testing.assert_close(compiled_decode_step(model)(model, token, pos, cache),
+                                       decode_step(model, token, pos, eager_cache),
+                                       atol=1e-4, rtol=1e-4)
+        assert compiled_decode_step(models[0]) is compiled_decode_step(models[0])
+        with pytest.raises(ValueError, match="another model"):
+            compiled_decode_step(models[0])(models[1], token, pos, cache)
 
 
 BF16_AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)  # train.py's sampling on CUDA
