@@ -98,9 +98,10 @@ def compiled_decode_step(model: Transformer):
     longer change.
 
     A step of its own per model, because dynamo's guards on the model's modules (every
-    submodule's attributes, each call) cost 1.4 ms of a 10 ms step at batch 1 (SmolLM2-135M
-    int4, two threads): they are skipped, which is safe only while no other model reaches
-    the graph. So each model gets its own copy of _decode's code object (dynamo keeps its
+    submodule's attributes, each call) cost 0.5-1 ms of a 9-14 ms step at batch 1
+    (SmolLM2-135M int4_int8head: 1.10x with them skipped at two threads, 1.03x at one,
+    interleaved in one process): they are skipped, which is safe only while no other model
+    reaches the graph. So each model gets its own copy of _decode's code object (dynamo keeps its
     graphs per code object) and a step refuses any other model."""
     step = _compiled_steps.get(model)
     if step is None:
