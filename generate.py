@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 import cli
 from data.chat import ChatTemplate
+from model import int8_dot
 from model.kv_cache import kv_bytes_per_token
 from model.quantized import (MODES, cpu_choice, dequantize_int4_layers, describe, int8_kernel,
                              layer_bits, quantize_model, quantized_layers, weight_bytes)
@@ -197,6 +198,15 @@ def mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
+def kernel_name(kernel: str, isa: str | None = None) -> str:
+    """A quantized layer kernel as the report names it (dot: with the body that runs, isa
+    or this process's)."""
+    if kernel == "dot":
+        return (f"int8 dot products ({isa or int8_dot.isa()}), activations as two int8 parts "
+                f"per block of 32")
+    return {"int4pack": "_weight_int4pack_mm_for_cpu, bf16 activations"}.get(kernel, kernel)
+
+
 def choose_kernels(cfg: GenerateConfig, model: Transformer,
                    device: torch.device) -> tuple[str, list[str]]:
     """Apply the per-ISA choice (model.quantized.cpu_choice) on CPU: int4 layers whose
@@ -209,13 +219,17 @@ def choose_kernels(cfg: GenerateConfig, model: Transformer,
     kinds = {layer_bits(m) for m in quantized_layers(model).values()}
     if 8 in kinds:  # its kernel is picked inside the graph (int8_kernel), by the same table
         kernel = int8_kernel()
-        lines.append(f"int8: kernel {kernel} ({cpu_choice('int8')[1]})" + (
-            ": fp32's speed compiled, int8 saves memory, not time" if kernel == "dequant" else ""))
+        path = "int8_dot" if kernel == "dot" else "int8"
+        lines.append(f"int8: kernel {kernel_name(kernel)} ({cpu_choice(path)[1]})"
+                     + (": fp32's speed compiled, int8 saves memory, not time"
+                        if kernel == "dequant" else ""))
     if 4 in kinds:
-        wins, why = cpu_choice("int4")
+        dot = any(getattr(m, "dot_weight", None) is not None
+                  for m in quantized_layers(model).values() if layer_bits(m) == 4)
+        wins, why = cpu_choice("int4_dot" if dot else "int4")
         if wins or force:
-            lines.append(f"int4: kernel _weight_int4pack_mm_for_cpu, bf16 activations "
-                         f"({why}{'' if wins else '; forced'})")
+            kernel = kernel_name("dot" if dot else "int4pack")
+            lines.append(f"int4: kernel {kernel} ({why}{'' if wins else '; forced'})")
         else:
             dtype = str(model.embed.weight.dtype).removeprefix("torch.")
             dequantize_int4_layers(model)

@@ -50,8 +50,8 @@ from model.kv_cache import kv_bytes_per_token
 from evaluation.scoring import decoded_rows
 from evaluation.speed import compiled_step_tok_s
 from model.sampling import KV_CACHES, SamplingConfig, compile_decode, generate, stream
-from model.quantized import (CPU_CAPABILITY, describe, int8_kernel, quantize_model,
-                             set_int8_kernel, weight_bytes)
+from model.quantized import (CPU_CAPABILITY, INT8_KERNELS, describe, int8_kernel,
+                             quantize_model, set_int8_kernel, weight_bytes)
 from model.transformer import Transformer
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -569,14 +569,15 @@ ISA_WEIGHTS = ["int8", "int4:32", "int4_int8head:32"]  # and kv8: the int8 KV ca
 LONG = 2048  # the int8 cache is timed from this context on (below it, its window is most of it)
 
 
-def section_i(quick: bool, threads: int) -> None:
+def section_i(quick: bool, threads: int, int8_kernel_name: str | None) -> None:
     """Each ISA in a process of its own (section i-child), one table."""
     print(f"\n(i) ISA matrix: each quantized path vs fp32 compiled (bench model: "
           f"{BENCH['n_layer']} layers, d={BENCH['d_model']}, MHA), compiled decode step over a "
           f"cache of `ctx` slots, 32 steps, no prefill, taking turns; forced = its kernel, auto = "
           f"as generate.py's quant_kernels=auto picks; ids = how many leading greedy ids (of 8, "
           f"eager, 4 prompts of 40 tokens) equal fp32's", flush=True)
-    print_isa_table([isa_child(isa, env, quick, threads) for isa, env in ISAS.items()])
+    print_isa_table([isa_child(isa, env, quick, threads, int8_kernel_name)
+                     for isa, env in ISAS.items()])
 
 
 def print_isa_table(results: list[dict]) -> None:
@@ -592,7 +593,7 @@ def print_isa_table(results: list[dict]) -> None:
             print(isa_row(seen, cell, cols))
 
 
-def isa_child(isa: str, env: dict, quick: bool, threads: int) -> dict:
+def isa_child(isa: str, env: dict, quick: bool, threads: int, int8_kernel_name: str | None) -> dict:
     """section i-child's JSON from a fresh process: torch reads ATEN_CPU_CAPABILITY once, at
     start-up, and each ISA needs a fresh inductor cache (kernels cached under AVX-512 gave
     garbage under avx2: tests/test_isa.py)."""
@@ -600,7 +601,8 @@ def isa_child(isa: str, env: dict, quick: bool, threads: int) -> dict:
         env = {**{k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}, **env,
                "TORCHINDUCTOR_CACHE_DIR": cache}
         cmd = [sys.executable, "-m", "bench.decode", "--section", "i-child",
-               *(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
+               *(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else []),
+               *(["--int8-kernel", int8_kernel_name] if int8_kernel_name else [])]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
                               check=False)
     if proc.returncode != 0:
@@ -806,8 +808,8 @@ def main() -> None:
     ap.add_argument("--no-kv8", action="store_true",
                     help="section r: skip the int8 KV cache column (one compile less per row)")
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
-    ap.add_argument("--int8-kernel", choices=["bf16", "fused", "dequant"],
-                    help="force the fp32 int8 kernel (default: chosen per CPU)")
+    ap.add_argument("--int8-kernel", choices=INT8_KERNELS,
+                    help="force the int8 layers' kernel (default: chosen per CPU)")
     ap.add_argument("--real-model", type=Path, default=REAL_MODEL,
                     help="sections r, l, p, g: an HF Llama dir (SmolLM2-135M; experiments."
                          "real_model writes it); skipped when absent")
@@ -843,7 +845,7 @@ def main() -> None:
     if args.section in ("p", "all"):
         section_p(args.quick, args.real_model, args.group_size)
     if args.section in ("i", "all"):
-        section_i(args.quick, args.threads)
+        section_i(args.quick, args.threads, args.int8_kernel)
     if args.section == "i-child":
         section_i_child(args.quick)
     if args.section in ("g", "all"):  # last: it sets torch's thread count

@@ -9,6 +9,13 @@ embeddings, norms and the KV cache stay in float.
     quantize_model(model, "int4_int8head", group_size=32)  # in place; returns model
     python -m store.quantize ckpt=... out=...  (quantized checkpoint dirs: store/quantize.py)
 
+On x86 CPUs with AVX2 or AVX-512 VNNI, both multiply through model/int8_dot.py where its C++
+builds: integer dot products over activations quantized per block of 32 (two int8 parts
+each), 1.7-2.6x fp32 compiled on the bench model at b1 where torch's weight-only kernels
+gave 1.1-2.1x, and SmolLM2-135M's int4_int8head perplexity +0.01% (torch's kernels with bf16
+activations: +0.13%). Each layer packs its weight for it once (pack_for_cpu; not saved) and
+the paths below are what runs where it does not build or fit (n % 16, k % 32).
+
 int4 (int4_matmul): on CPU, torch's _weight_int4pack_mm_for_cpu with bfloat16 activations
 (its fp32 path is a scalar loop), eager and compiled (inductor keeps it as an extern
 kernel, or on AMX CPUs autotunes it against its own int4 template). Its weight layout
@@ -18,7 +25,7 @@ out_features must be a multiple of 16 for it. Elsewhere: dequantize + matmul. Wh
 kernel is slower than fp32 compiled (AVX2: cpu_choice), generate.py replaces the layers by
 their dequantized float weights at load (dequantize_int4_layers).
 
-The matmul (int8_matmul) takes the fastest correct path measured on torch 2.13's CPU:
+int8 (int8_matmul) takes the fastest correct path measured on torch 2.13's CPU:
 - bfloat16 activations on CPU: torch._weight_int8pack_mm (AVX512/AVX2 kernel), eager and
   compiled (behind an opaque op, int8pack_mm: inductor's own int8 template crashed),
   where in_features is a multiple of 16 (the kernel has no remainder loop);
@@ -43,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import int8_dot
 from model.transformer import Transformer
 
 
@@ -147,7 +155,7 @@ def _(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.T
     return rows.new_empty(rows.shape[0], weight.shape[0])
 
 
-INT8_KERNELS = ("bf16", "fused", "dequant")  # float32 activations on CPU: see int8_kernel
+INT8_KERNELS = ("dot", "bf16", "fused", "dequant")  # float32 activations on CPU: see int8_kernel
 _int8_kernel_override: str | None = None
 # read once: ATEN_CPU_CAPABILITY is fixed per process, and torch.compile cannot trace the call
 CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
@@ -161,14 +169,21 @@ CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
 # 0.49x on AVX2 as int8 bytes). latent_int8: MLA's int8 cache (QuantizedLatentCache) against
 # its float LatentCache, SmolLM2-135M as MLA at 23,040 B/token, 4k slots x 8, compiled step
 # (evaluation.speed.compiled_step_tok_s), 2026-12-07: a tie, so auto keeps the float cache.
-SPEEDUP = {"AVX512": {"int8": 1.25, "int4": 2.06, "kv_int8": 1.71, "latent_int8": 0.96},
-           "AVX2": {"int8": 1.36, "int4": 1.45, "kv_int8": 2.08}}
+# int8_dot, int4_dot: model/int8_dot.py's kernels (int4 at group 32), `python -m bench.decode
+# --section i --quick --threads 2 --int8-kernel dot`, b1, context 32, quiet machine,
+# 2026-12-07 (their lowest cell over b1/b8 x 32/2k slots: AVX-512 1.00x and 1.11x at b8 x
+# 2k; AVX2 ~0.9x at b8 x 2k in that run, 1.07x and 1.09x re-timed alone, int8 1.13x at b8 x 32).
+SPEEDUP = {"AVX512": {"int8": 1.25, "int4": 2.06, "kv_int8": 1.71, "latent_int8": 0.96,
+                      "int8_dot": 2.24, "int4_dot": 2.63},
+           "AVX2": {"int8": 1.36, "int4": 1.45, "kv_int8": 2.08,
+                    "int8_dot": 1.67, "int4_dot": 2.02}}
 
 
 def cpu_choice(path: str) -> tuple[bool, str]:
-    """(path's quantized kernel wins on this CPU, why) for path int8, int4, kv_int8 or
-    latent_int8: it wins where it measured not slower than fp32 compiled (SPEEDUP). Where
-    it does not, or was not measured, the caller runs fp32 compute over the smaller storage
+    """(path's quantized kernel wins on this CPU, why) for path int8, int4 (torch's kernels),
+    int8_dot, int4_dot, kv_int8 or latent_int8: it wins where it measured not slower than
+    fp32 compiled (SPEEDUP). Where it does not, or was not measured, the caller runs fp32
+    compute over the smaller storage
     (int8: dequant; int4: weights dequantized at load; kv_int8, latent_int8: the float
     cache)."""
     ratio = SPEEDUP.get(CPU_CAPABILITY, {}).get(path)
@@ -178,17 +193,21 @@ def cpu_choice(path: str) -> tuple[bool, str]:
 
 
 def int8_kernel() -> str:
-    """How int8 layers multiply float32 activations on this CPU:
+    """How int8 layers multiply float activations on this CPU:
+    - dot: model/int8_dot.py's integer dot products (activations as two int8 parts per
+      block of 32), eager and compiled, where it built and measured faster than fp32;
     - bf16: activations cast to bfloat16 for torch._weight_int8pack_mm (vectorised on
       AVX2 and AVX-512), the output cast back; eager and compiled;
     - fused: compiled, x * w summed over K, one inductor loop reading the int8 rows
       (eager: dequant);
     - dequant: F.linear(x, w.float()) * scales; compiled, freezing folds the float copy
       into a constant, so this is fp32 speed: the fallback where no int8 path wins.
-    Picked by the CPU's capability (cpu_choice: bf16 where it measured faster than fp32);
+    Picked by the CPU's capability (cpu_choice: dot, else bf16, where measured faster);
     set_int8_kernel overrides it (bench/decode.py --int8-kernel)."""
     if _int8_kernel_override is not None:
         return _int8_kernel_override
+    if int8_dot.ready and cpu_choice("int8_dot")[0]:  # loaded when int8 layers were packed
+        return "dot"
     return "bf16" if cpu_choice("int8")[0] else "dequant"
 
 
@@ -229,6 +248,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("dot_weight", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -238,10 +258,21 @@ class Int8Linear(nn.Module):
         layer.weight, layer.scales = q.to(linear.weight.device), scales.to(**float_kw)
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
-        return layer
+        return layer.pack_for_cpu()
+
+    @torch.no_grad()
+    def pack_for_cpu(self) -> "Int8Linear":
+        """Add the int8 dot kernel's layout (model/int8_dot.py) where it runs here."""
+        if (self.weight.device.type == "cpu" and int8_dot.available()[0]
+                and int8_dot.fits(self.out_features, self.in_features)):
+            self.dot_weight = int8_dot.pack_int8(self.weight)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8_matmul(x, self.weight, self.scales)
+        if self.dot_weight is not None and x.device.type == "cpu" and int8_kernel() == "dot":
+            y = int8_dot.int8_mm(x, self.dot_weight, self.scales).to(x.dtype)
+        else:
+            y = int8_matmul(x, self.weight, self.scales)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -283,6 +314,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor,
 
 def int4_matmul(x: torch.Tensor, layer: "Int4Linear") -> torch.Tensor:
     """x (..., K) float @ layer's int4 weight -> (..., N) in x's dtype."""
+    if x.device.type == "cpu" and layer.dot_weight is not None:
+        y = int8_dot.int4_mm(x, layer.dot_weight, layer.dot_scales_mins, layer.group_size)
+        return y.to(x.dtype)
     if x.device.type == "cpu" and layer.cpu_weight is not None:
         kernel_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         rows = x.reshape(-1, x.shape[-1]).to(kernel_dtype)  # (M, K)
@@ -310,6 +344,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("cpu_weight", None, persistent=False)
         self.register_buffer("cpu_scales_zeros", None, persistent=False)
+        self.register_buffer("dot_weight", None, persistent=False)
+        self.register_buffer("dot_scales_mins", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> "Int4Linear":
@@ -324,9 +360,17 @@ class Int4Linear(nn.Module):
 
     @torch.no_grad()
     def pack_for_cpu(self) -> "Int4Linear":
-        """Repack the nibbles for _weight_int4pack_mm_for_cpu (N % 16 == 0 only; other
-        layers and devices dequantize)."""
-        if self.weight.device.type == "cpu" and self.out_features % 16 == 0:
+        """Repack the nibbles for the int8 dot kernel (model/int8_dot.py) where it runs,
+        else for _weight_int4pack_mm_for_cpu (N % 16 == 0 only; other layers and devices
+        dequantize)."""
+        if self.weight.device.type != "cpu":
+            return self
+        if int8_dot.available()[0] and int8_dot.fits(self.out_features, self.in_features,
+                                                     self.group_size):
+            q = unpack_nibbles(self.weight)
+            self.dot_weight, self.dot_scales_mins = int8_dot.pack_int4(
+                q, self.scales.float(), self.zeros.float() - 8 * self.scales.float())
+        elif self.out_features % 16 == 0:
             q = unpack_nibbles(self.weight).to(torch.int32)  # (N, K)
             self.cpu_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1)  # (G, N, 2)

@@ -81,10 +81,12 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu",
     for layer in model.modules():
         if isinstance(layer, Int4Linear):
             layer.pack_for_cpu()
-        elif isinstance(layer, Int8Linear) and layer.weight.data_ptr() % 64:
-            # a view into the file's bytes at whatever offset the tensors before it left:
-            # _weight_int8pack_mm's aligned loads fault on it (a fresh tensor is 64-aligned)
-            layer.weight = layer.weight.clone()
+        elif isinstance(layer, Int8Linear):
+            if layer.weight.data_ptr() % 64:
+                # a view into the file's bytes at whatever offset the tensors before it left:
+                # _weight_int8pack_mm's aligned loads fault on it (a fresh tensor is 64-aligned)
+                layer.weight = layer.weight.clone()
+            layer.pack_for_cpu()
     return Checkpoint(model.eval(), model.config, path, meta)
 
 

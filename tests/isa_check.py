@@ -91,6 +91,7 @@ def int4_without_kernel() -> Transformer:
     for layer in model.modules():
         if isinstance(layer, Int4Linear):
             layer.cpu_weight = layer.cpu_scales_zeros = None
+            layer.dot_weight = layer.dot_scales_mins = None
     return model
 
 

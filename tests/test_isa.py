@@ -15,11 +15,15 @@ import pytest
 import torch
 
 import model.quantized as mq
+from generate import kernel_name
 from helpers import one_thread  # noqa: F401  (autouse: one thread)
+from model import int8_dot
 from tests import isa_check
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = list(isa_check.PATHS)
+# the int4 kernel generate.py weighs: the int8 dot products where they build, else torch's
+INT4_PATH = "int4_dot" if int8_dot.available()[0] else "int4"
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +76,22 @@ def test_avx2_cached_decode_equals_full_forward(avx2, path):
         torch.testing.assert_close(cached, full, atol=tol, rtol=tol)
 
 
-def check_choices(seen: dict, int4_kernel: bool, int8_cache: bool) -> None:
+def check_choices(seen: dict, int4_kernel: bool, int8_cache: bool,
+                  isa: str | None = None) -> None:
     """generate.py's runs (isa_check.cli_choices): the path each really took (the int4
     matmul called, an int8 cache made), its greedy ids, and its stderr line, whose reason is
-    cpu_choice's for the capability mq.CPU_CAPABILITY says."""
+    cpu_choice's for the capability mq.CPU_CAPABILITY says (isa: the dot kernels' body
+    there, None for this process's)."""
     ref, runs = seen["ref"], seen["runs"]
     int4, kv = runs["int4"], runs["kv_int8"]
-    int4_why, kv_why = mq.cpu_choice("int4")[1], mq.cpu_choice("kv_int8")[1]
+    dot = int8_dot.available()[0]  # the child process builds the same kernels on this CPU
+    int4_why, kv_why = mq.cpu_choice(INT4_PATH)[1], mq.cpu_choice("kv_int8")[1]
     assert (int4["int4_matmul_calls"] > 0) == int4_kernel
     assert (kv["int8_caches"] > 0) == int8_cache
     assert "quantization int4_head (group 32)" in int4["stderr"]  # what is stored
     if int4_kernel:
         assert int4["ids"] == ref["int4_kernel"]
-        assert (f"int4: kernel _weight_int4pack_mm_for_cpu, bf16 activations ({int4_why})"
+        assert (f"int4: kernel {kernel_name('dot' if dot else 'int4pack', isa)} ({int4_why})"
                 in int4["stderr"])
     else:  # exact: the fp32 path over the dequantized weights is int4's own dequantize path
         assert int4["ids"] == ref["int4_dequantized"]
@@ -109,9 +116,10 @@ def test_avx2_generate_takes_the_measured_choice_and_says_why(avx2, monkeypatch)
     to fp32 compute where it did not, saying which and why."""
     monkeypatch.setattr(mq, "CPU_CAPABILITY", "AVX2")  # the reasons the process gave
     measured = mq.SPEEDUP["AVX2"]
-    assert f"{measured['int4']:.2f}x fp32 compiled, measured on AVX2" in mq.cpu_choice("int4")[1]
-    check_choices(avx2["cli"], int4_kernel=measured["int4"] >= 1,
-                  int8_cache=measured["kv_int8"] >= 1)
+    assert (f"{measured[INT4_PATH]:.2f}x fp32 compiled, measured on AVX2"
+            in mq.cpu_choice(INT4_PATH)[1])
+    check_choices(avx2["cli"], int4_kernel=measured[INT4_PATH] >= 1,
+                  int8_cache=measured["kv_int8"] >= 1, isa="avx2")
 
 
 def test_avx2_unmeasured_paths_fall_back_to_fp32_compute_and_say_why(avx2):
@@ -131,20 +139,22 @@ def test_avx2_unmeasured_paths_fall_back_to_fp32_compute_and_say_why(avx2):
 def test_generate_on_this_cpu_takes_the_measured_choice():
     """This machine's own capability, in this process: on AVX-512 and AVX2 the int4 kernel
     and the int8 cache run (both measured faster than fp32 there)."""
-    int4, kv = mq.cpu_choice("int4")[0], mq.cpu_choice("kv_int8")[0]
+    int4, kv = mq.cpu_choice(INT4_PATH)[0], mq.cpu_choice("kv_int8")[0]
     assert (int4 and kv) == (mq.CPU_CAPABILITY in ("AVX512", "AVX2"))
     check_choices(isa_check.cli_choices(), int4_kernel=int4, int8_cache=kv)
 
 
 @pytest.mark.parametrize("capability, int8, int4, kv_int8", [
-    ("AVX512", "bf16", True, True), ("AVX2", "bf16", True, True),
+    ("AVX512", "dot", True, True), ("AVX2", "dot", True, True),
     ("DEFAULT", "dequant", False, False)])
 def test_each_path_runs_its_kernel_only_where_it_measured_faster(monkeypatch, capability,
                                                                   int8, int4, kv_int8):
+    """int8: the dot kernel where it is loaded (else torch's bf16 kernel, measured faster
+    on both capabilities too)."""
     monkeypatch.setattr(mq, "CPU_CAPABILITY", capability)
-    assert mq.int8_kernel() == int8
-    assert (mq.cpu_choice("int4")[0], mq.cpu_choice("kv_int8")[0]) == (int4, kv_int8)
-    why = mq.cpu_choice("int4")[1]
+    assert mq.int8_kernel() == (int8 if int8_dot.ready or int8 != "dot" else "bf16")
+    assert (mq.cpu_choice(INT4_PATH)[0], mq.cpu_choice("kv_int8")[0]) == (int4, kv_int8)
+    why = mq.cpu_choice(INT4_PATH)[1]
     assert why == ("not measured on DEFAULT" if capability == "DEFAULT" else
-                   f"{mq.SPEEDUP[capability]['int4']:.2f}x fp32 compiled, measured on "
+                   f"{mq.SPEEDUP[capability][INT4_PATH]:.2f}x fp32 compiled, measured on "
                    f"{capability}")

@@ -22,6 +22,7 @@ from model.quantized import (MODES, Int4Linear, Int8Linear, QuantizeError, Quant
                              quantize_model, spec_of,
                              quantize_per_channel, pack_nibbles, set_int8_kernel,
                              weight_bytes)
+from model import int8_dot
 from store.quantize import load_quantized, main, save_quantized
 from model.sampling import SamplingConfig, generate
 from model.transformer import Transformer
@@ -279,10 +280,14 @@ def test_quant_spec_refuses_what_no_layer_stores(fields, message):
         QuantSpec.parse("int3")
 
 
-def test_an_int4_int8head_dir_written_before_quant_spec_loads_to_its_logits():
+def test_an_int4_int8head_dir_written_before_quant_spec_loads_to_its_logits(monkeypatch):
     """tests/data/int4_int8head: written (with its logits) by the mode-string code that
-    QuantSpec replaced: the same layer formats and the same logits load from it."""
+    QuantSpec replaced: the same layer formats and the same logits load from it, through
+    the kernels that wrote them (torch's: the int8 dot products, later, round activations
+    differently)."""
     from safetensors.torch import load_file
+    monkeypatch.setattr(int8_dot, "available", lambda: (False, "off for this test"))
+    monkeypatch.setattr(int8_dot, "ready", False)
     data = ROOT / "tests" / "data"
     loaded = load_quantized(data / "int4_int8head").model
     assert spec_of(loaded) == QuantSpec(weight_bits=4, head_bits=8, group_size=32)
@@ -351,18 +356,20 @@ def test_int4_error_is_at_most_half_a_step_per_group(group_size):
 @pytest.mark.parametrize("n, dtype", [(48, torch.float32), (48, torch.bfloat16),
                                       (40, torch.float32)])
 def test_int4_linear_equals_dequantized_reference(n, dtype):
-    """The CPU kernel (out_features % 16 == 0, activations through bf16) and the
-    dequantize path (n = 40) against x @ the reference's dequantized weight in float64."""
+    """The CPU kernel (out_features % 16 == 0: the int8 dot products where they build, else
+    torch's with activations through bf16) and the dequantize path (n = 40) against x @ the
+    reference's dequantized weight in float64."""
     g = torch.Generator().manual_seed(1)
     linear = torch.nn.Linear(128, n, bias=True)
     layer = Int4Linear.from_linear(linear, group_size=32).to(dtype)
-    assert (layer.cpu_weight is not None) == (n % 16 == 0)
+    packed = layer.dot_weight if int8_dot.ready else layer.cpu_weight
+    assert (packed is not None) == (n % 16 == 0)
     _, ref_w, _ = reference_int4(linear.weight.detach(), 32)
     x = torch.randn(3, 5, 128, generator=g).to(dtype)
     ref = x.double() @ ref_w.T + linear.bias.detach().double()
     out = layer(x)
     assert out.dtype == dtype and out.shape == (3, 5, n)
-    # bf16 activations and scales in the kernel: ~3 significant digits
+    # bf16 activations and scales (torch's kernel) or fp16 scales (dot): ~3 digits
     tol = 1e-5 if n % 16 and dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
 
@@ -416,7 +423,8 @@ def test_int4_checkpoint_round_trip_and_command(trained, tmp_path, capsys):
                        device="cpu", quant_kernels="force"))  # the kernel on any CPU: test_isa
     printed, err = capsys.readouterr()
     assert printed.split() == [str(t) for t in generate(q, prompt, 12, GREEDY)[0].tolist()]
-    assert "quantization int4_head (group 32)" in err and "_weight_int4pack_mm_for_cpu" in err
+    kernel = "int8 dot products" if int8_dot.ready else "_weight_int4pack_mm_for_cpu"
+    assert "quantization int4_head (group 32)" in err and f"int4: kernel {kernel}" in err
     # a group size that does not fit: one line, nothing written
     bad = tmp_path / "bad"
     assert main([f"ckpt={src}", f"out={bad}", "mode=int4", "group_size=128"]) == 2
