@@ -33,6 +33,16 @@ def rope_tables(head_dim: int, max_len: int, theta: float,
     return torch.cat([angles, angles], dim=-1).cos().float(), torch.cat([-sin, sin], dim=-1).float()
 
 
+def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of layers (which all read x: q, k, v; gate, up) applied to x: on CPU in one
+    kernel call where their quantized weights were packed together (the first layer's
+    `joint`, model.quantized.join_projections), else a call each."""
+    joint = getattr(layers[0], "joint", None)
+    if joint is not None and x.device.type == "cpu":
+        return joint(x)
+    return tuple(layer(x) for layer in layers)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (..., hd); cos/sin (..., rd) from rope_tables for the positions x sits at,
     broadcastable. rotate_half(x) * sin == roll(x, rd/2) * signed_sin. With rd < hd
@@ -98,9 +108,9 @@ class CausalSelfAttention(nn.Module):
         from cache_mask for that many slots."""
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
-        q = self.q_proj(x).view(B, T, H, hd)
-        k = self.k_proj(x).view(B, T, G, hd)
-        v = self.v_proj(x).view(B, T, G, hd).transpose(1, 2)  # (B, G, T, hd)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k = q.view(B, T, H, hd), k.view(B, T, G, hd)
+        v = v.view(B, T, G, hd).transpose(1, 2)  # (B, G, T, hd)
         if cos is not None:
             cos, sin = cos[:, None], sin[:, None]  # (T, 1, rd): broadcast over heads
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

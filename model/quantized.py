@@ -386,6 +386,50 @@ class Int4Linear(nn.Module):
                 f"bias={self.bias is not None}, int4 group_size={self.group_size}")
 
 
+class JointInt4(nn.Module):
+    """Int4 layers that read one input (an attention's q, k, v; an MLP's gate, up), their
+    int8 dot kernel weights stacked: one call instead of one each, the outputs split back
+    (attention.project calls it). A call costs ~5 us whatever its size, and a b1 step of
+    SmolLM2-135M made 210; the same rows, so the same outputs as the layers one by one."""
+
+    def __init__(self, layers: list[Int4Linear]) -> None:
+        super().__init__()
+        self.sizes, self.group_size = [m.out_features for m in layers], layers[0].group_size
+        self.register_buffer("dot_weight", torch.cat([m.dot_weight for m in layers]),
+                             persistent=False)
+        self.register_buffer("dot_scales_mins", torch.cat([m.dot_scales_mins for m in layers]),
+                             persistent=False)
+        bias = (None if all(m.bias is None for m in layers) else
+                torch.cat([m.bias if m.bias is not None else m.scales.new_zeros(m.out_features)
+                           for m in layers]))
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = int8_dot.int4_mm(x, self.dot_weight, self.dot_scales_mins, self.group_size)
+        y = y.to(x.dtype) if self.bias is None else y.to(x.dtype) + self.bias
+        return y.split(self.sizes, dim=-1)
+
+
+JOINT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # layers reading one input
+
+
+def join_projections(model: nn.Module) -> int:
+    """Stack each group of JOINT whose layers are all Int4Linear packed for the int8 dot
+    kernel into a JointInt4 on the group's first layer, in place (the layers' own packed
+    copies are dropped: alone they fall back to dequantizing); how many groups."""
+    joined = 0
+    for module in list(model.modules()):
+        for names in JOINT:
+            layers = [getattr(module, name, None) for name in names]
+            if all(isinstance(m, Int4Linear) and m.dot_weight is not None for m in layers) \
+                    and len({m.group_size for m in layers}) == 1:
+                layers[0].joint = JointInt4(layers)
+                for m in layers:
+                    m.dot_weight = m.dot_scales_mins = None
+                joined += 1
+    return joined
+
+
 @torch.no_grad()
 def dequantize_int4_layers(model: nn.Module) -> list[str]:
     """Replace each Int4Linear by an nn.Linear holding its dequantized weight in the scales'
@@ -439,6 +483,8 @@ def replace_linears(model: Transformer, spec: QuantSpec, empty: bool = False) ->
     for parent, name, full in layers:
         make = maker(spec.bits(full), group_size, empty)
         setattr(parent, name, make(getattr(parent, name)))
+    if not empty:  # (an empty model is joined once its weights are loaded: store.quantize)
+        join_projections(model)
     names = [full for _, _, full in layers]
     if "lm_head" in names:
         # the head now has its own quantized weight; the float embedding stays for the lookup

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.attention import (CausalSelfAttention, LatentSelfAttention, LatentUp, cache_mask,
-                             rope_tables)
+                             project, rope_tables)
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 
@@ -50,7 +50,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None:
             return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximate))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

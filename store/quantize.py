@@ -20,8 +20,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 import cli
 from data.tokenizer import tokenizer_files
 from model.quantized import (Int4Linear, Int8Linear, QuantizeError, QuantMode, QuantSpec,
-                             describe, quantize_model, quantized_layers, replace_linears, spec_of,
-                             weight_bytes)
+                             describe, join_projections, quantize_model, quantized_layers,
+                             replace_linears, spec_of, weight_bytes)
 from model.transformer import Transformer
 from store.checkpoint import (QUANTIZED, Checkpoint, CheckpointError, check_out,
                               model_from_state, read_config, read_meta, read_weights,
@@ -87,6 +87,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu",
                 # _weight_int8pack_mm's aligned loads fault on it (a fresh tensor is 64-aligned)
                 layer.weight = layer.weight.clone()
             layer.pack_for_cpu()
+    join_projections(model)
     return Checkpoint(model.eval(), model.config, path, meta)
 
 

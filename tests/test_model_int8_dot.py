@@ -14,8 +14,12 @@ import torch
 
 from helpers import one_thread  # noqa: F401  (autouse: one thread)
 from model import int8_dot
-from model.quantized import (Int4Linear, Int8Linear, dequantize, quantize_groupwise,
-                             quantize_per_channel, unpack_nibbles)
+import model.quantized as mq
+from model.config import ModelConfig
+from model.quantized import (Int4Linear, Int8Linear, JointInt4, dequantize, quantize_groupwise,
+                             quantize_model, quantize_per_channel, unpack_nibbles)
+from model.sampling import SamplingConfig, generate
+from model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not int8_dot.available()[0], reason=int8_dot.available()[1])
@@ -103,6 +107,31 @@ def test_layers_multiply_through_the_kernel(layer_type):
     out = layer(x)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 48)
     torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_joined_projections_equal_the_layers_one_by_one(monkeypatch, bias):
+    """quantize_model stacks each attention's q, k, v and each MLP's gate, up (JointInt4, one
+    kernel call each): the logits equal, bit for bit, those of the same model quantized
+    without joining (the same rows, the same activation rounding), biases included, and so
+    do greedy ids compiled."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                      ffn_hidden=128, max_seq_len=64, attn_bias=bias, mlp_bias=bias, init_std=0.2)
+    joined, separate = Transformer(cfg).eval(), Transformer(cfg).eval()
+    separate.load_state_dict(joined.state_dict())
+    quantize_model(joined, "int4", 32)
+    monkeypatch.setattr(mq, "join_projections", lambda model: 0)
+    quantize_model(separate, "int4", 32)
+    assert sum(isinstance(m, JointInt4) for m in joined.modules()) == 2 * 2
+    assert not any(isinstance(m, JointInt4) for m in separate.modules())
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(joined(ids), separate(ids))
+    prompt = ids[:, :5]
+    greedy = SamplingConfig(temperature=0)
+    assert torch.equal(generate(joined, prompt, 8, greedy, compile=True),
+                       generate(separate, prompt, 8, greedy))
 
 
 def test_without_a_compiler_the_layers_keep_their_other_paths(tmp_path):
