@@ -12,7 +12,7 @@ embeddings, norms and the KV cache stay in float.
 On x86 CPUs with AVX2 or AVX-512 VNNI, both multiply through model/int8_dot.py where its C++
 builds: integer dot products over activations quantized per block of 32 (two int8 parts
 each), 1.7-2.6x fp32 compiled on the bench model at b1 where torch's weight-only kernels
-gave 1.1-2.1x, and SmolLM2-135M's int4_int8head perplexity +0.01% (torch's kernels with bf16
+gave 1.25-2.1x (SPEEDUP), and SmolLM2-135M's int4_int8head perplexity +0.01% (torch's kernels with bf16
 activations: +0.13%). Each layer packs its weight for it once (pack_for_cpu; not saved) and
 the paths below are what runs where it does not build or fit (n % 16, k % 32).
 
@@ -183,9 +183,8 @@ def cpu_choice(path: str) -> tuple[bool, str]:
     """(path's quantized kernel wins on this CPU, why) for path int8, int4 (torch's kernels),
     int8_dot, int4_dot, kv_int8 or latent_int8: it wins where it measured not slower than
     fp32 compiled (SPEEDUP). Where it does not, or was not measured, the caller runs fp32
-    compute over the smaller storage
-    (int8: dequant; int4: weights dequantized at load; kv_int8, latent_int8: the float
-    cache)."""
+    compute over the smaller storage (int8: dequant; int4: weights dequantized at load;
+    kv_int8, latent_int8: the float cache)."""
     ratio = SPEEDUP.get(CPU_CAPABILITY, {}).get(path)
     why = (f"not measured on {CPU_CAPABILITY}" if ratio is None else
            f"{ratio:.2f}x fp32 compiled, measured on {CPU_CAPABILITY}")
