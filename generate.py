@@ -28,8 +28,9 @@ import cli
 from data.chat import ChatTemplate
 from model import int8_dot
 from model.kv_cache import kv_bytes_per_token
-from model.quantized import (MODES, cpu_choice, dequantize_int4_layers, describe, int8_kernel,
-                             layer_bits, quantize_model, quantized_layers, weight_bytes)
+from model.quantized import (MODES, cpu_choice, dequantize_int4_layers, describe, int4_on_dot,
+                             int8_kernel, layer_bits, quantize_model, quantized_layers,
+                             weight_bytes)
 from model.sampling import KV_CACHES, SamplingConfig, compile_decode, stream
 from model.transformer import Transformer
 from store.source import open_source, pick_device, pick_dtype
@@ -224,8 +225,7 @@ def choose_kernels(cfg: GenerateConfig, model: Transformer,
                      + (": fp32's speed compiled, int8 saves memory, not time"
                         if kernel == "dequant" else ""))
     if 4 in kinds:
-        dot = any(getattr(m, "dot_weight", None) is not None
-                  for m in quantized_layers(model).values() if layer_bits(m) == 4)
+        dot = int4_on_dot(model)
         wins, why = cpu_choice("int4_dot" if dot else "int4")
         if wins or force:
             kernel = kernel_name("dot" if dot else "int4pack")

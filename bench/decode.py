@@ -593,7 +593,8 @@ def print_isa_table(results: list[dict]) -> None:
             print(isa_row(seen, cell, cols))
 
 
-def isa_child(isa: str, env: dict, quick: bool, threads: int, int8_kernel_name: str | None) -> dict:
+def isa_child(isa: str, env: dict, quick: bool, threads: int,
+              int8_kernel_name: str | None) -> dict:
     """section i-child's JSON from a fresh process: torch reads ATEN_CPU_CAPABILITY once, at
     start-up, and each ISA needs a fresh inductor cache (kernels cached under AVX-512 gave
     garbage under avx2: tests/test_isa.py)."""

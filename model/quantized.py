@@ -409,6 +409,12 @@ class JointInt4(nn.Module):
         return y.split(self.sizes, dim=-1)
 
 
+def int4_on_dot(model: nn.Module) -> bool:
+    """Whether model's int4 layers run the int8 dot kernel: packed for it alone or joined."""
+    return any(isinstance(m, JointInt4) or (isinstance(m, Int4Linear) and
+                                            m.dot_weight is not None) for m in model.modules())
+
+
 JOINT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # layers reading one input
 
 
