@@ -11,7 +11,8 @@
                                            # (--real-kv MHA-9,GQA-3,MQA: its KV layouts)
     python -m bench.decode --section l     # the real model's KV layouts at a 4k context, b8:
                                            # MHA-9, GQA-3, MQA, MLA at MQA's bytes, and
-                                           # GQA-3 / MLA with kv_cache=int8 (compiled)
+                                           # GQA-3 / MLA with kv_cache=int8 (compiled),
+                                           # GQA-3 without the decode attention kernel
     python -m bench.decode --section p     # the real model's perplexity: fp32, int8, int4, KV int8
     python -m bench.decode --section i     # ISA matrix: native and ATEN_CPU_CAPABILITY=avx2
                                            # (a process each), b1/b8, context 32/2k/4k:
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from model import decode_attention
 from model.config import ModelConfig
 from model.kv_cache import kv_bytes_per_token
 from evaluation.scoring import decoded_rows
@@ -467,12 +469,16 @@ def section_l(quick: bool, path: Path, only: list[str] | None = None) -> None:
     mla = functools.cache(lambda: latent_variant(path, kv_bytes_per_token(mqa().config)))
     layouts = {"MHA-9": (lambda: real_variant(path, "MHA-9"), "float"),
                "GQA-3": (lambda: gqa, "float"), "MQA": (mqa, "float"), "MLA": (mla, "float"),
-               "GQA-3 i8": (lambda: gqa, "int8"), "MLA i8": (mla, "int8")}
+               "GQA-3 i8": (lambda: gqa, "int8"), "MLA i8": (mla, "int8"),
+               "GQA-3 sdpa": (lambda: gqa, "float"), "GQA-3 i8 t": (lambda: gqa, "int8")}
     layouts = {name: (build(), kind) for name, (build, kind) in layouts.items()
                if name == "GQA-3" or not only or name in only}  # GQA-3: every ratio's base
+    # "sdpa" / "i8 t": model/decode_attention.py's kernel off (SDPA; the int8 cache's torch
+    # code), the decode attention before it
     print(f"\n(l) real model KV layouts: context {context}, b={b}, {steps} steps, compiled "
-          f"decode step (the cache read in full each step); i8: kv_cache=int8; CPU "
-          f"{CPU_CAPABILITY}, {torch.get_num_threads()} threads")
+          f"decode step (the cache read in full each step); i8: kv_cache=int8; sdpa, i8 t: "
+          f"without the decode attention kernel; CPU {CPU_CAPABILITY}, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'layout':<9}{'KV B/tok':>9}{'MiB/step':>10}{'tok/s':>9}{'/GQA-3':>8}{'bytes':>7}"
           f"{'GB/s':>7}  targets: MQA >= 1.7x GQA-3, GQA-3 >= 2x MHA-9, MLA >= 0.8x MQA "
           f"and >= 1.5x GQA-3, GQA-3 i8 >= 1.5x GQA-3")
@@ -480,8 +486,10 @@ def section_l(quick: bool, path: Path, only: list[str] | None = None) -> None:
     torch._dynamo.reset()
     for _ in range(2):  # the layouts take turns (one graph each); the best of two for each
         for name, (model, kind) in layouts.items():
+            decode_attention.set_enabled(not name.endswith((" sdpa", " t")))
             rates[name] = max(rates.get(name, 0.0),
                               compiled_step_tok_s(model, b, context, steps, kind))
+    decode_attention.set_enabled(True)
     base = decode_bytes(gqa, b, context)
     for name, (model, kind) in layouts.items():
         step = decode_bytes(model, b, context, kind)
@@ -491,7 +499,8 @@ def section_l(quick: bool, path: Path, only: list[str] | None = None) -> None:
     ratio = lambda a, c, target: f"{a} / {c} {rates[a] / rates[c]:.2f}x " + verdict(
         rates[a] >= target * rates[c])  # noqa: E731
     targets = [("MLA", "MQA", 0.8), ("MLA", "GQA-3", 1.5), ("MQA", "GQA-3", 1.7),
-               ("GQA-3", "MHA-9", 2), ("GQA-3 i8", "GQA-3", 1.5), ("MLA i8", "MLA", 1.0)]
+               ("GQA-3", "MHA-9", 2), ("GQA-3 i8", "GQA-3", 1.5), ("MLA i8", "MLA", 1.0),
+               ("GQA-3", "GQA-3 sdpa", 1.0), ("GQA-3 i8", "GQA-3 i8 t", 1.0)]
     print(", ".join(ratio(*t) for t in targets if t[0] in rates and t[1] in rates))
 
 
@@ -804,8 +813,9 @@ def main() -> None:
                     help="section r: comma-separated KV layouts of the real model (MHA-9, GQA-3, "
                          "MQA)")
     ap.add_argument("--layouts", default="",
-                    help="section l: comma-separated layouts (MHA-9, MQA, MLA, GQA-3 i8, MLA i8; "
-                         "GQA-3, every ratio's base, always runs); default all")
+                    help="section l: comma-separated layouts (MHA-9, MQA, MLA, GQA-3 i8, MLA i8, "
+                         "GQA-3 sdpa, GQA-3 i8 t; GQA-3, every ratio's base, always runs); "
+                         "default all")
     ap.add_argument("--no-kv8", action="store_true",
                     help="section r: skip the int8 KV cache column (one compile less per row)")
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import decode_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache, LatentCache
 
@@ -123,7 +124,10 @@ class CausalSelfAttention(nn.Module):
             y = cache.attend(self.layer, q, k, v, input_pos, kv_len)
         else:
             k, v = cache.update(self.layer, input_pos, k, v)  # (B, G, max_len, hd)
-            y = self._attend_grouped(q, k[:, :, :kv_len], v[:, :, :kv_len], mask)
+            if T == 1 and decode_attention.runs(q, k):  # one token: slots up to input_pos
+                y = decode_attention.attend(q, k, v, input_pos)
+            else:
+                y = self._attend_grouped(q, k[:, :, :kv_len], v[:, :, :kv_len], mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
     def _attend_full(self, q, k, v) -> torch.Tensor:

@@ -14,113 +14,17 @@ SmolLM2-135M 0.8% perplexity at int4_int8head; bf16 activations, torch's kernels
     pack_int4(q, scales, minimums)  # the kernel's layouts, from plain quantized weights
     int4_mm(x, packed, scales_mins, group_size) / int8_mm(x, packed, scales)
 
-The C++ is compiled once per source, torch and compiler into ~/.cache/gqalab/kernels (or
-$GQALAB_KERNEL_CACHE) with the compiler torch.compile uses ($CXX, else g++), and loaded as
-torch ops (gqalab_int8_dot::int4_mm, ::int8_mm) that dispatch without Python, so a compiled
-decode step calls them as extern kernels. Each function has an AVX-512 VNNI and an AVX2
-body; which one runs follows torch's CPU capability (ATEN_CPU_CAPABILITY=avx2 picks AVX2).
-No compiler, another CPU, or a failed build: available() says why and callers keep their
-other paths.
+model/kernels.py builds and loads the C++ (ops gqalab_int8_dot::int4_mm, ::int8_mm), with an
+AVX-512 VNNI and an AVX2 body each, and says why not where it cannot.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import torch
 
-SOURCE = Path(__file__).with_name("int8_dot.cpp")
+from model import kernels
+from model.kernels import available, isa, load  # noqa: F401  (this module's API)
+
 PANEL, BLOCK = 16, 32  # output rows per packed panel; activation inputs per int8 scale
-# set by a successful load(): plain globals, which dynamo reads as constants
-ready = False  # the ops are loaded
-_avx512 = False  # their isa argument
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
-@functools.cache
-def isa() -> str | None:
-    """'avx512' (AVX-512 with VNNI), 'avx2', or None: which body runs on this CPU, as far as
-    torch's capability (ATEN_CPU_CAPABILITY included) allows."""
-    if sys.platform != "linux" or os.uname().machine != "x86_64":
-        return None
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability == "AVX512" and "avx512_vnni" in _cpu_flags():
-        return "avx512"
-    return "avx2" if capability in ("AVX2", "AVX512") else None
-
-
-def _library_path() -> Path:
-    compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() +
-                         compiler.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("GQALAB_KERNEL_CACHE", "~/.cache/gqalab/kernels")).expanduser()
-    return cache / f"int8_dot-{key}.so"
-
-
-def _build(out: Path) -> None:
-    """Compile SOURCE into out; written to a temporary name first, so a process that loads
-    it never sees half a file."""
-    from torch.utils import cpp_extension  # imported here: it is slow and only builds need it
-    out.parent.mkdir(parents=True, exist_ok=True)
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    libs = cpp_extension.library_paths()
-    cmd = [os.environ.get("CXX", "g++"), str(SOURCE), "-O3", "-std=c++17", "-shared", "-fPIC",
-           "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
-           *(f"-I{p}" for p in cpp_extension.include_paths()),
-           *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
-           "-lc10", "-ltorch_cpu", "-ltorch"]
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
-        cmd += ["-o", tmp.name]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        os.replace(tmp.name, out)
-    finally:
-        Path(tmp.name).unlink(missing_ok=True)
-
-
-@functools.cache
-def load() -> str | None:
-    """Build (once) and load the ops; None, or why they cannot be used here."""
-    if os.environ.get("GQALAB_INT8_DOT") == "0":
-        return "turned off (GQALAB_INT8_DOT=0)"
-    if isa() is None:
-        return f"no AVX2 or AVX-512 VNNI ({torch.backends.cpu.get_cpu_capability()})"
-    try:
-        path = _library_path()
-        if not path.exists():
-            _build(path)
-        torch.ops.load_library(str(path))
-        for op in ("int4_mm", "int8_mm"):
-            torch.library.register_fake(f"gqalab_int8_dot::{op}")(_fake)
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        return f"the kernels did not build: {detail.strip().splitlines()[-1] if detail else e}"
-    global ready, _avx512
-    ready, _avx512 = True, isa() == "avx512"
-    return None
-
-
-def available() -> tuple[bool, str]:
-    """(the kernels can run here, a phrase for the report)."""
-    why_not = load()
-    return why_not is None, why_not or f"int8 dot products ({isa()})"
-
-
-def _fake(x: torch.Tensor, packed: torch.Tensor, *_) -> torch.Tensor:
-    return x.new_empty(x.shape[0], packed.shape[0] * PANEL)
 
 
 def fits(n: int, k: int, group_size: int = BLOCK) -> bool:
@@ -167,11 +71,11 @@ def int4_mm(x: torch.Tensor, nibbles: torch.Tensor, scales_mins: torch.Tensor,
             group_size: int) -> torch.Tensor:
     """x (..., K) float @ a packed int4 weight -> (..., N) fp32."""
     y = torch.ops.gqalab_int8_dot.int4_mm(_rows(x), nibbles, scales_mins, group_size,
-                                          _avx512)
+                                          kernels.avx512)
     return y.view(*x.shape[:-1], -1)
 
 
 def int8_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (..., K) float @ a packed int8 weight with per-row fp32 scales -> (..., N) fp32."""
-    y = torch.ops.gqalab_int8_dot.int8_mm(_rows(x), packed, scales.float(), _avx512)
+    y = torch.ops.gqalab_int8_dot.int8_mm(_rows(x), packed, scales.float(), kernels.avx512)
     return y.view(*x.shape[:-1], -1)

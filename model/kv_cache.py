@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model import decode_attention, kernels
 from model.config import ModelConfig
+
+
+def load_kernels(device: torch.device | str) -> None:
+    """A cache on the CPU is read by model/decode_attention.py's kernel where it builds."""
+    if torch.device(device).type == "cpu":
+        kernels.load()
 
 
 class KVCache:
@@ -24,6 +31,7 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
         shape = (batch_size, n_kv_head, max_len, head_dim)
+        load_kernels(device)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.max_len = max_len
@@ -125,6 +133,7 @@ class QuantizedKVCache(KVCache):
                  device: torch.device | str = "cpu", window: int = 32) -> None:
         self.window, self.max_len = window, max_len
         self.head_dim = head_dim
+        load_kernels(device)
         blocks = -(-max_len // window)
         store = (batch_size, n_kv_head, blocks * window, -(-head_dim // 4))  # packed: 4 a word
         ring = (batch_size, n_kv_head, window, head_dim)
@@ -197,6 +206,10 @@ class QuantizedKVCache(KVCache):
         B, H, _, hd = q.shape
         G, R = self.kq[layer].shape[1], self.window
         ring_k, ring_v = self.update(layer, input_pos, k, v)
+        if decode_attention.runs(q, ring_k) and decode_attention.int8_fits(hd, R):
+            return decode_attention.attend_int8(q, self.kq[layer], self.vq[layer],
+                                                self.k_scale[layer], self.v_scale[layer],
+                                                ring_k, ring_v, input_pos)
         n = self.kq[layer].shape[2] if kv_len is None else (kv_len - 1) // R * R
         kq, vq = self.kq[layer][:, :, :n], self.vq[layer][:, :, :n]  # (B, G, n, hd / 4)
         k_scale = self.k_scale[layer][:, :, :n // R]  # (B, G, n / R, hd)

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import int8_dot
+from model import int8_dot, kernels
 from model.transformer import Transformer
 
 
@@ -205,7 +205,7 @@ def int8_kernel() -> str:
     set_int8_kernel overrides it (bench/decode.py --int8-kernel)."""
     if _int8_kernel_override is not None:
         return _int8_kernel_override
-    if int8_dot.ready and cpu_choice("int8_dot")[0]:  # loaded when int8 layers were packed
+    if kernels.ready and cpu_choice("int8_dot")[0]:  # loaded when int8 layers were packed
         return "dot"
     return "bf16" if cpu_choice("int8")[0] else "dequant"
 

@@ -55,6 +55,19 @@ def cached_logits(model: Transformer, ids: torch.Tensor, plen: int, kv_cache: st
     return torch.stack(out, dim=1)
 
 
+@torch.inference_mode()
+def divergence_gap(model: Transformer, ids: torch.Tensor, other: torch.Tensor) -> float | None:
+    """Where two greedy continuations first differ: the gap between the full forward's two
+    best logits over ids' common prefix there (a near tie flips on float rounding); None
+    where they are equal."""
+    diff = (ids != other).nonzero().tolist()
+    if not diff:
+        return None
+    row, pos = min(diff, key=lambda rc: rc[1])
+    best = model(ids[row:row + 1, :pos])[0, -1].float().topk(2).values
+    return (best[0] - best[1]).item()
+
+
 def decode_paths(mode: str | None, kv_cache: str) -> dict:
     """Greedy ids eager, compiled and uncached; the cached decode's logits beside the full
     forward's over the same ids (and the float cache's, for an int8 cache)."""
@@ -62,10 +75,12 @@ def decode_paths(mode: str | None, kv_cache: str) -> dict:
     eager = generate(model, tokens, NEW, GREEDY, kv_cache=kv_cache)
     with torch.inference_mode():
         full = model(eager)[:, tokens.shape[1] - 1:-1]
-    return {"eager": eager.tolist(),
-            "compiled": generate(model, tokens, NEW, GREEDY, kv_cache=kv_cache,
-                                 compile=True).tolist(),
-            "uncached": generate(model, tokens, NEW, GREEDY, use_cache=False).tolist(),
+    compiled = generate(model, tokens, NEW, GREEDY, kv_cache=kv_cache, compile=True)
+    uncached = generate(model, tokens, NEW, GREEDY, use_cache=False)
+    return {"eager": eager.tolist(), "compiled": compiled.tolist(),
+            "uncached": uncached.tolist(),
+            "gap": {"compiled": divergence_gap(model, eager, compiled),
+                    "uncached": divergence_gap(model, eager, uncached)},
             "cached_logits": cached_logits(model, eager, tokens.shape[1], kv_cache).tolist(),
             "full_logits": full.tolist()}
 

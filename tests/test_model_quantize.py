@@ -22,7 +22,7 @@ from model.quantized import (MODES, Int4Linear, Int8Linear, QuantizeError, Quant
                              quantize_model, spec_of,
                              quantize_per_channel, pack_nibbles, set_int8_kernel,
                              weight_bytes)
-from model import int8_dot
+from model import int8_dot, kernels
 from store.quantize import load_quantized, main, save_quantized
 from model.sampling import SamplingConfig, generate
 from model.transformer import Transformer
@@ -287,7 +287,7 @@ def test_an_int4_int8head_dir_written_before_quant_spec_loads_to_its_logits(monk
     differently)."""
     from safetensors.torch import load_file
     monkeypatch.setattr(int8_dot, "available", lambda: (False, "off for this test"))
-    monkeypatch.setattr(int8_dot, "ready", False)
+    monkeypatch.setattr(kernels, "ready", False)
     data = ROOT / "tests" / "data"
     loaded = load_quantized(data / "int4_int8head").model
     assert spec_of(loaded) == QuantSpec(weight_bits=4, head_bits=8, group_size=32)
@@ -362,7 +362,7 @@ def test_int4_linear_equals_dequantized_reference(n, dtype):
     g = torch.Generator().manual_seed(1)
     linear = torch.nn.Linear(128, n, bias=True)
     layer = Int4Linear.from_linear(linear, group_size=32).to(dtype)
-    packed = layer.dot_weight if int8_dot.ready else layer.cpu_weight
+    packed = layer.dot_weight if kernels.ready else layer.cpu_weight
     assert (packed is not None) == (n % 16 == 0)
     _, ref_w, _ = reference_int4(linear.weight.detach(), 32)
     x = torch.randn(3, 5, 128, generator=g).to(dtype)
@@ -423,7 +423,7 @@ def test_int4_checkpoint_round_trip_and_command(trained, tmp_path, capsys):
                        device="cpu", quant_kernels="force"))  # the kernel on any CPU: test_isa
     printed, err = capsys.readouterr()
     assert printed.split() == [str(t) for t in generate(q, prompt, 12, GREEDY)[0].tolist()]
-    kernel = "int8 dot products" if int8_dot.ready else "_weight_int4pack_mm_for_cpu"
+    kernel = "int8 dot products" if kernels.ready else "_weight_int4pack_mm_for_cpu"
     assert "quantization int4_head (group 32)" in err and f"int4: kernel {kernel}" in err
     # a group size that does not fit: one line, nothing written
     bad = tmp_path / "bad"

@@ -1,0 +1,71 @@
+"""Decode attention over a KV cache on x86 CPUs (model/decode_attention.cpp, built by
+model/kernels.py): one new token per sequence, the g query heads of each KV head reading
+that head's slots once, together, at memory speed.
+
+SDPA over the folded queries (CausalSelfAttention._attend_grouped) reads a GQA cache at about
+half the speed it reads an MHA one on a CPU (SmolLM2-135M, 4k slots x 8, two threads: MHA-9
+193 ms a step of attention, GQA-3 97 ms for a third of the bytes, MQA 53 for a ninth), so
+the bytes a smaller cache saves did not turn into speed. The int8 cache
+(QuantizedKVCache) is read here in its own layout, bytes widened in registers, scales
+folded into q and the probabilities.
+
+    runs(q, k)                        # the kernel takes this step (CPU, float32, loaded, on)
+    int8_fits(head_dim, window)       # ... and reads that int8 cache
+    attend(q, k, v, input_pos)        # float cache
+    attend_int8(q, kq, vq, k_scale, v_scale, ring_k, ring_v, input_pos)
+"""
+from __future__ import annotations
+
+import torch
+
+from model import kernels
+
+enabled = True  # set_enabled(False): SDPA instead (benchmarks compare the two)
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the kernel on or off for the steps traced from now on (reset torch._dynamo
+    after a change: compiled steps keep what they were traced with)."""
+    global enabled
+    enabled = on
+
+
+def runs(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the kernel takes this decode step: q (B, H, 1, hd) and cache k, both float32
+    on the CPU, no gradient wanted, hd a multiple of 16 up to 256, and the kernels loaded
+    (KVCache loads them)."""
+    return (kernels.ready and enabled and q.device.type == "cpu" and q.dtype == torch.float32
+            and k.dtype == torch.float32 and q.shape[2] == 1 and not q.requires_grad
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256)
+
+
+def _grouped(q: torch.Tensor, n_kv_head: int) -> torch.Tensor:
+    """q (B, H, 1, hd) -> (B, G, H / G, hd) scaled by 1/sqrt(hd), contiguous groups."""
+    B, H, _, hd = q.shape
+    return (q.reshape(B, n_kv_head, H // n_kv_head, hd) * hd ** -0.5).contiguous()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           input_pos: torch.Tensor) -> torch.Tensor:
+    """q (B, H, 1, hd) at input_pos (1,) over the cache k, v (B, G, S, hd), slots up to
+    that position -> (B, H, 1, hd)."""
+    y = torch.ops.gqalab_attention.attend(_grouped(q, k.shape[1]), k, v, input_pos,
+                                          kernels.avx512)
+    return y.view(q.shape)
+
+
+def int8_fits(head_dim: int, window: int) -> bool:
+    """Whether the kernel reads QuantizedKVCache's layout: window 32 and head_dim a
+    multiple of the channels one vector of words widens to (AVX-512: 64, AVX2: 32)."""
+    return window == 32 and head_dim % (64 if kernels.avx512 else 32) == 0
+
+
+def attend_int8(q: torch.Tensor, kq: torch.Tensor, vq: torch.Tensor, k_scale: torch.Tensor,
+                v_scale: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+                input_pos: torch.Tensor) -> torch.Tensor:
+    """q (B, H, 1, hd) over one layer of QuantizedKVCache: complete blocks from its int8
+    store, the current block's slots from its float ring -> (B, H, 1, hd)."""
+    y = torch.ops.gqalab_attention.attend_int8(_grouped(q, kq.shape[1]), kq, vq, k_scale,
+                                               v_scale, ring_k, ring_v, input_pos,
+                                               kernels.avx512)
+    return y.view(q.shape)
