@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 import cli
 from data.chat import ChatTemplate
-from model import int8_dot
+from model import decode_attention, int8_dot
 from model.kv_cache import kv_bytes_per_token
 from model.quantized import (MODES, cpu_choice, dequantize_int4_layers, describe, int4_on_dot,
                              int8_kernel, layer_bits, quantize_model, quantized_layers,
@@ -259,6 +259,8 @@ def run(cfg: GenerateConfig) -> None:
         quantize_model(model, cfg.quantize, cfg.group_size)
     stored = describe(model)  # before choose_kernels may dequantize int4 layers
     kv_kind, kernel_lines = choose_kernels(cfg, model, device)
+    if device.type == "cpu":
+        kernel_lines.append("attention: " + decode_attention.describe(model.config, dtype, kv_kind))
     chat = chat_template(cfg, tokenizer)
     ids = prompt_tokens(cfg, tokenizer, model, chat)
     stops = stop_ids(cfg, tokenizer, chat)

@@ -13,12 +13,14 @@ folded into q and the probabilities.
     int8_fits(head_dim, window)       # ... and reads that int8 cache
     attend(q, k, v, input_pos)        # float cache
     attend_int8(q, kq, vq, k_scale, v_scale, ring_k, ring_v, input_pos)
+    describe(cfg, dtype, kv_cache)    # which decode attention runs, for generate.py's report
 """
 from __future__ import annotations
 
 import torch
 
 from model import kernels
+from model.config import ModelConfig
 
 enabled = True  # set_enabled(False): SDPA instead (benchmarks compare the two)
 
@@ -69,3 +71,23 @@ def attend_int8(q: torch.Tensor, kq: torch.Tensor, vq: torch.Tensor, k_scale: to
                                                v_scale, ring_k, ring_v, input_pos,
                                                kernels.avx512)
     return y.view(q.shape)
+
+
+def describe(cfg: ModelConfig, dtype: torch.dtype, kv_cache: str) -> str:
+    """Which decode attention a CPU decode of cfg's model runs over a kv_cache (float or
+    int8) cache in dtype, and why, for generate.py's report."""
+    ok, why = kernels.available()
+    hd = cfg.head_dim
+    if cfg.kv_rank:
+        return "SDPA (MLA's absorbed decode over the latent cache)"
+    if not (ok and enabled):
+        return f"SDPA (the C++ decode kernel: {why if not ok else 'turned off'})"
+    if dtype != torch.float32 or hd % 16 or hd > 256:
+        return (f"SDPA (the C++ decode kernel reads float32 caches with head_dim a multiple "
+                f"of 16 up to 256; here {str(dtype).removeprefix('torch.')}, {hd})")
+    group = f"the {cfg.n_head // cfg.n_kv_head} query heads of each KV head read its slots once"
+    if kv_cache == "int8" and not int8_fits(hd, 32):
+        return f"the int8 cache's torch code (its C++ kernel needs head_dim a multiple of " \
+               f"{64 if kernels.avx512 else 32}, here {hd})"
+    cache = ", int8 cache" if kv_cache == "int8" else ""
+    return f"C++ decode kernel ({kernels.isa()}{cache}): {group}"

@@ -119,6 +119,19 @@ def test_runs_only_where_the_kernel_applies():
     assert not decode_attention.runs(q.requires_grad_(), k)  # the op has no backward
 
 
+def test_the_report_names_the_attention_that_runs(monkeypatch):
+    cfg = ModelConfig(vocab_size=97, n_layer=1, n_head=9, n_kv_head=3, d_model=576)
+    line = decode_attention.describe(cfg, torch.float32, "float")
+    assert line.startswith(f"C++ decode kernel ({kernels.isa()})") and "3 query heads" in line
+    assert "int8 cache" in decode_attention.describe(cfg, torch.float32, "int8")
+    assert decode_attention.describe(cfg, torch.bfloat16, "float").startswith("SDPA (")
+    latent = ModelConfig(vocab_size=97, n_layer=1, n_head=2, d_model=16, kv_rank=8, rope_dim=4)
+    assert "MLA" in decode_attention.describe(latent, torch.float32, "float")
+    monkeypatch.setattr(decode_attention, "enabled", False)
+    assert decode_attention.describe(cfg, torch.float32, "float") == (
+        "SDPA (the C++ decode kernel: turned off)")
+
+
 def small_model(n_kv_head: int) -> Transformer:
     """head_dim 16, weights scaled up so greedy picks are clear."""
     torch.manual_seed(0)
