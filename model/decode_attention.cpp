@@ -37,7 +37,8 @@ void check_query(const at::Tensor& q) {
               "decode_attention: head_dim must be a multiple of 16, at most 256");
 }
 
-// How many pieces each (sequence, KV head)'s n slots are cut into, multiples of `align`.
+// How many pieces each of `rows` (sequence, KV head) pairs' n slots are cut into: enough
+// items for every thread, none under kMinPiece slots.
 int64_t pieces(int64_t rows, int64_t n) {
   const int64_t want = (4 * at::get_num_threads() + rows - 1) / rows;
   return std::max<int64_t>(1, std::min(want, n / kMinPiece));
