@@ -107,12 +107,13 @@ inline vf exp_nonpositive(vf x) {
   return times_pow2(p, n);
 }
 
-// s[r * ld] (+)= the sum of acc[r], r < R (four at a time: one transposing reduction)
+// s[r * ld] (+)= the sum of acc[r], r < R <= 5 (four at a time: one transposing reduction)
 template <int R>
 inline void store_sums(const vf* acc, float* s, int64_t ld, bool accumulate) {
-  alignas(16) float sums[4];
+  alignas(16) float sums[8];
   if (R == 1) sums[0] = hsum(acc[0]);
   else _mm_store_ps(sums, hsum4(acc[0], acc[1], acc[R > 2 ? 2 : 1], acc[R > 3 ? 3 : 1]));
+  if (R == 5) sums[4] = hsum(acc[R - 1]);
   for (int r = 0; r < R; ++r) s[r * ld] = accumulate ? s[r * ld] + sums[r] : sums[r];
 }
 
@@ -232,12 +233,14 @@ void values_int8(const float* p, int64_t ld, const gqalab::Segment& sg, int64_t 
   }
 }
 
-// Rows per pass: 4, but values_int8 keeps 4 accumulators a row and AVX2 has 16 registers.
+// Rows per pass: AVX-512 holds 5 rows' q (scores) or accumulators (values) in its 32
+// registers, AVX2 4 in its 16; values_int8 keeps 4 accumulators a row: 4 rows, AVX2 2.
+constexpr int kRows = kLanes == 16 ? 5 : 4;
 constexpr int kInt8ValueRows = kLanes == 16 ? 4 : 2;
 
-// Expands CALL(R) with R = rows (1..4) as a compile-time constant, for each tile of rows
+// Expands CALL(R) with R = rows (1..5) as a compile-time constant, for each tile of rows
 // r0 .. r0 + R of g, as few tiles of at most `tile` rows as can be, of even sizes (MQA's 9
-// rows: 3 x 3, not 4 + 4 + 1, which reads the cache a third time for one row)
+// rows: 5 + 4, not 5 + 3 + 1, which would read the cache once more for one row)
 #define BY_ROW_TILES(g, tile, CALL)                                    \
   for (int r0 = 0, n = ((g) + (tile) - 1) / (tile); r0 < (g); --n) {   \
     const int rows = ((g) - r0 + n - 1) / n;                           \
@@ -245,7 +248,8 @@ constexpr int kInt8ValueRows = kLanes == 16 ? 4 : 2;
       case 1: CALL(1); break;                                          \
       case 2: CALL(2); break;                                          \
       case 3: CALL(3); break;                                          \
-      default: CALL(4);                                                \
+      case 4: CALL(4); break;                                          \
+      default: CALL(5);                                                \
     }                                                                  \
     r0 += rows;                                                        \
   }
@@ -302,7 +306,7 @@ void partial(GQALAB_PARTIAL_ARGS) {
 #define SCORES(R)                                                                 \
   sg.k_scale ? scores_int8<R>(q + r0 * hd, hd, sg, t0, t1, s + r0 * ld, ld)      \
              : scores_float<R>(q + r0 * hd, hd, sg, t0, t1, s + r0 * ld, ld)
-      BY_ROW_TILES(g, 4, SCORES)
+      BY_ROW_TILES(g, kRows, SCORES)
 #undef SCORES
     }
     off += sg.n;
@@ -321,7 +325,7 @@ void partial(GQALAB_PARTIAL_ARGS) {
 #define VALUES(R)                                                                 \
   sg.k_scale ? values_int8<R>(p + r0 * ld, ld, sg, t0, t1, hd, acc + r0 * hd)    \
              : values_float<R>(p + r0 * ld, ld, sg, t0, t1, hd, acc + r0 * hd)
-      BY_ROW_TILES(g, sg.k_scale ? kInt8ValueRows : 4, VALUES)
+      BY_ROW_TILES(g, sg.k_scale ? kInt8ValueRows : kRows, VALUES)
 #undef VALUES
     }
     off += sg.n;
