@@ -66,11 +66,12 @@ def int8_cache(B: int, G: int, hd: int, prompt: int, max_len: int) -> QuantizedK
 
 
 @pytest.mark.parametrize("avx512", BODIES)
+@pytest.mark.parametrize("G,hd", [(3, 64), (1, 128)])  # GQA-3; MQA's 9 rows, two word vectors
 @pytest.mark.parametrize("prompt", [5, 31, 32, 64, 1700])  # ring only, block edges, pieces
-def test_int8_cache_equals_its_dequantized_float64_reference(avx512, prompt):
+def test_int8_cache_equals_its_dequantized_float64_reference(avx512, G, hd, prompt):
     """One decode step over the int8 cache: the store's blocks dequantized (scales per
     channel and block for keys, per slot for values) plus the float ring, in float64."""
-    B, H, G, hd = 2, 9, 3, 64
+    B, H = 2, 9
     cache = int8_cache(B, G, hd, prompt, 2048)
     q, k_new, v_new = torch.randn(B, H, 1, hd), torch.randn(B, G, 1, hd), torch.randn(B, G, 1, hd)
     pos = torch.tensor([prompt])
