@@ -208,8 +208,12 @@ class LatentSelfAttention(nn.Module):
         else:
             if cache is not None:
                 latent = cache.update(self.layer, input_pos, latent)[:, :kv_len]  # (B, S, rd + r)
-            attend = self.absorbed if cache is not None and T == 1 else self.expanded
-            y = attend(q, latent, mask)
+            if cache is not None and T == 1 and decode_attention.runs(
+                    q, latent, self.rope_dim + self.kv_rank):
+                y = self.absorbed_kernel(q, latent, input_pos)
+            else:
+                attend = self.absorbed if cache is not None and T == 1 else self.expanded
+                y = attend(q, latent, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor | None,
@@ -261,6 +265,16 @@ class LatentSelfAttention(nn.Module):
         ctx = F.scaled_dot_product_attention(self.absorb(q), kv, kv, attn_mask=mask,
                                              scale=self.scale)
         return self.unabsorb(ctx, q.shape[2])
+
+    def absorbed_kernel(self, q: torch.Tensor, latent: torch.Tensor,
+                        input_pos: torch.Tensor) -> torch.Tensor:
+        """absorbed through model/decode_attention.py's kernel (one token, CPU, float32):
+        the heads are the query rows of one KV head [k_r | c], whose value is the same
+        buffer (c's part kept, as absorbed does); reads slots up to input_pos."""
+        kv = latent[:, None]  # (B, 1, S, rd + r)
+        q_abs = self.absorb(q).transpose(1, 2)  # (B, H, 1, rd + r)
+        ctx = decode_attention.attend(q_abs, kv, kv, input_pos, self.scale)
+        return self.unabsorb(ctx.transpose(1, 2), q.shape[2])
 
     def absorb(self, q: torch.Tensor) -> torch.Tensor:
         """q (B, H, T, rd + nope) -> [q_rope | q_nope W_uk_h] (B, 1, H*T, rd + r), rows (h, t):

@@ -33,26 +33,30 @@ def set_enabled(on: bool) -> None:
     enabled = on
 
 
-def runs(q: torch.Tensor, k: torch.Tensor) -> bool:
+def runs(q: torch.Tensor, k: torch.Tensor, width: int | None = None) -> bool:
     """Whether the kernel takes this decode step: q (B, H, 1, hd) and cache k, both float32
-    on the CPU, no gradient wanted, hd a multiple of 16 up to 256, and the kernels loaded
+    on the CPU, no gradient wanted, the width the kernel multiplies (default hd; MLA's
+    absorbed queries: rope_dim + kv_rank) a multiple of 16 up to 256, and the kernels loaded
     (KVCache loads them)."""
+    width = q.shape[-1] if width is None else width
     return (kernels.ready and enabled and q.device.type == "cpu" and q.dtype == torch.float32
             and k.dtype == torch.float32 and q.shape[2] == 1 and not q.requires_grad
-            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256)
+            and width % 16 == 0 and width <= 256)
 
 
-def _grouped(q: torch.Tensor, n_kv_head: int) -> torch.Tensor:
-    """q (B, H, 1, hd) -> (B, G, H / G, hd) scaled by 1/sqrt(hd), contiguous groups."""
+def _grouped(q: torch.Tensor, n_kv_head: int, scale: float | None = None) -> torch.Tensor:
+    """q (B, H, 1, hd) -> (B, G, H / G, hd) times scale (None: 1/sqrt(hd)), contiguous
+    groups."""
     B, H, _, hd = q.shape
-    return (q.reshape(B, n_kv_head, H // n_kv_head, hd) * hd ** -0.5).contiguous()
+    scale = hd ** -0.5 if scale is None else scale
+    return (q.reshape(B, n_kv_head, H // n_kv_head, hd) * scale).contiguous()
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           input_pos: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+           scale: float | None = None) -> torch.Tensor:
     """q (B, H, 1, hd) at input_pos (1,) over the cache k, v (B, G, S, hd), slots up to
-    that position -> (B, H, 1, hd)."""
-    y = torch.ops.gqalab_attention.attend(_grouped(q, k.shape[1]), k, v, input_pos,
+    that position -> (B, H, 1, hd); scores scaled by scale (None: 1/sqrt(hd))."""
+    y = torch.ops.gqalab_attention.attend(_grouped(q, k.shape[1], scale), k, v, input_pos,
                                           kernels.avx512)
     return y.view(q.shape)
 
@@ -80,13 +84,17 @@ def describe(cfg: ModelConfig, dtype: torch.dtype, kv_cache: str) -> str:
     ok, why = kernels.available()
     hd = cfg.head_dim
     if cfg.kv_rank:
-        return "SDPA (MLA's absorbed decode over the latent cache)"
+        hd = cfg.rope_dim + cfg.kv_rank  # the absorbed queries' width: [k_r | c]
+    if cfg.kv_rank and kv_cache == "int8":
+        return "the int8 latent cache's torch code (MLA's absorbed decode)"
     if not (ok and enabled):
         return f"SDPA (the C++ decode kernel: {why if not ok else 'turned off'})"
     if dtype != torch.float32 or hd % 16 or hd > 256:
         return (f"SDPA (the C++ decode kernel reads float32 caches with head_dim a multiple "
                 f"of 16 up to 256; here {str(dtype).removeprefix('torch.')}, {hd})")
-    group = f"the {cfg.n_head // cfg.n_kv_head} query heads of each KV head read its slots once"
+    group = (f"MLA's absorbed decode, the {cfg.n_head} heads read each latent once"
+             if cfg.kv_rank else
+             f"the {cfg.n_head // cfg.n_kv_head} query heads of each KV head read its slots once")
     if kv_cache == "int8" and not int8_fits(hd, 32):
         return f"the int8 cache's torch code (its C++ kernel needs head_dim a multiple of " \
                f"{64 if kernels.avx512 else 32}, here {hd})"

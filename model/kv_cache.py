@@ -91,6 +91,7 @@ class LatentCache:
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
         shape = (batch_size, max_len, width)
+        load_kernels(device)
         self.latent = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.max_len = max_len
 

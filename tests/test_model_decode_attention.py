@@ -126,8 +126,9 @@ def test_the_report_names_the_attention_that_runs(monkeypatch):
     assert line.startswith(f"C++ decode kernel ({kernels.isa()})") and "3 query heads" in line
     assert "int8 cache" in decode_attention.describe(cfg, torch.float32, "int8")
     assert decode_attention.describe(cfg, torch.bfloat16, "float").startswith("SDPA (")
-    latent = ModelConfig(vocab_size=97, n_layer=1, n_head=2, d_model=16, kv_rank=8, rope_dim=4)
-    assert "MLA" in decode_attention.describe(latent, torch.float32, "float")
+    latent = ModelConfig(vocab_size=97, n_layer=1, n_head=2, d_model=16, kv_rank=12, rope_dim=4)
+    assert "MLA's absorbed decode" in decode_attention.describe(latent, torch.float32, "float")
+    assert decode_attention.describe(latent, torch.float32, "int8").startswith("the int8 latent")
     monkeypatch.setattr(decode_attention, "enabled", False)
     assert decode_attention.describe(cfg, torch.float32, "float") == (
         "SDPA (the C++ decode kernel: turned off)")
@@ -162,3 +163,23 @@ def test_greedy_ids_equal_with_and_without_the_kernel_and_uncached(monkeypatch, 
 
 
 ATTEND = decode_attention.attend
+
+
+@pytest.mark.parametrize("rope_dim", [8, 0])  # [k_r | c] of 32; all latent (learned positions)
+def test_mla_absorbed_decode_through_the_kernel_equals_sdpa_and_uncached(monkeypatch, rope_dim):
+    """MLA's absorbed decode: the heads read one shared [k_r | c] per token through the
+    kernel (scale: the query's whole width), greedy ids as through SDPA and uncached."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=64, max_seq_len=700,
+                      init_std=0.2, kv_rank=32 - rope_dim, rope_dim=rope_dim,
+                      positions="rope" if rope_dim else "learned")
+    model, greedy = Transformer(cfg).eval(), SamplingConfig(temperature=0)
+    prompt = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(4))
+    ran = []
+    monkeypatch.setattr(decode_attention, "attend", lambda *a: ran.append(1) or ATTEND(*a))
+    with_kernel = generate(model, prompt, 300, greedy)
+    assert ran
+    monkeypatch.setattr(decode_attention, "enabled", False)
+    assert torch.equal(with_kernel, generate(model, prompt, 300, greedy))
+    assert torch.equal(with_kernel, generate(model, prompt, 300, greedy, use_cache=False))
+    assert len(set(with_kernel[0, 30:].tolist())) > 10
