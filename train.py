@@ -42,6 +42,7 @@ from store.runs import LOSS_PLOT, METRICS
 from training.checkpointer import Checkpointer
 from training.distill import build_teacher
 from training.optim import build_optimizer, lr_at
+from model import decode_attention
 from model.sampling import SamplingConfig, generate
 from model.summary import flops_per_token, format_summary
 from training.runtime import (REQUEUE_STATUS, GracefulStop, fsdp_precision, is_fsdp,
@@ -316,9 +317,16 @@ def sample_text(model, accelerator: Accelerator, tokenizer: Tokenizer, cfg: Any)
         return ""
     was_training = model.training
     model.eval()
-    with accelerator.autocast():
-        out = generate(model, prompt, new, SamplingConfig(temperature=0.8, top_k=50),
-                       generator=torch.Generator(model.device).manual_seed(cfg.seed))
+    # a few tokens: training's (possibly distributed) processes keep torch's own attention
+    # and never load the C++ decode kernels
+    kernel_on = decode_attention.enabled
+    decode_attention.set_enabled(False)
+    try:
+        with accelerator.autocast():
+            out = generate(model, prompt, new, SamplingConfig(temperature=0.8, top_k=50),
+                           generator=torch.Generator(model.device).manual_seed(cfg.seed))
+    finally:
+        decode_attention.set_enabled(kernel_on)
     model.train(was_training)
     return tokenizer.decode(out[0].tolist())
 

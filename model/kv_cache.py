@@ -11,8 +11,9 @@ from model.config import ModelConfig
 
 
 def load_kernels(device: torch.device | str) -> None:
-    """A cache on the CPU is read by model/decode_attention.py's kernel where it builds."""
-    if torch.device(device).type == "cpu":
+    """A cache on the CPU is read by model/decode_attention.py's kernel where it builds (and
+    is turned on)."""
+    if torch.device(device).type == "cpu" and decode_attention.enabled:
         kernels.load()
 
 
